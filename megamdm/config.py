@@ -1,0 +1,282 @@
+"""Typed configuration: dataclasses validated by OmegaConf, YAML files, dotted command-line overrides.
+
+A config file may list other files under ``_base_`` (paths relative to the file); they are merged
+first, in order, so ``pretrain_1024.yaml`` can start from ``model/nld_8b.yaml``. Overrides use
+OmegaConf's dotlist syntax: ``model.num_layers=4``, ``gce.group_sizes=[8,64]``.
+An unknown key or a value of the wrong type is a :class:`ConfigError` naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid. The message names the key and its source."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_query_groups: int = 2  # key/value heads (GQA)
+    head_dim: int = 64
+    ffn_hidden_size: int = 768
+    image_vocab_size: int = 1024  # V; the MASK id is V
+    text_vocab_size: int = 384  # rows of the text embedding (>= the text tokenizer's vocabulary)
+    rope_theta: float = 10000.0
+    rope_2d: bool = False  # 2-D (row, column) RoPE for image positions instead of 1-D
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    vocab_pad_multiple: int = 128  # embedding tables are padded to this, so any TP size divides them
+
+    @property
+    def image_mask_id(self) -> int:
+        return self.image_vocab_size
+
+    @property
+    def image_embed_rows(self) -> int:
+        return _round_up(self.image_vocab_size + 1, self.vocab_pad_multiple)
+
+    def validate(self) -> None:
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"model.num_query_groups={self.num_query_groups}"
+            )
+        if self.head_dim % 2 or (self.rope_2d and self.head_dim % 4):
+            raise ConfigError(f"model.head_dim={self.head_dim} must be even (a multiple of 4 with rope_2d)")
+        if self.text_vocab_size % self.vocab_pad_multiple:
+            raise ConfigError(
+                f"model.text_vocab_size={self.text_vocab_size} must be a multiple of "
+                f"model.vocab_pad_multiple={self.vocab_pad_multiple}"
+            )
+
+
+@dataclass
+class TextConfig:
+    tokenizer: str = "byte"  # "byte" (built in) or a local Hugging Face tokenizer directory
+    max_len: int = 64  # L_text: prompts are padded / truncated to this many tokens
+    micro_conditioning: bool = True  # append "| size WxH | crop T,L | score S" to the caption
+    default_score: float = 6.5
+    mask_token: Optional[str] = None  # HF tokenizers: the token used as the text MASK
+
+
+@dataclass
+class ImageTokenizerConfig:
+    kind: str = "kmeans"  # kmeans | diffusers
+    path: Optional[str] = None
+
+
+@dataclass
+class GCEConfig:
+    groups_file: Optional[str] = None  # built by tools/build_gce_groups.py; None: identity order
+    group_sizes: list[int] = field(default_factory=lambda: [8])
+    group_weights: list[float] = field(default_factory=lambda: [0.2])
+    impl: str = "torch"  # naive | torch | triton
+    z_loss_weight: float = 0.0
+
+    def validate(self) -> None:
+        if len(self.group_sizes) != len(self.group_weights):
+            raise ConfigError(
+                f"gce.group_sizes has {len(self.group_sizes)} levels but gce.group_weights has "
+                f"{len(self.group_weights)}"
+            )
+        if self.impl not in ("naive", "torch", "triton"):
+            raise ConfigError(f"gce.impl={self.impl!r} is not one of naive, torch, triton")
+
+
+@dataclass
+class DiffusionConfig:
+    t_schedule: str = "uniform"  # uniform | cosine | logit_normal
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    eps: float = 1e-3
+    prompt_drop: float = 0.1
+    flip_ratio: float = 0.2
+    flip_mode: str = "uniform"  # uniform | group
+    edit_loss_weight: float = 0.2
+
+    def validate(self) -> None:
+        if self.t_schedule not in ("uniform", "cosine", "logit_normal"):
+            raise ConfigError(
+                f"diffusion.t_schedule={self.t_schedule!r} is not one of uniform, cosine, logit_normal"
+            )
+        if self.flip_mode not in ("uniform", "group"):
+            raise ConfigError(f"diffusion.flip_mode={self.flip_mode!r} is not one of uniform, group")
+        for name in ("prompt_drop", "flip_ratio", "eps"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"diffusion.{name}={v} must be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    shards: list[str] = field(default_factory=list)  # zarr token-shard datasets
+    resolutions: list[str] = field(default_factory=list)  # buckets to train on, e.g. ["256x256"]; empty: all
+    micro_batch_size: int = 8
+    global_batch_size: int = 64
+    num_workers: int = 2
+    prefetch: int = 4
+    seed: int = 1234
+
+
+@dataclass
+class TrainConfig:
+    device: str = "auto"  # auto | cuda | cpu
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+    transformer_impl: str = "auto"  # auto | transformer_engine | local
+    precision: str = "bf16"  # fp32 | bf16 | fp8
+    fp8_recipe: str = "delayed"
+    recompute: Optional[str] = None  # None | full | selective
+    steps: int = 1000
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.05
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    seed: int = 1234
+    save_dir: Optional[str] = None
+    save_interval: int = 1000
+    keep_last: int = 3
+    async_save: bool = False
+    resume: str = "auto"  # auto | none | <path to an iter_NNNNNNN directory>
+    init_from_single: Optional[str] = None  # a single-GPU-format directory to start from
+    log_interval: int = 10
+    sample_interval: int = 0  # 0: off
+    sample_prompts: list[str] = field(default_factory=list)
+    peak_tflops: float = 0.0  # per device; 0: detect (H100/H200 bf16 989, fp8 1979)
+    wandb_mode: str = "disabled"  # online | offline | disabled
+    wandb_project: str = "megamdm"
+    wandb_name: Optional[str] = None
+    wandb_dir: Optional[str] = None
+    exit_after_steps: int = 0  # stop (with a checkpoint) after this many steps in this process; 0: off
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 20
+    cfg: float = 5.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    schedule: str = "shift"  # shift | cosine
+    shift: float = 3.0
+    policy: str = "gumbel"  # gumbel | maskgit | stratified
+    gumbel_temperature: float = 1.0
+    edit_threshold: float = 0.0  # <= 0 disables token editing
+    height: int = 256
+    width: int = 256
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    image_tokenizer: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
+    gce: GCEConfig = field(default_factory=GCEConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.gce.validate()
+        self.diffusion.validate()
+        return self
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: _base_ includes itself")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    bases = raw.pop("_base_", []) if isinstance(raw, DictConfig) else []
+    if isinstance(bases, str):
+        bases = [bases]
+    merged = OmegaConf.create({})
+    for b in bases:
+        merged = OmegaConf.merge(merged, _read_yaml(path.parent / b, seen + (path,)))
+    return OmegaConf.merge(merged, raw)
+
+
+def _merge_checked(schema: Any, layer: DictConfig, source: str) -> Any:
+    try:
+        return OmegaConf.merge(schema, layer)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{source}: {key}: {msg}") from None
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load a :class:`Config` from a YAML file (or the defaults) plus dotted overrides."""
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        cfg = _merge_checked(cfg, _read_yaml(Path(path)), str(path))
+    if overrides:
+        try:
+            layer = OmegaConf.from_dotlist(list(overrides))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"command line: cannot parse overrides {overrides}: {e}") from None
+        cfg = _merge_checked(cfg, layer, "command line")
+    obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    return obj.validate()
+
+
+def section_from_dict(cls: type, data: dict, source: str) -> Any:
+    """Build one config section (e.g. ModelConfig) from a plain dict with the same checks."""
+    schema = OmegaConf.structured(cls)
+    return OmegaConf.to_object(_merge_checked(schema, OmegaConf.create(data), source))
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def add_config_args(parser) -> None:
+    """The standard ``--config FILE`` and ``--set key=value`` arguments of every megamdm command."""
+    parser.add_argument("--config", default=None, help="YAML config file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, repeatable: --set model.num_layers=4",
+    )
+    parser.add_argument("overrides_positional", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="dotted overrides without --set")
+
+
+def config_from_args(args) -> Config:
+    return load_config(args.config, list(args.overrides) + list(args.overrides_positional))

@@ -1,0 +1,1 @@
+"""Model definitions: the plain-PyTorch standalone MDM, and (in ``mcore/``) its megatron-core twin."""

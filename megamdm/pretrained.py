@@ -1,0 +1,291 @@
+"""The single-GPU format (DESIGN.md §3): one directory that samples and fine-tunes without Megatron.
+
+    config.json                   format version, model / text / image-tokenizer / GCE settings
+    model.safetensors             weights (above 5 GiB: model-0000K-of-0000N.safetensors + index json)
+    gce_groups.safetensors        the GCE permutation and group sizes
+    image_tokenizer/              the image tokenizer (k-means codebook or a diffusers VQModel)
+    text_tokenizer/               a Hugging Face tokenizer, when the model does not use bytes
+
+No pickle anywhere. Writers build the directory under a temporary name and rename it at the
+end, so a crash never leaves a half-written checkpoint under the final name. Loading checks
+every file, name and shape before any weight is read, so a bad directory fails with one clear
+error and nothing half-loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import Config, GCEConfig, ModelConfig, SampleConfig, TextConfig, section_from_dict
+from .gce import GCEGroups
+from .models.standalone import MDMTransformer
+from .text import load_text_tokenizer
+from .vq import load_image_tokenizer
+
+FORMAT = "megamdm-single"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+GROUPS_FILE = "gce_groups.safetensors"
+IMAGE_TOKENIZER_DIR = "image_tokenizer"
+TEXT_TOKENIZER_DIR = "text_tokenizer"
+MAX_SHARD_BYTES = 5 * 2**30
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A single-GPU-format directory is missing, incomplete or inconsistent."""
+
+
+@dataclass
+class Pretrained:
+    model: MDMTransformer
+    config: Config
+    groups: GCEGroups
+    image_tokenizer: Any
+    text_tokenizer: Any
+    path: Path
+
+
+class ShardedSafetensorsWriter:
+    """Writes tensors as they come into shards of at most ``max_shard_bytes`` (HF index layout),
+    holding at most one shard in memory: converters stream through it."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES, metadata=None):
+        self.dir = Path(directory)
+        self.max = max_shard_bytes
+        self.meta = metadata or {}
+        self.buf: dict[str, torch.Tensor] = {}
+        self.buf_bytes = 0
+        self.files: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.buf and self.buf_bytes + nbytes > self.max:
+            self._flush()
+        self.buf[name] = tensor.detach().contiguous().cpu()
+        self.buf_bytes += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        k = len(self.files) + 1
+        save_file(self.buf, str(self.dir / f"shard-{k:05d}.tmp"), metadata=self.meta)
+        self.files.append(list(self.buf))
+        self.buf, self.buf_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.buf or not self.files:
+            self._flush()
+        n = len(self.files)
+        if n == 1:
+            os.replace(self.dir / "shard-00001.tmp", self.dir / WEIGHTS_FILE)
+            return
+        weight_map = {}
+        for k, names in enumerate(self.files, 1):
+            fname = f"model-{k:05d}-of-{n:05d}.safetensors"
+            os.replace(self.dir / f"shard-{k:05d}.tmp", self.dir / fname)
+            weight_map.update({nm: fname for nm in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _config_json(cfg: Config, groups: GCEGroups, text_tok_rel: str, image_kind: str) -> dict:
+    text = dataclasses.asdict(cfg.text)
+    text["tokenizer"] = text_tok_rel
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": dataclasses.asdict(cfg.model),
+        "text": text,
+        "image_tokenizer": {"kind": image_kind, "path": IMAGE_TOKENIZER_DIR},
+        "gce": {"groups_file": GROUPS_FILE, "group_sizes": list(groups.group_sizes),
+                "group_weights": list(groups.group_weights)},
+        "sample": dataclasses.asdict(cfg.sample),
+    }
+
+
+def write_single(
+    directory,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    cfg: Config,
+    groups: GCEGroups,
+    image_tokenizer,
+    text_tokenizer,
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Path:
+    """Write a single-GPU-format directory from a stream of ``(name, tensor)`` pairs."""
+    out = Path(directory)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+    if groups.vocab_size != cfg.model.image_vocab_size:
+        raise CheckpointError(f"GCE groups cover {groups.vocab_size} ids but the model's image vocabulary "
+                              f"is {cfg.model.image_vocab_size}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes, metadata={"format": "pt"})
+        for name, t in tensors:
+            writer.add(name, t)
+        writer.close()
+        groups.save(tmp / GROUPS_FILE)
+        image_tokenizer.save(tmp / IMAGE_TOKENIZER_DIR)
+        image_kind = "kmeans" if type(image_tokenizer).__name__ == "KMeansPatchTokenizer" else "diffusers"
+        text_rel = "byte"
+        if getattr(text_tokenizer, "name", "byte") != "byte":
+            shutil.copytree(text_tokenizer.directory, tmp / TEXT_TOKENIZER_DIR)
+            text_rel = TEXT_TOKENIZER_DIR
+        cfg_json = _config_json(cfg, groups, text_rel, image_kind)
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg_json, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_single(directory, model: MDMTransformer, cfg: Config, groups: GCEGroups, image_tokenizer,
+                text_tokenizer, **kw) -> Path:
+    return write_single(directory, model.state_dict().items(), cfg, groups, image_tokenizer, text_tokenizer, **kw)
+
+
+# ---- reading --------------------------------------------------------------------------------------
+def read_config(directory) -> tuple[Config, dict]:
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {d}")
+    cpath = d / CONFIG_FILE
+    if not cpath.is_file():
+        raise CheckpointError(f"{d}: missing {CONFIG_FILE}; not a megamdm single-GPU checkpoint")
+    try:
+        raw = json.loads(cpath.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cpath}: malformed JSON ({e})") from None
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(f"{cpath}: format is {raw.get('format')!r}, expected {FORMAT!r}")
+    if int(raw.get("format_version", -1)) > FORMAT_VERSION:
+        raise CheckpointError(f"{cpath}: format_version {raw['format_version']} is newer than this megamdm "
+                              f"({FORMAT_VERSION}); upgrade megamdm")
+    try:
+        cfg = Config(
+            model=section_from_dict(ModelConfig, raw["model"], f"{cpath} [model]"),
+            text=section_from_dict(TextConfig, raw["text"], f"{cpath} [text]"),
+            gce=section_from_dict(GCEConfig, {k: raw["gce"][k] for k in ("group_sizes", "group_weights")},
+                                  f"{cpath} [gce]"),
+            sample=section_from_dict(SampleConfig, raw.get("sample", {}), f"{cpath} [sample]"),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{cpath}: missing section {e.args[0]!r}") from None
+    cfg.image_tokenizer.kind = raw["image_tokenizer"]["kind"]
+    cfg.image_tokenizer.path = str(d / raw["image_tokenizer"]["path"])
+    cfg.gce.groups_file = str(d / raw["gce"]["groups_file"])
+    if cfg.text.tokenizer != "byte":
+        cfg.text.tokenizer = str(d / cfg.text.tokenizer)
+    return cfg.validate(), raw
+
+
+def weight_files(directory) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file holding it; refuses pickle-only directories."""
+    d = Path(directory)
+    index, single = d / INDEX_FILE, d / WEIGHTS_FILE
+    if index.is_file():
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e})") from None
+        files = {name: d / f for name, f in wm.items()}
+        missing = sorted({str(p.name) for p in files.values() if not p.is_file()})
+        if missing:
+            raise CheckpointError(f"{d}: index lists shard files that are missing: {', '.join(missing)}")
+        return files
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {k: single for k in f.keys()}
+    pickles = sorted(p.name for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{d}: holds pickle files ({', '.join(pickles)}) but no {WEIGHTS_FILE}; megamdm never unpickles "
+            "weights. Convert them to safetensors first."
+        )
+    raise CheckpointError(f"{d}: missing {WEIGHTS_FILE} (or {INDEX_FILE})")
+
+
+def _check_weights(files: dict[str, Path], model: MDMTransformer, where) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = []
+    by_file: dict[Path, list[str]] = {}
+    for name, p in files.items():
+        by_file.setdefault(p, []).append(name)
+    found = {}
+    for p, names in by_file.items():
+        with safe_open(str(p), framework="pt") as f:
+            for name in names:
+                found[name] = tuple(f.get_slice(name).get_shape())
+    for k in sorted(set(expected) - set(found)):
+        problems.append(f"missing {k}")
+    for k in sorted(set(found) - set(expected)):
+        problems.append(f"unexpected {k}")
+    for k in sorted(set(found) & set(expected)):
+        if found[k] != expected[k]:
+            problems.append(f"{k}: shape {found[k]} in the weights, {expected[k]} in config.json")
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; ... ({len(problems) - 6} more)" if len(problems) > 6 else "")
+        raise CheckpointError(f"{where}: weights do not match config.json: {shown}")
+
+
+def load_single(directory, *, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
+                load_tokenizers: bool = True) -> Pretrained:
+    """Load a single-GPU-format directory; everything is checked before weights are read."""
+    d = Path(directory)
+    cfg, _ = read_config(d)
+    files = weight_files(d)
+    with torch.device("meta"):
+        model = MDMTransformer(cfg.model)
+    _check_weights(files, model, d)
+    groups_path = Path(cfg.gce.groups_file)
+    if not groups_path.is_file():
+        raise CheckpointError(f"{d}: missing {GROUPS_FILE}")
+    groups = GCEGroups.load(groups_path).with_weights(cfg.gce.group_weights)
+    if groups.vocab_size != cfg.model.image_vocab_size:
+        raise CheckpointError(f"{groups_path}: {groups.vocab_size} ids, but model.image_vocab_size is "
+                              f"{cfg.model.image_vocab_size}")
+    image_tok = text_tok = None
+    if load_tokenizers:
+        image_tok = load_image_tokenizer(cfg.image_tokenizer.kind, cfg.image_tokenizer.path)
+        if image_tok.vocab_size != cfg.model.image_vocab_size:
+            raise CheckpointError(f"{d}: image tokenizer has {image_tok.vocab_size} codes, model expects "
+                                  f"{cfg.model.image_vocab_size}")
+        if groups.codebook_hash and groups.codebook_hash not in image_tok.name:
+            raise CheckpointError(f"{d}: {GROUPS_FILE} was built for codebook {groups.codebook_hash}, not for "
+                                  f"the image tokenizer {image_tok.name}")
+        text_tok = load_text_tokenizer(cfg.text.tokenizer, cfg.text.mask_token)
+        if text_tok.vocab_size > cfg.model.text_vocab_size:
+            raise CheckpointError(f"{d}: text tokenizer has {text_tok.vocab_size} ids, model.text_vocab_size is "
+                                  f"{cfg.model.text_vocab_size}")
+    state = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, p in files.items():
+        by_file.setdefault(p, []).append(name)
+    for p, names in by_file.items():
+        with safe_open(str(p), framework="pt", device=str(device)) as f:
+            for name in names:
+                t = f.get_tensor(name)
+                state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    model.load_state_dict(state, strict=True, assign=True)
+    return Pretrained(model.eval(), cfg, groups, image_tok, text_tok, d)

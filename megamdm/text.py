@@ -1,0 +1,137 @@
+"""Prompt text: the template with micro-conditioning written as text, and the text tokenizers.
+
+Two tokenizers share one small interface (``encode``, ``vocab_size``, ``pad_id``, ``mask_id``):
+a built-in byte-level tokenizer that needs no download, and a Hugging Face ``tokenizer.json``
+loaded from a local directory. :func:`tokenize_prompts` pads or truncates to ``L_text`` and returns
+the padding mask. The text MASK id replaces the whole prompt for prompt dropout and for the
+unconditional branch of classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Protocol, Sequence
+
+import torch
+
+
+def format_prompt(
+    caption: str,
+    *,
+    width: int,
+    height: int,
+    crop: tuple[int, int] = (0, 0),
+    score: Optional[float] = 6.5,
+    micro_conditioning: bool = True,
+) -> str:
+    """``"<caption> | size WxH | crop T,L | score S"``: SDXL-style micro-conditioning as plain text."""
+    caption = " ".join(caption.split())
+    if not micro_conditioning:
+        return caption
+    parts = [caption, f"size {width}x{height}", f"crop {crop[0]},{crop[1]}"]
+    if score is not None:
+        parts.append(f"score {score:.1f}")
+    return " | ".join(parts)
+
+
+class TextTokenizer(Protocol):
+    name: str
+    vocab_size: int
+    pad_id: int
+    mask_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are ids 0..255; 256 is padding, 257 is the text MASK."""
+
+    name = "byte"
+    pad_id = 256
+    mask_id = 257
+    vocab_size = 258
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A Hugging Face fast tokenizer (``tokenizer.json``) from a local directory; no download."""
+
+    def __init__(self, directory: str | Path, mask_token: Optional[str] = None):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:
+            raise ImportError("HF text tokenizers need the `tokenizers` package: pip install tokenizers") from e
+        directory = Path(directory)
+        tj = directory / "tokenizer.json"
+        if not tj.is_file():
+            raise FileNotFoundError(f"{directory}: no tokenizer.json (a Hugging Face fast tokenizer is required)")
+        self.directory = directory
+        self.name = str(directory)
+        self._tok = Tokenizer.from_file(str(tj))
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        special = {}
+        tc = directory / "tokenizer_config.json"
+        if tc.is_file():
+            special = json.loads(tc.read_text())
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        mask_token = mask_token or _token_str(special.get("mask_token"))
+        if mask_token is None:
+            raise ValueError(
+                f"{directory}: the tokenizer has no mask token; set text.mask_token to one of its "
+                "special tokens (e.g. a reserved token)"
+            )
+        mid = self._tok.token_to_id(mask_token)
+        if mid is None:
+            raise ValueError(f"{directory}: text.mask_token {mask_token!r} is not in the vocabulary")
+        self.mask_id = mid
+        pad = _token_str(special.get("pad_token")) or _token_str(special.get("eos_token"))
+        pid = self._tok.token_to_id(pad) if pad else None
+        self.pad_id = pid if pid is not None else 0
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+
+def _token_str(tok) -> Optional[str]:
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return tok
+
+
+def load_text_tokenizer(spec: str, mask_token: Optional[str] = None) -> TextTokenizer:
+    if spec == "byte":
+        return ByteTokenizer()
+    return HFTokenizer(spec, mask_token=mask_token)
+
+
+def tokenize_prompts(
+    tokenizer: TextTokenizer, prompts: Sequence[str], max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``[B, max_len]`` (long) and the padding mask ``[B, max_len]`` (True = padding).
+
+    Prompts longer than ``max_len`` are truncated at the end (the micro-conditioning suffix would
+    be lost first, so keep ``max_len`` generous)."""
+    ids = torch.full((len(prompts), max_len), tokenizer.pad_id, dtype=torch.long)
+    pad = torch.ones((len(prompts), max_len), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        t = tokenizer.encode(p)[:max_len]
+        ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        pad[i, : len(t)] = False
+    return ids, pad
+
+
+def masked_prompt(tokenizer: TextTokenizer, batch: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dropped prompt: every one of the ``max_len`` positions is the text MASK, none is padding.
+
+    Training's prompt dropout and sampling's unconditional branch both use exactly this."""
+    return (
+        torch.full((batch, max_len), tokenizer.mask_id, dtype=torch.long),
+        torch.zeros((batch, max_len), dtype=torch.bool),
+    )

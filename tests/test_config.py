@@ -1,0 +1,46 @@
+from pathlib import Path
+
+import pytest
+
+from megamdm.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_files_and_overrides(tmp_path):
+    cfg = load_config(CONFIGS / "model/tiny.yaml", ["model.num_layers=6", "gce.group_sizes=[4,16]",
+                                                  "gce.group_weights=[0.1,0.05]"])
+    assert cfg.model.num_layers == 6
+    assert cfg.model.hidden_size == 128  # from the file
+    assert cfg.gce.group_sizes == [4, 16]
+
+
+def test_base_files_are_merged_in_order(tmp_path):
+    (tmp_path / "a.yaml").write_text("model:\n  hidden_size: 96\n  num_layers: 3\n")
+    (tmp_path / "b.yaml").write_text("_base_: [a.yaml]\nmodel:\n  num_layers: 5\n")
+    cfg = load_config(tmp_path / "b.yaml")
+    assert (cfg.model.hidden_size, cfg.model.num_layers) == (96, 5)
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  num_layrs: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "model.num_layrs" in str(e.value) and "bad.yaml" in str(e.value)
+
+
+def test_wrong_type_names_key_and_source(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*train.lr"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"command line.*model.hidden_size"):
+        load_config(None, ["model.hidden_size=big"])
+
+
+def test_semantic_validation():
+    with pytest.raises(ConfigError, match="group_weights"):
+        load_config(None, ["gce.group_sizes=[8,64]", "gce.group_weights=[0.2]"])
+    with pytest.raises(ConfigError, match="num_query_groups"):
+        load_config(None, ["model.num_attention_heads=6", "model.num_query_groups=4"])

@@ -1,0 +1,118 @@
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megamdm.gce import gce_loss
+
+from .support.distributed import run_distributed
+
+HAS_CUDA = torch.cuda.is_available()
+TRITON_OK = HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def problem(n, v, d, dtype, seed=0, weights=True, ignore=True):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g).to(dtype)
+    w = (torch.randn(v, d, generator=g) / d**0.5 * 3).to(dtype)
+    y = torch.randint(0, v, (n,), generator=g)
+    tw = torch.where(torch.rand(n, generator=g) < 0.2, 0.2, 1.0) if weights else None
+    ign = (torch.rand(n, generator=g) < 0.1) if ignore else None
+    return h, w, y, tw, ign
+
+
+def run(impl, h, w, y, tw, ign, sizes, lams, device="cpu", **kw):
+    h = h.detach().clone().to(device).requires_grad_(True)
+    w = w.detach().clone().to(device).requires_grad_(True)
+    st = gce_loss(h, w, y.to(device), sizes, lams, impl=impl, token_weight=None if tw is None else tw.to(device),
+                  ignore_mask=None if ign is None else ign.to(device), return_stats=True, reduction="sum", **kw)
+    (st.loss + 1e-2 * (st.lse**2).sum()).backward()  # a z-loss exercises the gradient through lse
+    return st.loss.detach().float().cpu(), h.grad.float().cpu(), w.grad.float().cpu(), st.lse.detach().float().cpu()
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+CASES = [  # (n, v, d, group sizes, group weights, block_v, block_n)
+    (37, 200, 16, [8], [0.2], 64, 16),  # V not a multiple of the block
+    (64, 384, 32, [4, 32], [0.2, 0.1], 96, 40),  # two levels, ragged token blocks
+    (50, 256, 8, [2, 8, 64], [0.3, 0.2, 0.1], 32, 64),  # a group wider than the block
+    (16, 128, 24, [], [], 50, 7),  # plain cross-entropy
+]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("case", CASES)
+def test_torch_impl_matches_naive(case, dtype, tol):
+    n, v, d, sizes, lams, bv, bn = case
+    h, w, y, tw, ign = problem(n, v, d, dtype)
+    ref = run("naive", h, w, y, tw, ign, sizes, lams)
+    got = run("torch", h, w, y, tw, ign, sizes, lams, block_v=bv, block_n=bn)
+    for a, b in zip(got, ref):
+        assert rel(a, b) < tol
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]])
+def test_triton_impl_matches_naive(case, dtype, tol):
+    pytest.importorskip("triton")
+    n, v, d, sizes, lams, bv, _ = case
+    h, w, y, tw, ign = problem(n, v, d, dtype)
+    dev = "cuda" if HAS_CUDA else "cpu"
+    ref = run("naive", h, w, y, tw, ign, sizes, lams, device=dev)
+    got = run("triton", h, w, y, tw, ign, sizes, lams, device=dev, block_v=bv)
+    for a, b in zip(got, ref):
+        assert rel(a, b) < tol
+
+
+def test_reductions_and_no_grad_path():
+    h, w, y, tw, ign = problem(30, 64, 8, torch.float32)
+    for red in ["mean", "sum", "none"]:
+        a = gce_loss(h, w, y, [8], [0.2], impl="torch", reduction=red, token_weight=tw, ignore_mask=ign)
+        b = gce_loss(h, w, y, [8], [0.2], impl="naive", reduction=red, token_weight=tw, ignore_mask=ign)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _tp_worker(impl, sizes, lams):
+    """Each rank holds a vocabulary shard; the result must equal the unsplit operator."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    h, w, y, tw, ign = problem(48, 256, 16, torch.float32, seed=3)
+    full = run("naive", h, w, y, tw, ign, sizes, lams)
+    shard = w.chunk(world, 0)[rank]
+    loss, dh, dw, lse = run(impl, h, shard, y, tw, ign, sizes, lams, tp_group=dist.group.WORLD, block_v=32)
+    dh_sum = dh.clone()
+    dist.all_reduce(dh_sum)  # dH is each rank's partial sum: the caller reduces it
+    return {
+        "loss": rel(loss, full[0]),
+        "lse": rel(lse, full[3]),
+        "dh": rel(dh_sum, full[1]),
+        "dh_partial_differs": rel(dh, full[1]),
+        "dw": rel(dw, full[2].chunk(world, 0)[rank]),
+    }
+
+
+@pytest.mark.parametrize("impl", ["torch"] + (["triton"] if TRITON_OK else []))
+def test_vocab_parallel_tp2_equals_tp1(impl):
+    for r in run_distributed(_tp_worker, 2, impl, [8, 32], [0.2, 0.1]):
+        assert r["loss"] < 1e-6 and r["lse"] < 1e-6 and r["dh"] < 1e-5 and r["dw"] < 1e-5, r
+        assert r["dh_partial_differs"] > 1e-3  # the partial is not already reduced
+
+
+def _shard_refusal_worker():
+    h, w, y, _, _ = problem(8, 48, 8, torch.float32)
+    shard = w.chunk(2, 0)[dist.get_rank()]  # 24 rows per rank
+    try:
+        gce_loss(h, shard, y, [16], [0.2], impl="torch", tp_group=dist.group.WORLD)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_group_size_must_divide_the_shard():
+    msgs = run_distributed(_shard_refusal_worker, 2)
+    assert all(m and "does not divide the vocabulary shard" in m and "24" in m for m in msgs), msgs

@@ -1,0 +1,128 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from megamdm.config import Config, DiffusionConfig
+from megamdm.diffusion import corrupt_batch
+from megamdm.gce import GCEGroups
+from megamdm.models.standalone import MDMTransformer
+from megamdm.objective import LossSpec, loss_parts, select_supervised
+from megamdm.pretrained import CheckpointError, load_single, save_single
+from megamdm.text import ByteTokenizer, tokenize_prompts
+from megamdm.vq import KMeansPatchTokenizer
+
+
+def inputs(cfg, b=2, h=4, w=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids, pad = tokenize_prompts(ByteTokenizer(), ["a red circle", "two blue squares"][:b], 16)
+    img = torch.randint(0, cfg.image_vocab_size + 1, (b, h, w), generator=g)
+    return ids, pad, img
+
+
+def bundle(cfg, tmp_path):
+    conf = Config(model=cfg)
+    tok = KMeansPatchTokenizer(torch.rand(cfg.image_vocab_size, 48), 4)
+    groups = GCEGroups.identity(cfg.image_vocab_size, [8], [0.2])
+    return conf, tok, groups
+
+
+def test_forward_shapes_padding_and_dtypes(tiny_model_cfg):
+    m = MDMTransformer(tiny_model_cfg).eval()
+    ids, pad, img = inputs(tiny_model_cfg)
+    h = m(ids, pad, img)
+    assert h.shape == (2, 4, 6, 64)
+    assert m.logits(ids, pad, img).shape == (2, 4, 6, 64)
+    # padding is really masked: changing padded token ids does not change the output
+    ids2 = ids.clone()
+    ids2[pad] = 7
+    assert torch.allclose(m(ids2, pad, img), h, atol=1e-6)
+    # bidirectional: the first image token depends on the last one
+    img2 = img.clone()
+    img2[:, -1, -1] = (img2[:, -1, -1] + 1) % 64
+    assert not torch.allclose(m(ids, pad, img2)[:, 0, 0], h[:, 0, 0])
+    hb = m.to(torch.bfloat16)(ids, pad, img)
+    assert hb.dtype == torch.bfloat16 and torch.allclose(hb.float(), h, atol=0.1)
+    with pytest.raises(ValueError, match="even sides"):
+        m(ids, pad, img[:, :3])
+
+
+def test_save_then_load_gives_bit_identical_logits(tiny_model_cfg, tmp_path):
+    m = MDMTransformer(tiny_model_cfg).eval()
+    conf, tok, groups = bundle(tiny_model_cfg, tmp_path)
+    save_single(tmp_path / "ckpt", m, conf, groups, tok, ByteTokenizer())
+    loaded = load_single(tmp_path / "ckpt")
+    ids, pad, img = inputs(tiny_model_cfg)
+    with torch.no_grad():
+        assert torch.equal(loaded.model.logits(ids, pad, img), m.logits(ids, pad, img))
+    assert torch.equal(loaded.groups.perm, groups.perm)
+    assert loaded.image_tokenizer.name == tok.name
+
+
+def test_sharded_weights_round_trip(tiny_model_cfg, tmp_path):
+    m = MDMTransformer(tiny_model_cfg)
+    conf, tok, groups = bundle(tiny_model_cfg, tmp_path)
+    save_single(tmp_path / "ckpt", m, conf, groups, tok, ByteTokenizer(), max_shard_bytes=60_000)
+    index = json.loads((tmp_path / "ckpt/model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    loaded = load_single(tmp_path / "ckpt")
+    for k, v in m.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v)
+
+
+def test_bad_checkpoints_fail_clearly(tiny_model_cfg, tmp_path):
+    m = MDMTransformer(tiny_model_cfg)
+    conf, tok, groups = bundle(tiny_model_cfg, tmp_path)
+    good = save_single(tmp_path / "good", m, conf, groups, tok, ByteTokenizer())
+    with pytest.raises(CheckpointError, match="not found"):
+        load_single(tmp_path / "nope")
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    (bad / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing model.safetensors"):
+        load_single(bad)
+    torch.save({"x": 1}, bad / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_single(bad)
+    mismatch = tmp_path / "mismatch"
+    shutil.copytree(good, mismatch)
+    c = json.loads((mismatch / "config.json").read_text())
+    c["model"]["ffn_hidden_size"] = 96
+    (mismatch / "config.json").write_text(json.dumps(c))
+    with pytest.raises(CheckpointError, match="do not match config.json.*mlp"):
+        load_single(mismatch)
+    (mismatch / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="malformed JSON"):
+        load_single(mismatch)
+    with pytest.raises(FileExistsError):
+        save_single(good, m, conf, groups, tok, ByteTokenizer())
+
+
+def test_tiny_model_overfits_a_few_token_grids(tiny_model_cfg):
+    """A real learning test: corruption + fused GCE on 4 fixed grids; the loss must fall >10x."""
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg
+    m = MDMTransformer(cfg)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    grids = torch.randint(0, cfg.image_vocab_size, (4, 8, 8), generator=g)
+    ids, pad = tokenize_prompts(ByteTokenizer(), ["grid zero", "grid one", "grid two", "grid three"], 12)
+    dcfg = DiffusionConfig(prompt_drop=0.0, flip_ratio=0.2)
+    spec = LossSpec([8], [0.2], impl="torch")
+    losses = []
+    for step in range(300):
+        c = corrupt_batch(grids, ids, pad, dcfg, vocab_size=cfg.image_vocab_size, text_mask_id=257,
+                          flip_group_size=8, seeds=[step * 4 + i for i in range(4)])
+        hid = m(c.text_ids, c.text_pad_mask, c.image_input)
+        hs, ts, ws, fl = select_supervised(hid, c.target, c.loss_weight, c.is_flipped)
+        parts = loss_parts(m.head(hs, ts, ws, group_sizes=spec.group_sizes, group_weights=spec.group_weights,
+                                  impl=spec.impl), fl, spec)
+        loss = parts.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert losses[0] > 3.5  # about ln(64) + 0.2 (ln 64 - ln 8), lowered by the 0.2-weighted flips
+    assert last < first / 10, (first, last, losses[::30])

@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Memory and speed of the GCE implementations: naive vs torch vs triton (and Liger / Cut
+Cross-Entropy for the plain-CE case when installed).
+
+    python tools/bench_gce.py                              # CPU size: N=2048 V=65536 d=512 fp32
+    python tools/bench_gce.py --n 32768 --v 131072 --d 4096 --dtype bf16   # paper shape, on a GPU
+    python tools/bench_gce.py --json
+
+"Extra memory" is the peak during forward+backward minus what every implementation must hold:
+the inputs and their gradients. On CUDA it comes from the caching allocator's peak; on CPU from
+the process's peak resident set (reset through /proc/self/clear_refs), each implementation in a
+fresh forked process. Times are the median of --repeat runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from megamdm.gce import gce_loss  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _rss_peak_reset():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _rss(kind: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(kind):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{kind} not in /proc/self/status")
+
+
+def _loss_fn(impl: str, sizes, lams):
+    if impl in ("naive", "torch", "triton"):
+        return lambda h, w, y: gce_loss(h, w, y, sizes, lams, impl=impl)
+    if impl == "liger":
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return lambda h, w, y: liger_fused_linear_cross_entropy(h, w, y)
+    if impl == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda h, w, y: linear_cross_entropy(h, w, y)
+    raise ValueError(impl)
+
+
+def measure(impl, n, v, d, dtype, device, sizes, lams, repeat, seed=0):
+    torch.manual_seed(seed)
+    fn = _loss_fn(impl, sizes, lams)
+    h = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(v, d, device=device) / d**0.5).to(dtype).requires_grad_(True)
+    y = torch.randint(0, v, (n,), device=device)
+    esize = torch.empty((), dtype=dtype).element_size()
+    must_hold = 2 * (n * d + v * d) * esize  # inputs and their gradients
+
+    def step():
+        h.grad = w.grad = None
+        loss = fn(h, w, y)
+        loss.backward()
+        return loss
+
+    loss = step()  # warm-up (and Triton compilation)
+    times = []
+    for _ in range(repeat):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    h.grad = w.grad = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated() + (n * d + v * d) * esize
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base - (n * d + v * d) * esize
+    else:
+        base = _rss("VmRSS")
+        _rss_peak_reset()
+        step()
+        extra = _rss("VmHWM") - base - (n * d + v * d) * esize
+    return {"impl": impl, "loss": float(loss.detach()), "time_s": statistics.median(times), "extra_bytes": max(extra, 0),
+            "inputs_and_grads_bytes": must_hold}
+
+
+def _child(q, *args):
+    try:
+        q.put(measure(*args))
+    except Exception as e:  # noqa: BLE001
+        q.put({"impl": args[0], "error": f"{type(e).__name__}: {e}"})
+
+
+def run_isolated(*args):
+    if args[4] == "cuda":
+        return measure(*args)
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q, *args))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2048)
+    ap.add_argument("--v", type=int, default=65536)
+    ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--dtype", choices=DTYPES, default="fp32")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--group-sizes", type=int, nargs="*", default=[8])
+    ap.add_argument("--group-weights", type=float, nargs="*", default=[0.2])
+    ap.add_argument("--impls", nargs="+", default=None, help="default: naive torch (+triton on CUDA, +liger/cce if installed)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    dtype = DTYPES[args.dtype]
+    impls = args.impls
+    if impls is None:
+        impls = ["naive", "torch"] + (["triton"] if args.device == "cuda" else [])
+        for name, mod in (("liger", "liger_kernel"), ("cce", "cut_cross_entropy")):
+            try:
+                __import__(mod)
+                impls.append(name)
+            except ImportError:
+                pass
+    rows = []
+    for impl in impls:
+        sizes, lams = (args.group_sizes, args.group_weights) if impl in ("naive", "torch", "triton") else ([], [])
+        rows.append(run_isolated(impl, args.n, args.v, args.d, dtype, args.device, sizes, lams, args.repeat))
+    naive = next((r for r in rows if r["impl"] == "naive" and "error" not in r), None)
+    for r in rows:
+        if naive and "error" not in r:
+            r["extra_vs_naive"] = r["extra_bytes"] / max(naive["extra_bytes"], 1)
+            r["speed_vs_naive"] = naive["time_s"] / r["time_s"]
+    shape = {"n": args.n, "v": args.v, "d": args.d, "dtype": args.dtype, "device": args.device,
+             "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+             "group_sizes": args.group_sizes, "group_weights": args.group_weights}
+    if args.json:
+        print(json.dumps({"shape": shape, "results": rows}, indent=2))
+        return 0
+    print(f"GCE fwd+bwd  N={args.n} V={args.v} d={args.d} {args.dtype} on {shape['device_name']} "
+          f"groups={args.group_sizes} weights={args.group_weights}")
+    print(f"{'impl':<8}{'loss':>12}{'time (s)':>11}{'extra mem':>12}{'vs naive':>10}{'speedup':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['impl']:<8}  {r['error']}")
+            continue
+        print(f"{r['impl']:<8}{r['loss']:>12.5f}{r['time_s']:>11.3f}{r['extra_bytes'] / 2**20:>10.1f}MB"
+              f"{r.get('extra_vs_naive', float('nan')):>10.1%}{r.get('speed_vs_naive', float('nan')):>8.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
