@@ -1,0 +1,382 @@
+"""Sampling with token editing (DESIGN.md §1.3) and the diffusers-style :class:`MDMSampler`.
+
+Each step: one forward pass predicts every image position (cond and uncond in one batch,
+``z = (1 + s) z_cond - s z_uncond``, uncond = the masked prompt); a token ``x0`` is sampled per
+position (temperature, top-k, top-p) with confidence ``p(x0)``; exactly ``n_k`` masked positions are
+committed, chosen by a policy (``gumbel``: top-n of ``log p + tau * Gumbel``; ``maskgit``: drawn in
+proportion to confidence; ``stratified``: a fixed, spatially spread order); then **token editing**
+overwrites, in place, every position unmasked in an earlier step whose prediction differs from its
+token with confidence above ``edit_threshold`` (nothing is re-masked). ``edit_threshold <= 0``
+turns editing off: plain MaskGIT-style decoding.
+
+Every random draw of image ``k`` comes from its own generator (``seed + k``), so an image does not
+depend on the batch it was generated in. This module never imports megatron-core.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .diffusion import unmask_counts
+
+POLICIES = ("gumbel", "maskgit", "stratified")
+SCHEDULES = ("shift", "cosine")
+
+
+@dataclass
+class SampleSettings:
+    steps: int = 20
+    cfg: float = 5.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    schedule: str = "shift"
+    shift: float = 3.0
+    policy: str = "gumbel"
+    gumbel_temperature: float = 1.0
+    edit_threshold: float = 0.0
+
+    def validate(self) -> "SampleSettings":
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; allowed: {', '.join(POLICIES)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        return self
+
+    @property
+    def editing(self) -> bool:
+        return self.edit_threshold > 0
+
+
+@dataclass
+class SampleResult:
+    tokens: torch.Tensor  # [B, h, w] model-order ids
+    edits_per_step: list[list[int]] = field(default_factory=list)  # [B][steps]
+    committed_per_step: list[list[int]] = field(default_factory=list)  # [B][steps]
+
+
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on logits: ``(1 + s) cond - s uncond``."""
+    return (1.0 + scale) * cond - scale * uncond
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, then top-k, then nucleus filtering on ``[..., V]`` logits (fp32)."""
+    z = logits.float()
+    if temperature > 0:
+        z = z / temperature
+    if top_k and top_k < z.shape[-1]:
+        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p < 1.0:
+        sz, si = torch.sort(z, dim=-1, descending=True)
+        cum = torch.softmax(sz, -1).cumsum(-1)
+        drop = cum - torch.softmax(sz, -1) >= top_p  # keep the smallest prefix reaching top_p
+        sz = sz.masked_fill(drop, float("-inf"))
+        z = torch.empty_like(z).scatter_(-1, si, sz)
+    return z
+
+
+@lru_cache(maxsize=32)
+def stratified_order(h: int, w: int) -> torch.Tensor:
+    """Rank of each grid cell in a spatially spread order: cells are visited as the 2-D Halton
+    sequence (bases 2, 3) first lands in them, so every prefix covers the grid evenly."""
+
+    def radical_inverse(i: int, base: int) -> float:
+        f, r = 1.0, 0.0
+        while i:
+            f /= base
+            r += f * (i % base)
+            i //= base
+        return r
+
+    rank = torch.full((h * w,), -1, dtype=torch.long)
+    seen, i = 0, 1
+    while seen < h * w:
+        cell = min(int(radical_inverse(i, 3) * h), h - 1) * w + min(int(radical_inverse(i, 2) * w), w - 1)
+        if rank[cell] < 0:
+            rank[cell] = seen
+            seen += 1
+        i += 1
+        if i > 64 * h * w:  # the sequence has covered almost everything; finish in raster order
+            rest = (rank < 0).nonzero().squeeze(1)
+            rank[rest] = torch.arange(seen, seen + rest.numel())
+            break
+    return rank
+
+
+def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One token per row of ``probs [n, V]``. CUDA uses ``torch.multinomial``; on CPU an
+    inverse-CDF draw (fp64 cumulative sums) is an order of magnitude faster."""
+    if probs.is_cuda:
+        return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=gen, dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=probs.shape[1] - 1)
+
+
+def _editable_rows(logits: torch.Tensor, unmasked: torch.Tensor, st: "SampleSettings") -> torch.Tensor:
+    """Already-unmasked positions that *could* be edited: their top probability exceeds the
+    threshold. Elsewhere no sampled token can pass it, so sampling there is skipped."""
+    idx = unmasked.nonzero().squeeze(1)
+    if not idx.numel():
+        return idx
+    z = filter_logits(logits[idx], st.temperature, st.top_k, st.top_p)
+    top_p = torch.exp(z.max(-1).values - torch.logsumexp(z, -1))
+    return idx[top_p > st.edit_threshold]
+
+
+def _choose(policy: str, conf: torch.Tensor, masked: torch.Tensor, n: int, rank: torch.Tensor,
+            gumbel_temperature: float, gen: torch.Generator) -> torch.Tensor:
+    """Indices of ``n`` masked positions to commit (one image; ``conf``/``masked`` are ``[N]``)."""
+    if n <= 0:
+        return torch.empty(0, dtype=torch.long, device=conf.device)
+    if policy == "gumbel":
+        u = torch.rand(conf.shape, generator=gen, device=conf.device).clamp_(1e-20, 1.0)
+        score = torch.log(conf.clamp_min(1e-30)) + gumbel_temperature * (-torch.log(-torch.log(u)))
+        return torch.topk(score.masked_fill(~masked, float("-inf")), n).indices
+    if policy == "maskgit":
+        p = conf.clamp_min(1e-12) * masked
+        return torch.multinomial(p, n, replacement=False, generator=gen)
+    if policy == "stratified":
+        r = rank.to(conf.device).masked_fill(~masked, torch.iinfo(torch.long).max)
+        return torch.topk(r, n, largest=False).indices
+    raise ValueError(f"unknown policy {policy!r}; allowed: {', '.join(POLICIES)}")
+
+
+@torch.no_grad()
+def sample_tokens(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    init: torch.Tensor,
+    mask_id: int,
+    settings: SampleSettings,
+    generators: Sequence[torch.Generator],
+    *,
+    progress: Optional[tqdm] = None,
+    on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
+) -> SampleResult:
+    """Run the sampling loop from ``init [B, h, w]`` (MASK where to generate).
+
+    ``logits_fn(x [B, h, w]) -> [B, h, w, V]`` returns guided logits for the current tokens."""
+    settings.validate()
+    x = init.clone()
+    b, h, w = x.shape
+    flat = x.view(b, h * w)
+    rank = stratified_order(h, w) if settings.policy == "stratified" else None
+    schedules = [unmask_counts(int((flat[i] == mask_id).sum()), settings.steps, settings.schedule, settings.shift)
+                 for i in range(b)]
+    result = SampleResult(flat.view(b, h, w), [[] for _ in range(b)], [[] for _ in range(b)])
+    for k in range(settings.steps):
+        logits = logits_fn(flat.view(b, h, w)).reshape(b, h * w, -1)
+        for i in range(b):
+            masked = flat[i] == mask_id
+            rows = masked.nonzero().squeeze(1)
+            if settings.editing:
+                rows = torch.cat([rows, _editable_rows(logits[i], ~masked, settings)]).sort().values
+            x0 = flat[i].clone()
+            conf = torch.zeros(h * w, device=x.device)
+            if rows.numel():
+                z = filter_logits(logits[i, rows], settings.temperature, settings.top_k, settings.top_p)
+                probs = torch.softmax(z, -1)
+                pick = _draw(probs, generators[i]) if settings.temperature > 0 else probs.argmax(-1)
+                x0[rows] = pick
+                conf[rows] = probs.gather(1, pick[:, None]).squeeze(1)
+            chosen = _choose(settings.policy, conf, masked, schedules[i][k], rank,
+                             settings.gumbel_temperature, generators[i])
+            committed = torch.zeros_like(masked)
+            committed[chosen] = True
+            edits = 0
+            if settings.editing:  # positions unmasked before this step, not the ones committed now
+                editable = ~masked & ~committed
+                changed = editable & (x0 != flat[i]) & (conf > settings.edit_threshold)
+                flat[i][changed] = x0[changed]
+                edits = int(changed.sum())
+            flat[i][chosen] = x0[chosen]
+            result.edits_per_step[i].append(edits)
+            result.committed_per_step[i].append(int(chosen.numel()))
+        if on_step is not None:
+            on_step(k, flat.view(b, h, w))
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(edits=sum(e[-1] for e in result.edits_per_step))
+    return result
+
+
+# ---- the pipeline -------------------------------------------------------------------------------
+@dataclass
+class SamplerOutput:
+    images: list  # PIL images, prompt-major
+    tokens: torch.Tensor  # [B, h, w] tokenizer-order ids
+    edits_per_step: list[list[int]]
+    settings: dict
+    seconds: float = 0.0
+
+
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; allowed: bf16, fp16, fp32")
+    return table[dtype]
+
+
+class MDMSampler:
+    """Prompts in, PIL images out, in the style of a diffusers pipeline.
+
+        sampler = MDMSampler.from_pretrained("ckpt/", device="cuda", dtype="bf16")
+        out = sampler(["a red circle"], steps=20, cfg=5.0, edit_threshold=0.9, seed=0)
+        out.images[0].save("x.png")
+    """
+
+    def __init__(self, pretrained, device="cpu", dtype="fp32", compile: bool = False):
+        self.pretrained = pretrained
+        self.cfg = pretrained.config
+        self.device = torch.device(device)
+        self.dtype = _dtype(dtype)
+        self.model = pretrained.model.to(self.device, self.dtype).eval()
+        self.groups = pretrained.groups
+        self.image_tokenizer = pretrained.image_tokenizer
+        self.text_tokenizer = pretrained.text_tokenizer
+        if hasattr(self.image_tokenizer, "vq"):
+            self.image_tokenizer.vq.to(self.device)
+        self._forward = torch.compile(self.model.logits, dynamic=False) if compile else self.model.logits
+
+    @classmethod
+    def from_pretrained(cls, path, device: Optional[str] = None, dtype="bf16", compile: bool = False) -> "MDMSampler":
+        from .pretrained import load_single
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(load_single(path), device=device, dtype=dtype, compile=compile)
+
+    def default_settings(self, **overrides) -> SampleSettings:
+        s = self.cfg.sample
+        base = SampleSettings(steps=s.steps, cfg=s.cfg, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                              schedule=s.schedule, shift=s.shift, policy=s.policy,
+                              gumbel_temperature=s.gumbel_temperature, edit_threshold=s.edit_threshold)
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(base, k, v)
+        return base.validate()
+
+    def encode_prompts(self, prompts: Sequence[str], height: int, width: int):
+        from .text import format_prompt, tokenize_prompts
+
+        t = self.cfg.text
+        texts = [format_prompt(p, width=width, height=height, score=t.default_score,
+                               micro_conditioning=t.micro_conditioning) for p in prompts]
+        return tokenize_prompts(self.text_tokenizer, texts, t.max_len)
+
+    def logits_fn(self, text_ids, text_pad, guidance: float):
+        from .text import masked_prompt
+
+        b = text_ids.shape[0]
+        text_ids, text_pad = text_ids.to(self.device), text_pad.to(self.device)
+        if guidance != 0:
+            u_ids, u_pad = masked_prompt(self.text_tokenizer, b, text_ids.shape[1])
+            both_ids = torch.cat([text_ids, u_ids.to(self.device)])
+            both_pad = torch.cat([text_pad, u_pad.to(self.device)])
+
+        def fn(x):
+            if guidance == 0:
+                return self._forward(text_ids, text_pad, x).float()
+            z = self._forward(both_ids, both_pad, torch.cat([x, x])).float()
+            return cfg_combine(z[:b], z[b:], guidance)
+
+        return fn
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        from .vq import check_image_size
+
+        f = self.image_tokenizer.downsample
+        check_image_size(height, width, f)
+        return height // f, width // f
+
+    def prepare_inpainting(self, init_image, mask, height, width):
+        """Model-order start tokens with MASK where the mask is white (any masked pixel masks its token)."""
+        from .vq import pil_to_tensor
+
+        if mask is None:
+            raise ValueError("--init-image needs --mask (white = regenerate)")
+        if init_image.size != mask.size:
+            raise ValueError(f"mask size {mask.size[0]}x{mask.size[1]} does not match the image size "
+                             f"{init_image.size[0]}x{init_image.size[1]}")
+        if (init_image.size[1], init_image.size[0]) != (height, width):
+            raise ValueError(f"init image is {init_image.size[0]}x{init_image.size[1]}, but the requested size is "
+                             f"{width}x{height}")
+        f = self.image_tokenizer.downsample
+        ids = self.image_tokenizer.encode(pil_to_tensor([init_image]).to(self.device))
+        m = torch.from_numpy(np.asarray(mask.convert("L")) > 127)
+        tm = m.view(height // f, f, width // f, f).any(3).any(1)
+        start = self.groups.to_model(ids[0].cpu())
+        start[tm] = self.cfg.model.image_mask_id
+        return start
+
+    def __call__(self, prompts, *, height: Optional[int] = None, width: Optional[int] = None,
+                 num_images_per_prompt: int = 1, seed: Optional[int] = None, seeds: Optional[Sequence[int]] = None,
+                 batch_size: Optional[int] = None, init_image=None, mask=None, progress: bool = True,
+                 **settings) -> SamplerOutput:
+        """Generate ``num_images_per_prompt`` images per prompt. Image ``j`` of prompt ``i`` is drawn
+        with seed ``seeds[i] + j`` (default ``seeds[i] = seed + i * num_images_per_prompt``), so it
+        does not depend on batching. Keyword settings override the checkpoint's sampling defaults."""
+        from .vq import tensor_to_pil
+
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("no prompts given")
+        st = self.default_settings(**settings)
+        if init_image is not None:
+            width, height = init_image.size
+        height = height or self.cfg.sample.height
+        width = width or self.cfg.sample.width
+        gh, gw = self.grid_for(height, width)
+        n = num_images_per_prompt
+        if seeds is None:
+            base = self.cfg.sample.seed if seed is None else seed
+            seeds = [base + i * n for i in range(len(prompts))]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        jobs = [(p, sd + j) for p, sd in zip(prompts, seeds) for j in range(n)]
+        bs = batch_size or len(jobs)
+        mask_id = self.cfg.model.image_mask_id
+        start = self.prepare_inpainting(init_image, mask, height, width) if init_image is not None else None
+        images, tokens, edits = [], [], []
+        t0 = time.time()
+        bar = tqdm(total=math.ceil(len(jobs) / bs) * st.steps, desc="sampling", unit="step", disable=not progress,
+                   leave=False)
+        for s in range(0, len(jobs), bs):
+            chunk = jobs[s : s + bs]
+            ids, pad = self.encode_prompts([p for p, _ in chunk], height, width)
+            init = torch.full((len(chunk), gh, gw), mask_id, dtype=torch.long)
+            if start is not None:
+                init[:] = start
+            gens = [torch.Generator(self.device).manual_seed(sd) for _, sd in chunk]
+            res = sample_tokens(self.logits_fn(ids, pad, st.cfg), init.to(self.device), mask_id, st, gens,
+                                progress=bar)
+            tok = self.groups.to_tokenizer(res.tokens.cpu())
+            pix = self.image_tokenizer.decode(tok.to(self.device))
+            images += tensor_to_pil(pix.float().cpu())
+            tokens.append(tok)
+            edits += res.edits_per_step
+        bar.close()
+        settings_out = {**st.__dict__, "height": height, "width": width, "seeds": [sd for _, sd in jobs],
+                        "dtype": str(self.dtype).replace("torch.", "")}
+        return SamplerOutput(images, torch.cat(tokens), edits, settings_out, time.time() - t0)
