@@ -36,7 +36,10 @@ def _entry(fn, rank, world, port, queue, args, kwargs):
         try:
             from megatron.core import parallel_state as ps
 
+            from megamdm.training.checkpoint import shutdown_writer_queue
+
             ps.destroy_model_parallel()
+            shutdown_writer_queue()
         except Exception:
             pass
         if dist.is_initialized():
@@ -49,7 +52,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, args, kwargs), daemon=True)
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, args, kwargs))
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -1,0 +1,401 @@
+"""Checkpoint conversion: megatron-core ``torch_dist`` <-> single-GPU format, and Hugging Face LLM -> MDM.
+
+Key facts about megatron-core 0.16 ``torch_dist`` checkpoints of ``MDMModel`` (measured):
+  * tensors are stored *global* (unsplit), so a checkpoint written at any TP/PP reads the same;
+  * transformer layers are stacked: ``decoder.layers.<suffix>`` has a leading ``num_layers`` axis;
+  * layer-norm weights are stored under TE's fused names (``self_attention.linear_qkv.layer_norm_weight``,
+    ``mlp.linear_fc1.layer_norm_weight``) by both the TE spec and the local spec;
+  * ``linear_qkv`` interleaves heads per query group: ``[q_0 .. q_{r-1}, k, v]`` for each KV group;
+  * ``linear_fc1`` is ``[gate; up]``;
+  * ``*._extra_state`` holds TE's FP8 metadata (bytes): not weights, dropped on conversion.
+
+The single-GPU model uses Hugging Face Llama names, so ``from-hf`` is a renaming of the backbone.
+All converters stream: the megatron reader loads one stacked tensor at a time into the sharded
+safetensors writer, and the HF reader memory-maps its shards.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping, Optional
+
+import torch
+
+from .config import Config, ModelConfig
+
+LAYER_PREFIX = "decoder.layers."
+# per-layer megatron suffix (TE or local spec name) -> canonical slot
+LAYER_SUFFIXES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_norm",
+    "input_layernorm.weight": "input_norm",
+    "self_attention.linear_qkv.weight": "qkv",
+    "self_attention.linear_proj.weight": "proj",
+    "mlp.linear_fc1.layer_norm_weight": "mlp_norm",
+    "pre_mlp_layernorm.weight": "mlp_norm",
+    "mlp.linear_fc1.weight": "fc1",
+    "mlp.linear_fc2.weight": "fc2",
+}
+CHECKPOINT_LAYER_KEYS = {  # canonical slot -> the key megatron writes
+    "input_norm": "self_attention.linear_qkv.layer_norm_weight",
+    "qkv": "self_attention.linear_qkv.weight",
+    "proj": "self_attention.linear_proj.weight",
+    "mlp_norm": "mlp.linear_fc1.layer_norm_weight",
+    "fc1": "mlp.linear_fc1.weight",
+    "fc2": "mlp.linear_fc2.weight",
+}
+GLOBAL_KEYS = {  # megatron key -> standalone name
+    "text_embedding.weight": "text_embed.weight",
+    "image_embedding.weight": "image_embed.weight",
+    "merge.weight": "merge.weight",
+    "decoder.final_layernorm.weight": "norm.weight",
+    "unmerge.weight": "unmerge.weight",
+    "head.weight": "head.weight",
+}
+
+
+class ConversionError(ValueError):
+    """The inputs of a conversion do not fit together."""
+
+
+# ---- per-layer layouts ---------------------------------------------------------------------------
+def qkv_interleave(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: ModelConfig) -> torch.Tensor:
+    ng, r, hd = m.num_query_groups, m.num_attention_heads // m.num_query_groups, m.head_dim
+    d = q.shape[1]
+    return torch.cat([q.view(ng, r * hd, d), k.view(ng, hd, d), v.view(ng, hd, d)], dim=1).reshape(-1, d)
+
+
+def qkv_split(qkv: torch.Tensor, m: ModelConfig):
+    ng, r, hd = m.num_query_groups, m.num_attention_heads // m.num_query_groups, m.head_dim
+    d = qkv.shape[1]
+    g = qkv.view(ng, (r + 2) * hd, d)
+    return (g[:, : r * hd].reshape(-1, d), g[:, r * hd : (r + 1) * hd].reshape(-1, d),
+            g[:, (r + 1) * hd :].reshape(-1, d))
+
+
+def _layer_to_standalone(i: int, slot: str, t: torch.Tensor, m: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    p = f"layers.{i}."
+    if slot == "input_norm":
+        yield p + "input_layernorm.weight", t
+    elif slot == "mlp_norm":
+        yield p + "post_attention_layernorm.weight", t
+    elif slot == "qkv":
+        q, k, v = qkv_split(t, m)
+        yield p + "self_attn.q_proj.weight", q
+        yield p + "self_attn.k_proj.weight", k
+        yield p + "self_attn.v_proj.weight", v
+    elif slot == "proj":
+        yield p + "self_attn.o_proj.weight", t
+    elif slot == "fc1":
+        gate, up = t.chunk(2, dim=0)
+        yield p + "mlp.gate_proj.weight", gate
+        yield p + "mlp.up_proj.weight", up
+    elif slot == "fc2":
+        yield p + "mlp.down_proj.weight", t
+
+
+def _layer_from_standalone(i: int, slot: str, get: Callable[[str], torch.Tensor], m: ModelConfig) -> torch.Tensor:
+    p = f"layers.{i}."
+    if slot == "input_norm":
+        return get(p + "input_layernorm.weight")
+    if slot == "mlp_norm":
+        return get(p + "post_attention_layernorm.weight")
+    if slot == "qkv":
+        return qkv_interleave(get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"),
+                              get(p + "self_attn.v_proj.weight"), m)
+    if slot == "proj":
+        return get(p + "self_attn.o_proj.weight")
+    if slot == "fc1":
+        return torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], dim=0)
+    return get(p + "mlp.down_proj.weight")
+
+
+def mcore_to_standalone(keys: Iterable[str], load: Callable[[str], torch.Tensor], m: ModelConfig,
+                        expected_shapes: Optional[Mapping[str, tuple]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream standalone ``(name, tensor)`` pairs from megatron keys (stacked checkpoint keys
+    ``decoder.layers.<suffix>`` or per-layer ``decoder.layers.<i>.<suffix>``, TE or local names).
+    Keys that are not model weights (``_extra_state``, optimizer state, ...) are skipped."""
+    keys = list(keys)
+    seen = set()
+    for key in keys:
+        if key.endswith("_extra_state") or "_extra_state/" in key:
+            continue
+        if key in GLOBAL_KEYS:
+            seen.add(GLOBAL_KEYS[key])
+            yield GLOBAL_KEYS[key], load(key)
+            continue
+        if not key.startswith(LAYER_PREFIX):
+            continue
+        rest = key[len(LAYER_PREFIX):]
+        mt = re.match(r"(\d+)\.(.*)$", rest)
+        if mt:
+            idx, suffix = int(mt.group(1)), mt.group(2)
+        else:
+            idx, suffix = None, rest
+        slot = LAYER_SUFFIXES.get(suffix)
+        if slot is None:
+            raise ConversionError(f"unknown megatron key {key!r}: not an MDMModel weight")
+        t = load(key)
+        if idx is None:  # stacked over layers
+            if t.shape[0] != m.num_layers:
+                raise ConversionError(f"{key}: {t.shape[0]} stacked layers, config has num_layers={m.num_layers}")
+            for i in range(m.num_layers):
+                for name, x in _layer_to_standalone(i, slot, t[i], m):
+                    seen.add(name)
+                    yield name, x.clone()
+        else:
+            for name, x in _layer_to_standalone(idx, slot, t, m):
+                seen.add(name)
+                yield name, x
+    if expected_shapes is not None:
+        missing = sorted(set(expected_shapes) - seen)
+        if missing:
+            raise ConversionError(f"the megatron checkpoint lacks {len(missing)} model weights, e.g. {missing[:4]}")
+
+
+def standalone_to_mcore(get: Callable[[str], torch.Tensor], m: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Global megatron checkpoint tensors (layers stacked) from standalone weights."""
+    for key, name in GLOBAL_KEYS.items():
+        yield key, get(name)
+    for slot, suffix in CHECKPOINT_LAYER_KEYS.items():
+        yield LAYER_PREFIX + suffix, torch.stack([_layer_from_standalone(i, slot, get, m) for i in range(m.num_layers)])
+
+
+def expected_standalone_shapes(m: ModelConfig) -> dict[str, tuple]:
+    from .models.standalone import MDMTransformer
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in MDMTransformer(m).state_dict().items()}
+
+
+def _check_shapes(pairs: Iterator[tuple[str, torch.Tensor]], shapes: Mapping[str, tuple], where: str):
+    for name, t in pairs:
+        if name not in shapes:
+            raise ConversionError(f"{where}: unexpected weight {name}")
+        if tuple(t.shape) != shapes[name]:
+            raise ConversionError(f"{where}: {name} has shape {tuple(t.shape)}, the config expects {shapes[name]}")
+        yield name, t
+
+
+# ---- torch_dist reading (no megatron, no process group) ------------------------------------------
+class TorchDistReader:
+    """Reads global tensors of a megatron ``torch_dist`` checkpoint one key at a time."""
+
+    def __init__(self, directory):
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.dir = Path(directory)
+        if not (self.dir / ".metadata").is_file():
+            raise ConversionError(f"{self.dir}: not a torch_dist checkpoint (no .metadata)")
+        self.reader = FileSystemReader(str(self.dir))
+        md = self.reader.read_metadata()
+        self.meta = {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+
+    def keys(self) -> list[str]:
+        return list(self.meta)
+
+    def load(self, key: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+
+        md = self.meta[key]
+        t = torch.empty(md.size, dtype=md.properties.dtype)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({key: t}, storage_reader=self.reader, no_dist=True)
+        return t if dtype is None else t.to(dtype)
+
+
+# ---- the converters -----------------------------------------------------------------------------
+def resolve_iteration_dir(path) -> Path:
+    """A run directory (with ``latest_checkpointed_iteration.txt``) or an ``iter_NNNNNNN`` directory."""
+    p = Path(path)
+    tracker = p / "latest_checkpointed_iteration.txt"
+    if tracker.is_file():
+        it = int(tracker.read_text().strip())
+        return p / f"iter_{it:07d}"
+    if (p / ".metadata").is_file():
+        return p
+    raise ConversionError(f"{p}: neither a training run directory (no latest_checkpointed_iteration.txt) "
+                          "nor a torch_dist iteration directory")
+
+
+def to_single(checkpoint, out, *, dtype: Optional[torch.dtype] = None, config: Optional[Config] = None,
+              overwrite: bool = False) -> Path:
+    """torch_dist checkpoint (any TP/PP, TE or local spec) -> single-GPU-format directory."""
+    from .config import load_config
+    from .gce import GCEGroups
+    from .pretrained import write_single
+    from .text import load_text_tokenizer
+    from .vq import load_image_tokenizer
+
+    it_dir = resolve_iteration_dir(checkpoint)
+    if config is None:
+        cfg_file = it_dir / "config.yaml"
+        if not cfg_file.is_file():
+            raise ConversionError(f"{it_dir}: no config.yaml; pass the training config explicitly")
+        config = load_config(cfg_file)
+    m = config.model
+    reader = TorchDistReader(it_dir)
+    shapes = expected_standalone_shapes(m)
+    if not config.gce.groups_file:
+        raise ConversionError("the config has no gce.groups_file; the single-GPU format needs the GCE groups")
+    groups = GCEGroups.load(config.gce.groups_file).with_weights(config.gce.group_weights)
+    image_tok = load_image_tokenizer(config.image_tokenizer.kind, config.image_tokenizer.path)
+    text_tok = load_text_tokenizer(config.text.tokenizer, config.text.mask_token)
+    pairs = mcore_to_standalone(reader.keys(), lambda k: reader.load(k, dtype), m, expected_shapes=shapes)
+    return write_single(out, _check_shapes(pairs, shapes, str(it_dir)), config, groups, image_tok, text_tok,
+                        overwrite=overwrite)
+
+
+def from_single(single, out, *, iteration: int = 0, dtype: Optional[torch.dtype] = None) -> Path:
+    """Single-GPU-format directory -> a model-only torch_dist checkpoint run directory
+    (``iter_NNNNNNN/`` + tracker + ``config.yaml``), loadable by training at any TP/PP.
+
+    Runs in one process; needs an initialised (world size 1) process group only inside."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from safetensors import safe_open
+
+    from .config import to_yaml
+    from .pretrained import read_config, weight_files
+    from .training.checkpoint import ensure_writer_queue, finalize_tracker
+
+    cfg, _ = read_config(single)
+    files = weight_files(single)
+    handles = {}
+
+    def get(name):
+        p = files[name]
+        if p not in handles:
+            handles[p] = safe_open(str(p), framework="pt")
+        t = handles[p].get_tensor(name)
+        return t.to(dtype) if dtype is not None else t
+
+    out = Path(out)
+    it_dir = out / f"iter_{iteration:07d}"
+    it_dir.mkdir(parents=True, exist_ok=False)
+    sharded = {key: ShardedTensor.from_rank_offsets(key, t.contiguous(), replica_id=0)
+               for key, t in standalone_to_mcore(get, cfg.model)}
+    own_pg = not dist.is_initialized()
+    if own_pg:
+        from .training import cpu_backend
+        from .training.parallel import single_process_group
+
+        cpu_backend.enable()
+        single_process_group()
+    try:
+        ensure_writer_queue()
+        dist_checkpointing.save(sharded, str(it_dir))
+    finally:
+        if own_pg:
+            dist.destroy_process_group()
+    (it_dir / "config.yaml").write_text(to_yaml(cfg))
+    finalize_tracker(out, iteration)
+    return out
+
+
+# ---- Hugging Face Llama / Mistral -> single-GPU format ----------------------------------------------
+HF_SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "LlamaModel", "MistralModel")
+
+
+def model_config_from_hf(hf: dict, image_vocab_size: int, pad_multiple: int = 128) -> ModelConfig:
+    arch = (hf.get("architectures") or ["?"])[0]
+    if arch not in HF_SUPPORTED:
+        raise ConversionError(f"unsupported Hugging Face architecture {arch!r}; supported: {', '.join(HF_SUPPORTED)}")
+    rope = hf.get("rope_parameters") or {}  # transformers >= 5 keeps RoPE settings here
+    scaling = hf.get("rope_scaling") or rope
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        raise ConversionError(f"RoPE scaling {scaling} is not supported (plain RoPE only)")
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    nh = hf["num_attention_heads"]
+    d = hf["hidden_size"]
+    m = ModelConfig(
+        num_layers=hf["num_hidden_layers"], hidden_size=d, num_attention_heads=nh,
+        num_query_groups=hf.get("num_key_value_heads") or nh, head_dim=hf.get("head_dim") or d // nh,
+        ffn_hidden_size=hf["intermediate_size"], image_vocab_size=image_vocab_size,
+        text_vocab_size=(hf["vocab_size"] + pad_multiple - 1) // pad_multiple * pad_multiple,
+        rope_theta=float(theta), norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        init_std=float(hf.get("initializer_range", 0.02)), vocab_pad_multiple=pad_multiple)
+    m.validate()
+    return m
+
+
+def _hf_files(hf_dir: Path) -> dict[str, Path]:
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return {k: hf_dir / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    single = hf_dir / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as f:
+            return {k: single for k in f.keys()}
+    raise ConversionError(f"{hf_dir}: no model.safetensors(.index.json); only safetensors checkpoints are read")
+
+
+def from_hf(hf_dir, out, *, image_tokenizer, groups, config: Optional[Config] = None, text_mask_token: Optional[str]
+            = None, dtype: Optional[torch.dtype] = None, seed: int = 0, overwrite: bool = False) -> Path:
+    """A Llama/Mistral-style HF checkpoint -> single-GPU-format MDM: backbone and text embeddings
+    from the LLM, image embedding / merge / unmerge / head freshly initialised."""
+    from safetensors import safe_open
+
+    from .models.standalone import MDMTransformer
+    from .pretrained import write_single
+    from .text import HFTokenizer
+
+    hf_dir = Path(hf_dir)
+    cfg_path = hf_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ConversionError(f"{hf_dir}: no config.json; not a Hugging Face model directory")
+    hf = json.loads(cfg_path.read_text())
+    m = model_config_from_hf(hf, image_tokenizer.vocab_size)
+    if groups.vocab_size != m.image_vocab_size:
+        raise ConversionError(f"GCE groups cover {groups.vocab_size} ids, the image tokenizer has {m.image_vocab_size}")
+    config = config or Config()
+    config.model = m
+    config.text.tokenizer = str(hf_dir)
+    if text_mask_token:
+        config.text.mask_token = text_mask_token
+    text_tok = HFTokenizer(hf_dir, mask_token=config.text.mask_token)
+    files = _hf_files(hf_dir)
+    prefix = "model." if any(k.startswith("model.") for k in files) else ""
+    handles = {}
+
+    def get(name):
+        p = files[name]
+        if p not in handles:
+            handles[p] = safe_open(str(p), framework="pt")
+        t = handles[p].get_tensor(name)
+        return t.to(dtype) if dtype is not None else t
+
+    shapes = expected_standalone_shapes(m)
+    with torch.device("meta"):
+        fresh_names = [k for k in MDMTransformer(m).state_dict() if not k.startswith("layers.")
+                       and k not in ("text_embed.weight", "norm.weight")]
+    wanted = [prefix + k for k in shapes if k.startswith("layers.")] + [prefix + "embed_tokens.weight",
+                                                                       prefix + "norm.weight"]
+    missing = [k for k in wanted if k not in files]
+    if missing:
+        raise ConversionError(f"{hf_dir}: missing {len(missing)} backbone tensors, e.g. {missing[:3]}")
+    gen = torch.Generator().manual_seed(seed)
+
+    def stream():
+        emb = get(prefix + "embed_tokens.weight")
+        text = torch.zeros(m.text_vocab_size, m.hidden_size, dtype=emb.dtype)
+        text[: emb.shape[0]] = emb
+        yield "text_embed.weight", text
+        yield "norm.weight", get(prefix + "norm.weight")
+        for k in shapes:
+            if k.startswith("layers."):
+                yield k, get(prefix + k)
+        ref_dtype = emb.dtype
+        for k in fresh_names:
+            yield k, (torch.randn(shapes[k], generator=gen) * m.init_std).to(ref_dtype)
+
+    return write_single(out, _check_shapes(stream(), shapes, str(hf_dir)), config, groups, image_tokenizer,
+                        text_tok, overwrite=overwrite)

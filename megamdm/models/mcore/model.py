@@ -1,0 +1,199 @@
+"""``MDMModel``: the MDM of DESIGN.md §1.1 from megatron-core modules.
+
+Same math as ``models/standalone.py`` (a parity test binds them); the layout is megatron's
+``[sequence, batch, hidden]``. Text and image embeddings are vocab-parallel; the 2x2 merge and
+unmerge are small replicated linears; the backbone is a ``TransformerBlock``; the image head is a
+vocab-parallel ``ColumnParallelLinear`` whose weight shard goes straight into the vocab-parallel
+fused GCE, so no logits are ever gathered in training.
+
+Tensor-parallel gradient flow at the head: the head input is identical on every TP rank and the
+fused GCE returns this rank's partial ``dH``; ``copy_to_tensor_model_parallel_region`` (identity
+forward, all-reduce backward) sums the partials. With sequence parallelism the decoder output is
+first gathered with ``gather_from_sequence_parallel_region(..., tensor_parallel_output_grad=False)``,
+whose backward keeps this rank's slice of the (already reduced) gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ...config import ModelConfig, TrainConfig
+from ...gce import gce_loss
+from ...objective import LossSpec, loss_parts, select_supervised
+from ..rope import rope_angles
+from ..standalone import check_grid, merge_2x2, unmerge_2x2
+from .spec import layer_spec
+
+METRIC_KEYS = ("ce_sum", "group_sum", "n_masked", "edit_sum", "n_flipped")
+
+
+def transformer_config(model: ModelConfig, train: TrainConfig, *, device: str, use_te: bool) -> TransformerConfig:
+    """The megatron ``TransformerConfig`` for a megamdm model and training setup."""
+    model.validate()
+    dtype = torch.float32 if train.precision == "fp32" else torch.bfloat16
+    fused = use_te and device == "cuda"
+    recompute = train.recompute
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
+        ffn_hidden_size=model.ffn_hidden_size,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_std,
+        tensor_model_parallel_size=train.tensor_parallel,
+        pipeline_model_parallel_size=train.pipeline_parallel,
+        sequence_parallel=train.sequence_parallel and train.tensor_parallel > 1,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp8="hybrid" if train.precision == "fp8" else None,
+        fp8_recipe=train.fp8_recipe,
+        recompute_granularity=recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
+        use_cpu_initialization=device == "cpu",
+        gradient_accumulation_fusion=fused,
+        bias_activation_fusion=fused,
+        bias_dropout_fusion=device == "cuda",
+        masked_softmax_fusion=False,
+        apply_rope_fusion=fused,
+        persist_layer_norm=False,
+        attention_softmax_in_fp32=True,
+        calculate_per_token_loss=True,
+    )
+
+
+class MDMModel(MegatronModule):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        mdm: ModelConfig,
+        loss_spec: LossSpec,
+        *,
+        use_te: bool,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: Optional[int] = None,
+    ):
+        super().__init__(config)
+        self.model_type = ModelType.encoder_or_decoder
+        self.mdm = mdm
+        self.loss_spec = loss_spec
+        self.pre_process, self.post_process = pre_process, post_process
+        self.vp_stage = vp_stage
+        d = config.hidden_size
+        init = config.init_method
+        if pre_process:
+            self.text_embedding = tensor_parallel.VocabParallelEmbedding(
+                mdm.text_vocab_size, d, init_method=init, config=config)
+            self.image_embedding = tensor_parallel.VocabParallelEmbedding(
+                mdm.image_embed_rows, d, init_method=init, config=config)
+            self.merge = torch.nn.Linear(4 * d, d, bias=False, dtype=config.params_dtype)
+        spec, norm = layer_spec(use_te)
+        n_layers = get_num_layers_to_build(config, vp_stage)
+        self.decoder = TransformerBlock(config, TransformerBlockSubmodules([spec] * n_layers, norm),
+                                        pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+        if post_process:
+            self.unmerge = torch.nn.Linear(d, 4 * d, bias=False, dtype=config.params_dtype)
+            self.head = tensor_parallel.ColumnParallelLinear(
+                d, mdm.image_vocab_size, config=config, init_method=init, bias=False, gather_output=False)
+        for lin in [getattr(self, "merge", None), getattr(self, "unmerge", None)]:
+            if lin is not None and config.perform_initialization:
+                with torch.no_grad():
+                    init(lin.weight)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def _embed(self, text_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+        b, h, w = image_ids.shape
+        te = self.text_embedding(text_ids)  # [b, L, d] (all-reduced over TP)
+        ie = self.image_embedding(image_ids.reshape(b, h * w)).view(b, h, w, -1)
+        x = torch.cat([te, self.merge(merge_2x2(ie))], dim=1).transpose(0, 1).contiguous()  # [s, b, d]
+        if self.config.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x)
+        return x
+
+    def forward(self, text_ids: torch.Tensor, text_pad_mask: torch.Tensor, image_ids: torch.Tensor, *,
+                target: Optional[torch.Tensor] = None, loss_weight: Optional[torch.Tensor] = None,
+                is_flipped: Optional[torch.Tensor] = None):
+        """First/middle stages return the decoder output. The last stage returns the image
+        hidden states ``[b, h, w, d]``, or with ``target``/``loss_weight``/``is_flipped`` the loss
+        terms ``(loss_sum, num_tokens, metrics[5])`` of ``objective.loss_parts`` (METRIC_KEYS)."""
+        b, h, w = image_ids.shape
+        check_grid(h, w)
+        text_len = text_ids.shape[1]
+        s = text_len + h * w // 4
+        tp = self.config.tensor_model_parallel_size
+        if self.config.sequence_parallel and s % tp:
+            raise ValueError(f"sequence parallelism needs the sequence length ({text_len} text + {h * w // 4} "
+                             f"image = {s}) to be a multiple of the tensor-parallel size {tp}")
+        x = self._embed(text_ids, image_ids) if self.pre_process else None
+        rope = rope_angles(text_len, h // 2, w // 2, self.mdm.head_dim, self.mdm.rope_theta, self.mdm.rope_2d,
+                           device=image_ids.device)[:, None, None, :]
+        mask = torch.zeros(b, 1, 1, s, dtype=torch.bool, device=image_ids.device)
+        mask[:, 0, 0, :text_len] = text_pad_mask  # True = masked key
+        hs = self.decoder(hidden_states=x, attention_mask=mask, rotary_pos_emb=rope)
+        if not self.post_process:
+            return hs
+        if self.config.sequence_parallel:
+            hs = gather_from_sequence_parallel_region(hs, tensor_parallel_output_grad=False)
+        img = self.unmerge(hs[text_len:].transpose(0, 1))  # [b, M, 4d]
+        hidden = unmerge_2x2(img, h, w)
+        if target is None:
+            return hidden
+        hsel, tsel, wsel, fsel = select_supervised(hidden, target, loss_weight, is_flipped)
+        hsel = copy_to_tensor_model_parallel_region(hsel)
+        spec = self.loss_spec
+        stats = gce_loss(hsel, self.head.weight, tsel, spec.group_sizes, spec.group_weights, impl=spec.impl,
+                         reduction="none", token_weight=wsel, return_stats=True,
+                         tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None)
+        parts = loss_parts(stats, fsel, spec)
+        metrics = torch.stack([parts.metrics[k].float() for k in METRIC_KEYS])
+        return parts.loss_sum, parts.num_tokens, metrics
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits ``[..., V]`` from image hidden states (gathered over TP), for sampling.
+        (The head's own forward would all-gather the sequence under sequence parallelism; the
+        hidden states here are already complete.)"""
+        return gather_from_tensor_model_parallel_region(F.linear(hidden, self.head.weight))
+
+
+def build_model(cfg, loss_spec: LossSpec, *, device: str, use_te: bool, vp_stage: Optional[int] = None) -> MDMModel:
+    """The MDMModel for this rank's pipeline stage (``cfg`` is a megamdm :class:`~megamdm.config.Config`)."""
+    tcfg = transformer_config(cfg.model, cfg.train, device=device, use_te=use_te)
+    model = MDMModel(tcfg, cfg.model, loss_spec, use_te=use_te,
+                     pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+                     post_process=ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+                     vp_stage=vp_stage)
+    return model.cuda() if device == "cuda" else model

@@ -1,0 +1,89 @@
+"""Process groups and RNG: NCCL on GPUs, gloo on CPU; launched by torchrun or by srun (one task per GPU)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"train.device={device!r} is not one of auto, cuda, cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but CUDA is not available")
+    return device
+
+
+def _env_from_slurm() -> None:
+    """Under ``srun`` without torchrun, derive torch.distributed's variables from SLURM's."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_ADDR" not in os.environ:
+        raise RuntimeError("running under srun: set MASTER_ADDR (launch/common.sh does) to the first node")
+
+
+def init_distributed(device: str, timeout_minutes: int = 30) -> tuple[int, int, int]:
+    """Initialise the default process group from torchrun / srun / single-process environments.
+    On CPU this also enables the CPU backend for megatron-core. Returns (rank, world, local_rank)."""
+    if device == "cpu":
+        from . import cpu_backend
+
+        cpu_backend.enable()
+    _env_from_slurm()
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def init_model_parallel(tensor_parallel: int, pipeline_parallel: int) -> None:
+    from megatron.core import parallel_state as ps
+
+    world = dist.get_world_size()
+    if world % (tensor_parallel * pipeline_parallel):
+        raise ValueError(f"world size {world} is not a multiple of TP {tensor_parallel} x PP {pipeline_parallel}")
+    ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
+                                 pipeline_model_parallel_size=pipeline_parallel)
+
+
+def seed_model_parallel(seed: int, device: str) -> None:
+    """Megatron's RNG streams (default, tensor-parallel, expert), seeded as upstream."""
+    if device == "cuda":
+        from megatron.core import tensor_parallel
+
+        torch.manual_seed(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        from . import cpu_backend
+
+        cpu_backend.install_rng_tracker(seed)
+
+
+def single_process_group() -> None:
+    """A world-size-1 gloo group without networking (for converters run as plain scripts)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def teardown() -> None:
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,259 @@
+"""megatron-core MDMModel on CPU/gloo: parallel layouts agree, and agree with the standalone model."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from megamdm.config import Config, DiffusionConfig, ModelConfig, TrainConfig  # noqa: E402
+from megamdm.convert import (  # noqa: E402
+    TorchDistReader,
+    expected_standalone_shapes,
+    from_single,
+    mcore_to_standalone,
+    qkv_interleave,
+    qkv_split,
+    to_single,
+)
+from megamdm.diffusion import corrupt_batch  # noqa: E402
+from megamdm.objective import LossSpec, loss_parts, select_supervised  # noqa: E402
+from megamdm.pretrained import load_single  # noqa: E402
+from megamdm.text import ByteTokenizer, tokenize_prompts  # noqa: E402
+
+from .support.checkpoints import make_tiny_checkpoint  # noqa: E402
+from .support.distributed import run_distributed  # noqa: E402
+
+SPEC = LossSpec([8], [0.2], impl="torch")
+
+
+def batch(cfg, b=2, grid=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids, pad = tokenize_prompts(ByteTokenizer(), ["a red circle", "the blue square left of it"][:b], 24)
+    img = torch.randint(0, cfg.image_vocab_size, (b, grid, grid), generator=g)
+    dcfg = DiffusionConfig(prompt_drop=0.0, flip_ratio=0.3)
+    return corrupt_batch(img, ids, pad, dcfg, vocab_size=cfg.image_vocab_size, text_mask_id=257, flip_group_size=8,
+                         seeds=[seed * 10 + i for i in range(b)])
+
+
+def standalone_reference(single_dir, c):
+    m = load_single(single_dir).model.float()
+    m.zero_grad()
+    hid = m(c.text_ids, c.text_pad_mask, c.image_input)
+    hs, ts, ws, fl = select_supervised(hid, c.target, c.loss_weight, c.is_flipped)
+    parts = loss_parts(m.head(hs, ts, ws, group_sizes=[8], group_weights=[0.2]), fl, SPEC)
+    parts.loss_sum.backward()
+    logits = m.logits(c.text_ids, c.text_pad_mask, c.image_input)
+    grads = {k: p.grad.clone() for k, p in m.named_parameters()}
+    return parts.loss_sum.item(), logits.detach(), grads
+
+
+def _worker(ckpt, tp, pp, sp, micro_batches):
+    """Build the model at (TP, PP, SP), load the checkpoint, run forward/backward via megatron's schedule."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megamdm.models.mcore.model import build_model
+    from megamdm.training import cpu_backend, parallel
+    from megamdm.training.checkpoint import load_model_weights
+
+    cpu_backend.enable()
+    parallel.init_model_parallel(tp, pp)
+    parallel.seed_model_parallel(1234, "cpu")
+    single = load_single(ckpt.parent / "single", load_tokenizers=False)
+    cfg = Config(model=single.config.model, train=TrainConfig(tensor_parallel=tp, pipeline_parallel=pp,
+                                                              sequence_parallel=sp, precision="fp32"))
+    model = build_model(cfg, SPEC, device="cpu", use_te=False)
+    load_model_weights(model, ckpt / "iter_0000000")
+    c = batch(cfg.model)
+    seq = c.text_ids.shape[1] + c.image_input[0].numel() // 4
+
+    def step(it, mdl):
+        b = next(it)
+        out = mdl(b.text_ids, b.text_pad_mask, b.image_input, target=b.target, loss_weight=b.loss_weight,
+                  is_flipped=b.is_flipped)
+
+        def loss_func(o):
+            loss_sum, n, _ = o
+            return loss_sum, n.int(), {"loss": torch.stack([loss_sum.detach(), n.float()])}
+
+        return out, loss_func
+
+    fb = get_forward_backward_func()
+    out = fb(forward_step_func=step, data_iterator=iter([c] * micro_batches), model=[model],
+             num_microbatches=micro_batches, seq_length=seq, micro_batch_size=c.text_ids.shape[0], forward_only=False)
+    res = {"losses": [o["loss"][0].item() for o in out]}
+    if ps.is_pipeline_last_stage() and pp == 1:
+        with torch.no_grad():
+            hid = model(c.text_ids, c.text_pad_mask, c.image_input)
+            res["logits"] = model.logits(hid)
+    res["grads"] = {k: p.grad.clone() if p.grad is not None else None for k, p in model.named_parameters()
+                    if any(s in k for s in ("merge", "unmerge", "head", "final_layernorm", "linear_qkv.weight"))}
+    res["tp_rank"] = ps.get_tensor_model_parallel_rank()
+    res["pp_rank"] = ps.get_pipeline_model_parallel_rank()
+    return res
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mcore")
+    single = make_tiny_checkpoint(root / "single", seed=3)
+    from_single(single, root / "dist")
+    return root
+
+
+def test_from_single_round_trip_is_bit_identical(checkpoints, tmp_path):
+    back = to_single(checkpoints / "dist", tmp_path / "back")
+    a, b = load_single(checkpoints / "single"), load_single(back)
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(b.model.state_dict()[k], v), k
+    assert torch.equal(a.groups.perm, b.groups.perm)
+
+
+@pytest.mark.parametrize("tp,pp,sp", [(1, 1, False), (2, 1, False), (2, 1, True), (1, 2, False)])
+def test_parallel_layouts_match_the_standalone_model(checkpoints, tp, pp, sp):
+    ref_loss, ref_logits, ref_grads = standalone_reference(checkpoints / "single", batch(
+        load_single(checkpoints / "single").config.model))
+    results = run_distributed(_worker, tp * pp, checkpoints / "dist", tp, pp, sp, 2)
+    last = [r for r in results if r["pp_rank"] == pp - 1]
+    for r in last:
+        assert len(r["losses"]) == 2
+        for loss in r["losses"]:  # per micro-batch loss sums
+            assert abs(loss - ref_loss) / ref_loss < 1e-5, (loss, ref_loss)
+        if pp == 1:
+            rel = ((r["logits"] - ref_logits).norm() / ref_logits.norm()).item()
+            assert rel < 1e-5, rel
+        # grads accumulate over the 2 micro-batches: compare 2x the reference
+        g = r["grads"]
+        assert torch.allclose(g["unmerge.weight"], 2 * ref_grads["unmerge.weight"], rtol=1e-4, atol=1e-6)
+        # with sequence parallelism a norm's gradient is partial per TP rank (finalize_model_grads sums it)
+        norm = sum(x["grads"]["decoder.final_layernorm.weight"] for x in last) if sp else g[
+            "decoder.final_layernorm.weight"]
+        assert torch.allclose(norm, 2 * ref_grads["norm.weight"], rtol=1e-4, atol=1e-6)
+        head = 2 * ref_grads["head.weight"].chunk(tp, 0)[r["tp_rank"]]
+        assert torch.allclose(g["head.weight"], head, rtol=1e-4, atol=1e-6)
+    first = [r for r in results if r["pp_rank"] == 0]
+    for r in first:
+        assert torch.allclose(r["grads"]["merge.weight"], 2 * ref_grads["merge.weight"], rtol=1e-4, atol=1e-6)
+
+
+def test_key_mapping_of_te_and_local_names(tiny_model_cfg):
+    """A synthetic state dict in Transformer Engine's per-layer names (fused layer norms,
+    _extra_state) maps to the same standalone weights as the local spec's names."""
+    m = tiny_model_cfg
+    shapes = expected_standalone_shapes(m)
+    g = torch.Generator().manual_seed(0)
+    ref = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    te, local = {}, {}
+    for key, name in [("text_embedding.weight", "text_embed.weight"), ("image_embedding.weight", "image_embed.weight"),
+                      ("merge.weight", "merge.weight"), ("decoder.final_layernorm.weight", "norm.weight"),
+                      ("unmerge.weight", "unmerge.weight"), ("head.weight", "head.weight")]:
+        te[key] = local[key] = ref[name]
+    for i in range(m.num_layers):
+        p, s = f"decoder.layers.{i}.", f"layers.{i}."
+        qkv = qkv_interleave(ref[s + "self_attn.q_proj.weight"], ref[s + "self_attn.k_proj.weight"],
+                             ref[s + "self_attn.v_proj.weight"], m)
+        fc1 = torch.cat([ref[s + "mlp.gate_proj.weight"], ref[s + "mlp.up_proj.weight"]])
+        common = {"self_attention.linear_qkv.weight": qkv, "self_attention.linear_proj.weight":
+                  ref[s + "self_attn.o_proj.weight"], "mlp.linear_fc1.weight": fc1,
+                  "mlp.linear_fc2.weight": ref[s + "mlp.down_proj.weight"]}
+        for k, v in common.items():
+            te[p + k] = local[p + k] = v
+        te[p + "self_attention.linear_qkv.layer_norm_weight"] = ref[s + "input_layernorm.weight"]
+        te[p + "mlp.linear_fc1.layer_norm_weight"] = ref[s + "post_attention_layernorm.weight"]
+        te[p + "self_attention.linear_qkv._extra_state"] = b"fp8 meta"
+        te[p + "mlp.linear_fc1._extra_state"] = b"fp8 meta"
+        local[p + "input_layernorm.weight"] = ref[s + "input_layernorm.weight"]
+        local[p + "pre_mlp_layernorm.weight"] = ref[s + "post_attention_layernorm.weight"]
+    for sd in (te, local):
+        got = dict(mcore_to_standalone(sd.keys(), sd.__getitem__, m, expected_shapes=shapes))
+        assert set(got) == set(shapes)
+        assert all(torch.equal(got[k], ref[k]) for k in shapes)
+    q, k, v = qkv_split(qkv_interleave(ref["layers.0.self_attn.q_proj.weight"], ref["layers.0.self_attn.k_proj.weight"],
+                                       ref["layers.0.self_attn.v_proj.weight"], m), m)
+    assert torch.equal(q, ref["layers.0.self_attn.q_proj.weight"])
+
+
+def test_converters_refuse_mismatched_inputs(checkpoints, tmp_path):
+    from megamdm.config import load_config
+    from megamdm.convert import ConversionError
+
+    it = checkpoints / "dist" / "iter_0000000"
+    cfg = load_config(it / "config.yaml")
+    cfg.model.num_layers = 3
+    with pytest.raises(ConversionError, match="stacked layers"):
+        to_single(checkpoints / "dist", tmp_path / "x", config=cfg)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ConversionError, match="not a torch_dist"):
+        TorchDistReader(tmp_path)
+
+
+def test_from_hf_llama_backbone_matches_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from megamdm.convert import from_hf
+    from megamdm.gce import GCEGroups
+    from megamdm.vq import KMeansPatchTokenizer
+
+    hf_cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=5000.0,
+                                      rms_norm_eps=1e-6, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf_dir = tmp_path / "llama"
+    llama.save_pretrained(hf_dir, safe_serialization=True)
+    vocab = {f"t{i}": i for i in range(299)}
+    vocab["<mask>"] = 299
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
+    tk.save(str(hf_dir / "tokenizer.json"))
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"mask_token": "<mask>", "pad_token": "t0"}))
+    tok = KMeansPatchTokenizer(torch.rand(64, 48), 4)
+    out = from_hf(hf_dir, tmp_path / "mdm", image_tokenizer=tok, groups=GCEGroups.identity(64, [8], [0.2]))
+    mdm = load_single(out)
+    assert mdm.config.model.text_vocab_size == 384 and mdm.text_tokenizer.mask_id == 299
+    ids = torch.randint(0, 300, (2, 11))
+    pad = torch.zeros(2, 11, dtype=torch.bool)
+    pad[1, 8:] = True
+    with torch.no_grad():
+        ours = mdm.model.hidden_states(ids, pad)
+        # HF with a bidirectional 4-D additive mask (0 = attend) over the same key padding
+        mask4 = torch.zeros(2, 1, 11, 11)
+        mask4.masked_fill_(pad[:, None, None, :], torch.finfo(torch.float32).min)
+        theirs = llama.model(input_ids=ids, attention_mask=mask4).last_hidden_state
+    keep = ~pad
+    rel = ((ours[keep] - theirs[keep]).norm() / theirs[keep].norm()).item()
+    assert rel < 1e-5, rel
+    # the image parts are fresh and the model runs end to end
+    assert mdm.model.logits(ids, pad, torch.randint(0, 64, (2, 4, 4))).shape == (2, 4, 4, 64)
+
+
+def _te_worker(ckpt):
+    """On one GPU: the TE spec and the local spec load the same checkpoint and give the same loss;
+    FP8 (hybrid, delayed scaling) stays close to it."""
+    from megamdm.models.mcore.model import build_model
+    from megamdm.training import parallel
+    from megamdm.training.checkpoint import load_model_weights
+
+    parallel.init_model_parallel(1, 1)
+    parallel.seed_model_parallel(1234, "cuda")
+    single = load_single(ckpt.parent / "single", load_tokenizers=False)
+    c = batch(single.config.model).to("cuda")
+    out = {}
+    for name, use_te, precision in (("local", False, "bf16"), ("te", True, "bf16"), ("te_fp8", True, "fp8")):
+        cfg = Config(model=single.config.model, train=TrainConfig(precision=precision))
+        model = build_model(cfg, SPEC, device="cuda", use_te=use_te)
+        load_model_weights(model, ckpt / "iter_0000000")
+        with torch.no_grad():
+            loss_sum, n, _ = model(c.text_ids, c.text_pad_mask, c.image_input, target=c.target,
+                                   loss_weight=c.loss_weight, is_flipped=c.is_flipped)
+        out[name] = (loss_sum / n).item()
+    return out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Transformer Engine path needs CUDA")
+def test_te_spec_matches_local_spec_on_gpu(checkpoints):
+    pytest.importorskip("transformer_engine")
+    r = run_distributed(_te_worker, 1, checkpoints / "dist")[0]
+    assert abs(r["te"] - r["local"]) / r["local"] < 2e-2, r
+    assert abs(r["te_fp8"] - r["local"]) / r["local"] < 5e-2, r
