@@ -124,8 +124,9 @@ class DataConfig:
     resolutions: list[str] = field(default_factory=list)  # buckets to train on, e.g. ["256x256"]; empty: all
     micro_batch_size: int = 8
     global_batch_size: int = 64
-    num_workers: int = 2
-    prefetch: int = 4
+    num_workers: int = 2  # background processes building batches (spawned: tensorstore forbids fork)
+    prefetch: int = 4  # batches in flight per worker
+    reader: str = "auto"  # auto (tensorstore when installed) | tensorstore | zarr
     seed: int = 1234
 
 

@@ -1,0 +1,1 @@
+"""Data: webdataset tars -> DALI -> token shards (zarr) -> training batches."""

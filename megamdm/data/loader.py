@@ -1,0 +1,238 @@
+"""Training batches from token shards: deterministic, data-parallel, bucketed, resumable.
+
+The plan of an epoch is a pure function of ``(seed, epoch)``:
+  * every resolution bucket is shuffled by a keyed Feistel permutation (a bijection on the bucket's
+    indices computed per index, so no rank materialises a billion-entry permutation) and cut into
+    global batches of ``global_batch_size`` (the remainder is dropped);
+  * the global batches of all buckets are interleaved in a shuffled order;
+  * data-parallel rank ``d`` takes the ``d``-th contiguous slice of each global batch and splits it
+    into micro-batches.
+So the ranks see disjoint samples whose union is the epoch, a batch never mixes resolutions, and
+the loader's whole state is the number of global steps consumed: a run resumed from a checkpoint,
+at any data-parallel size, sees exactly the samples an uninterrupted run would have seen. Each
+sample is corrupted with its own generator seeded from ``(seed, epoch, bucket, index)``.
+
+Batches are built in background worker processes (``torch.utils.data.DataLoader``, spawned:
+tensorstore aborts in forked children), so reading, text tokenisation and corruption overlap the
+training step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..diffusion import Corrupted, corrupt_batch
+from ..gce import GCEGroups
+from ..text import format_prompt, tokenize_prompts
+from .shards import TokenShards, parse_res
+
+_M64 = (1 << 64) - 1
+
+
+def _mix(*vals: int) -> int:
+    """splitmix64 over a tuple of integers: a well-spread 63-bit seed."""
+    x = 0x9E3779B97F4A7C15
+    for v in vals:
+        x = (x ^ (v & _M64)) & _M64
+        x = (x + 0x9E3779B97F4A7C15) & _M64
+        z = x
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+        x = z ^ (z >> 31)
+    return x >> 1
+
+
+def feistel_permute(idx: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndarray:
+    """A keyed bijection of ``[0, n)`` evaluated at ``idx`` (cycle-walking over a power of 4)."""
+    if n <= 1:
+        return np.zeros_like(idx)
+    bits = max(2, math.ceil(math.log2(n)))
+    bits += bits % 2
+    half = bits // 2
+    mask = (1 << half) - 1
+    keys = [_mix(key, r) & 0xFFFFFFFF for r in range(rounds)]
+    x = idx.astype(np.uint64).copy()
+    todo = np.ones(len(x), dtype=bool)
+    while todo.any():
+        y = x[todo]
+        left, right = y >> np.uint64(half), y & np.uint64(mask)
+        for k in keys:
+            f = ((right * np.uint64(0x9E3779B1) + np.uint64(k)) ^ (right >> np.uint64(3))) & np.uint64(mask)
+            left, right = right, left ^ f
+        y = (left << np.uint64(half)) | right
+        x[todo] = y
+        todo[todo] = y >= n  # cycle-walk values outside [0, n)
+    return x.astype(np.int64)
+
+
+@dataclass
+class MicroBatch:
+    corrupted: Corrupted
+    resolution: str
+    sample_ids: torch.Tensor  # [B, 2] (dataset index, sample index within its resolution bucket)
+
+
+class EpochPlan:
+    """Which samples form global batch ``k`` of epoch ``e``, over several datasets."""
+
+    def __init__(self, counts: Sequence[dict[str, int]], global_batch: int, seed: int,
+                 resolutions: Optional[Sequence[str]] = None):
+        self.global_batch, self.seed = global_batch, seed
+        keys = sorted({r for c in counts for r in c}, key=parse_res)
+        if resolutions:
+            unknown = set(resolutions) - set(keys)
+            if unknown:
+                raise ValueError(f"data.resolutions {sorted(unknown)} are not in the datasets (have {keys})")
+            keys = [r for r in keys if r in set(resolutions)]
+        self.buckets = keys
+        self.cum = {r: np.cumsum([0] + [c.get(r, 0) for c in counts]) for r in keys}
+        self.sizes = {r: int(self.cum[r][-1]) for r in keys}
+        self.batches_per_bucket = {r: self.sizes[r] // global_batch for r in keys}
+        self.steps_per_epoch = sum(self.batches_per_bucket.values())
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"no bucket holds a full global batch of {global_batch} samples (sizes {self.sizes})")
+        self._order_epoch, self._order = None, None
+
+    def order(self, epoch: int) -> list[tuple[str, int]]:
+        if self._order_epoch != epoch:
+            pairs = [(r, j) for r in self.buckets for j in range(self.batches_per_bucket[r])]
+            perm = np.random.default_rng(_mix(self.seed, epoch)).permutation(len(pairs))
+            self._order, self._order_epoch = [pairs[i] for i in perm], epoch
+        return self._order
+
+    def samples(self, step: int, start: int, count: int):
+        """(epoch, bucket, positions) of samples ``[start, start + count)`` of global step ``step``."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        r, j = self.order(epoch)[k]
+        pos = j * self.global_batch + np.arange(start, start + count)
+        idx = feistel_permute(pos, self.sizes[r], _mix(self.seed, epoch, zlib.crc32(r.encode())))
+        ds = np.searchsorted(self.cum[r], idx, side="right") - 1
+        return epoch, r, idx, ds, idx - self.cum[r][ds]
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``k``: this data-parallel rank's micro-batches of global step ``k``."""
+
+    def __init__(self, datasets: Sequence[TokenShards], plan: EpochPlan, cfg: Config, groups: GCEGroups,
+                 text_tokenizer, *, dp_rank: int, dp_size: int, micro_batch_size: int, num_micro_batches: int):
+        self.datasets, self.plan, self.cfg, self.groups, self.tok = datasets, plan, cfg, groups, text_tokenizer
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.mbs, self.nmb = micro_batch_size, num_micro_batches
+
+    def __len__(self) -> int:  # a sampler drives it past one epoch
+        return self.plan.steps_per_epoch
+
+    def micro_batch(self, step: int, m: int) -> MicroBatch:
+        start = (self.dp_rank * self.nmb + m) * self.mbs
+        epoch, res, idx, ds, local = self.plan.samples(step, start, self.mbs)
+        toks, caps, meta = [], [], {"orig_size": [], "crop": [], "score": []}
+        order = np.argsort(ds, kind="stable")
+        for d in np.unique(ds):
+            sel = order[ds[order] == d]
+            shards = self.datasets[d]
+            toks.append((sel, shards.tokens(res, local[sel])))
+            caps.append((sel, shards.captions(res, local[sel])))
+            mm = shards.meta(res, local[sel])
+            for k in meta:
+                meta[k].append((sel, mm[k]))
+        tokens = _scatter(toks, len(idx))
+        captions = _scatter(caps, len(idx))
+        orig, crop, score = (_scatter(meta[k], len(idx)) for k in ("orig_size", "crop", "score"))
+        t = self.cfg.text
+        texts = [format_prompt(c, width=int(o[0]), height=int(o[1]), crop=(int(cr[0]), int(cr[1])),
+                               score=t.default_score if math.isnan(float(s)) else float(s),
+                               micro_conditioning=t.micro_conditioning)
+                 for c, o, cr, s in zip(captions, orig, crop, score)]
+        ids, pad = tokenize_prompts(self.tok, texts, t.max_len)
+        img = self.groups.to_model(torch.from_numpy(np.stack(tokens).astype(np.int64)))
+        seeds = [_mix(self.cfg.data.seed, epoch, zlib.crc32(res.encode()), int(i)) for i in idx]
+        c = corrupt_batch(img, ids, pad, self.cfg.diffusion, vocab_size=self.cfg.model.image_vocab_size,
+                          text_mask_id=self.tok.mask_id, flip_group_size=self.groups.group_sizes[0]
+                          if self.groups.group_sizes else 1, seeds=seeds)
+        return MicroBatch(c, res, torch.from_numpy(np.stack([ds, idx], axis=1)))
+
+    def __getitem__(self, step: int) -> list[MicroBatch]:
+        return [self.micro_batch(step, m) for m in range(self.nmb)]
+
+
+def _scatter(parts, n):
+    out = [None] * n
+    for sel, vals in parts:
+        for i, v in zip(sel, vals):
+            out[i] = v
+    return out
+
+
+class _From(torch.utils.data.Sampler):
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self):
+        return itertools.count(self.start)
+
+
+def _collate(x):
+    return x
+
+
+class TrainLoader:
+    """Iterate global steps: ``next(loader)`` is this rank's list of micro-batches for one step."""
+
+    def __init__(self, cfg: Config, groups: GCEGroups, text_tokenizer, *, dp_rank: int = 0, dp_size: int = 1,
+                 codebook_hash: Optional[str] = None):
+        d = cfg.data
+        if not d.shards:
+            raise ValueError("data.shards is empty: give one or more token-shard datasets")
+        per_rank = d.global_batch_size // dp_size
+        if d.global_batch_size % (dp_size * d.micro_batch_size):
+            raise ValueError(f"data.global_batch_size={d.global_batch_size} is not a multiple of "
+                             f"data-parallel size {dp_size} x micro_batch_size {d.micro_batch_size}")
+        self.num_micro_batches = per_rank // d.micro_batch_size
+        backend = None if d.reader == "auto" else d.reader
+        self.datasets = [TokenShards(p, backend=backend, codebook_hash=codebook_hash) for p in d.shards]
+        self.plan = EpochPlan([s.counts for s in self.datasets], d.global_batch_size, d.seed, d.resolutions or None)
+        self.steps = StepBatches(self.datasets, self.plan, cfg, groups, text_tokenizer, dp_rank=dp_rank,
+                                 dp_size=dp_size, micro_batch_size=d.micro_batch_size,
+                                 num_micro_batches=self.num_micro_batches)
+        self.num_workers, self.prefetch = d.num_workers, d.prefetch
+        self.step = 0
+        self._it: Optional[Iterator] = None
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.plan.seed, "global_batch": self.plan.global_batch,
+                "sizes": dict(self.plan.sizes)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["global_batch"] != self.plan.global_batch or state["sizes"] != self.plan.sizes:
+            raise ValueError(f"data-loader state does not fit this data: saved global batch {state['global_batch']} "
+                             f"and bucket sizes {state['sizes']}, now {self.plan.global_batch} and {self.plan.sizes}")
+        self.step = int(state["step"])
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[MicroBatch]:
+        if self._it is None:
+            if self.num_workers > 0:
+                self._it = iter(torch.utils.data.DataLoader(
+                    self.steps, batch_size=None, sampler=_From(self.step), num_workers=self.num_workers,
+                    prefetch_factor=self.prefetch, persistent_workers=False, collate_fn=_collate,
+                    multiprocessing_context="spawn"))  # tensorstore aborts in forked children
+            else:
+                self._it = (self.steps[k] for k in itertools.count(self.step))
+        out = next(self._it)
+        self.step += 1
+        return out
+
+    @property
+    def epoch(self) -> float:
+        return self.step / self.plan.steps_per_epoch

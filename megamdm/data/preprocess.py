@@ -1,0 +1,164 @@
+"""Preprocessing: webdataset tar shards -> DALI decode -> image tokenizer -> zarr token shards.
+
+Each input tar becomes one part of the output dataset (``shards.write_part``); parts are
+independent, so ranks (torchrun / srun / local worker processes) take disjoint slices of the
+input shards, a rerun skips parts already complete, and a final step consolidates the index.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..vq import codebook_hash, load_image_tokenizer, tokenizer_kind
+from . import dali
+from .shards import BucketBuffer, consolidate, part_done, res_key, write_part
+
+
+@dataclass
+class PreprocessOptions:
+    resolution: int = 256
+    aspect_buckets: bool = False
+    crop: str = "center"  # center | random
+    batch_size: int = 64
+    device: str = "cpu"  # cpu | cuda (DALI mixed decoding, tokenizer on GPU)
+    device_id: Optional[int] = None
+    num_threads: int = 2
+
+
+def part_name(tar: Path) -> str:
+    return tar.name[: -len(".tar")] if tar.name.endswith(".tar") else tar.name
+
+
+def preprocess_shard(tar: Path, out: Path, tokenizer, opts: PreprocessOptions, decoder: dali.Decoder) -> dict:
+    """Tokenise one tar into ``out/parts/<name>``; returns counts (``written``, ``skipped``...)."""
+    name = part_name(tar)
+    if part_done(out, name):
+        return {"name": name, "skipped_part": True}
+    idx_dir = out / ".tmp" / "index"
+    idx_dir.mkdir(parents=True, exist_ok=True)
+    idx = idx_dir / f"{name}.idx"
+    keys, truncated = dali.write_index(tar, idx)
+    skipped: Counter = Counter()
+    if truncated:
+        skipped["truncated_tar"] += 1
+    step = 2 * tokenizer.downsample
+    buckets = dali.buckets_for(opts.resolution, opts.aspect_buckets, step)
+    buffers: dict[str, BucketBuffer] = {}
+    dev = "cuda" if opts.device == "cuda" else "cpu"
+    for batch in dali.read_tar(tar, idx, keys, opts.batch_size, opts.num_threads):
+        items, infos = [], []
+        for s in batch:
+            if not s.caption:
+                skipped["missing_caption"] += 1
+                continue
+            try:
+                w, h = dali.image_header(s.image)
+            except ValueError:
+                skipped["corrupt_image"] += 1
+                continue
+            bucket = dali.choose_bucket(w, h, buckets)
+            plan = dali.crop_plan(w, h, bucket, opts.crop, s.key)
+            if plan is None:
+                skipped["too_small"] += 1
+                continue
+            items.append((s.image, plan[0], plan[1], bucket))
+            infos.append((s, (w, h), plan[1], bucket))
+        decoded = decoder.decode(items)
+        by_bucket: dict[tuple, list] = {}
+        for img, info in zip(decoded, infos):
+            if img is None:
+                skipped["corrupt_image"] += 1
+                continue
+            by_bucket.setdefault(info[3], []).append((img, info))
+        for bucket, rows in by_bucket.items():
+            x = torch.from_numpy(np.stack([r[0] for r in rows])).to(dev).permute(0, 3, 1, 2).float() / 255.0
+            ids = tokenizer.encode(x).cpu().numpy()
+            buf = buffers.setdefault(res_key(*bucket), BucketBuffer())
+            for tok, (_, (s, size, crop, _b)) in zip(ids, rows):
+                score = s.meta.get("aesthetic_score", s.meta.get("score"))
+                buf.add(tok, s.caption, s.key, size, crop, float(score) if isinstance(score, (int, float)) else None)
+    written = sum(len(b) for b in buffers.values())
+    write_part(out, name, buffers, {"source": str(tar), "samples_in": len(keys), "skipped": dict(skipped),
+                                    "tokenizer": tokenizer.name, "codebook_hash": codebook_hash(tokenizer.codebook())})
+    idx.unlink(missing_ok=True)
+    return {"name": name, "samples_in": len(keys), "written": written, "skipped": dict(skipped)}
+
+
+def _worker(args):
+    tars, out, tok_path, opts, queue = args
+    torch.set_num_threads(1)
+    tok = load_image_tokenizer(tokenizer_kind(tok_path), tok_path)
+    if opts.device == "cuda" and hasattr(tok, "vq"):
+        tok.vq.to("cuda")
+    decoder = dali.Decoder(opts.device, opts.device_id, opts.batch_size, opts.num_threads)
+    for t in tars:
+        queue.put(preprocess_shard(Path(t), Path(out), tok, opts, decoder))
+    queue.put(None)
+
+
+def run(tars: Sequence[Path], out: Path, tokenizer_path: Path, opts: PreprocessOptions, *, workers: int = 1,
+        progress: bool = True) -> dict:
+    """Preprocess ``tars`` with ``workers`` local processes; returns summed counts."""
+    import multiprocessing as mp
+
+    from tqdm.auto import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    tars = sorted(Path(t) for t in tars)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    workers = max(1, min(workers, len(tars)))
+    procs = [ctx.Process(target=_worker, args=((tars[i::workers], out, tokenizer_path, opts, queue),))
+             for i in range(workers)]
+    for p in procs:
+        p.start()
+    totals: Counter = Counter()
+    t0, done = time.time(), 0
+    bar = tqdm(total=len(tars), desc="preprocess", unit="shard", disable=not progress)
+    while done < workers:
+        res = queue.get()
+        if res is None:
+            done += 1
+            continue
+        if res.get("skipped_part"):
+            totals["parts_already_done"] += 1
+        else:
+            totals["samples_in"] += res["samples_in"]
+            totals["written"] += res["written"]
+            for k, v in res["skipped"].items():
+                totals[f"skipped_{k}"] += v
+        bar.update(1)
+        bar.set_postfix(samples_per_s=f"{totals['written'] / max(time.time() - t0, 1e-9):.0f}",
+                        skipped=sum(v for k, v in totals.items() if k.startswith("skipped_")))
+    bar.close()
+    for p in procs:
+        p.join()
+        if p.exitcode:
+            raise RuntimeError(f"a preprocessing worker failed with exit code {p.exitcode}")
+    totals["seconds"] = round(time.time() - t0, 2)
+    return dict(totals)
+
+
+def finalize(out: Path, tokenizer_path: Path) -> dict:
+    tok = load_image_tokenizer(tokenizer_kind(tokenizer_path), tokenizer_path)
+    return consolidate(out, tokenizer=tok.name, codebook_hash=codebook_hash(tok.codebook()))
+
+
+def rank_slice(items: Sequence, rank: int, world: int) -> list:
+    return list(items)[rank::world]
+
+
+def env_rank() -> tuple[int, int]:
+    """(rank, world) from torchrun or srun variables; (0, 1) otherwise."""
+    for r, w in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if r in os.environ and w in os.environ:
+            return int(os.environ[r]), int(os.environ[w])
+    return 0, 1

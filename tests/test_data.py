@@ -1,0 +1,232 @@
+"""Data pipeline: tars -> DALI -> token shards -> loader."""
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("zarr")
+
+from megamdm.config import Config, DataConfig, DiffusionConfig, ModelConfig  # noqa: E402
+from megamdm.data import dali  # noqa: E402
+from megamdm.data.loader import EpochPlan, TrainLoader, feistel_permute  # noqa: E402
+from megamdm.data.shards import BucketBuffer, ShardError, TokenShards, consolidate, write_part  # noqa: E402
+from megamdm.data.webdataset import write_shard  # noqa: E402
+from megamdm.gce import GCEGroups  # noqa: E402
+from megamdm.text import ByteTokenizer  # noqa: E402
+from megamdm.vq import KMeansPatchTokenizer, codebook_hash  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+V = 64
+
+
+def encode(img: np.ndarray, fmt: str) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(img).save(b, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return b.getvalue()
+
+
+def smooth(seed, h, w):
+    """A smooth random image (JPEG-friendly)."""
+    g = np.random.default_rng(seed)
+    small = g.integers(0, 255, (h // 16 + 2, w // 16 + 2, 3)).astype(np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok") / "kmeans"
+    KMeansPatchTokenizer(torch.rand(V, 48, generator=torch.Generator().manual_seed(0)), 4).save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def shards_dir(tmp_path_factory):
+    """Two img2dataset tars: the first with bad samples among good ones, the second cut short."""
+    d = tmp_path_factory.mktemp("wds")
+    samples, exact = [], {}
+    for i in range(12):
+        h, w = (64, 64) if i % 3 == 0 else (80 + 8 * i, 72)
+        img = smooth(i, h, w)
+        fmt, ext = ("PNG", "png") if i % 4 == 1 else ("JPEG", "jpg")
+        key = f"{i:09d}"
+        samples.append((key, encode(img, fmt), ext, f"caption number {i}", {"width": w, "height": h,
+                                                                            "aesthetic_score": 5.0 + i / 10}))
+        if (h, w) == (64, 64) and fmt == "PNG":
+            exact[key] = img
+    good_jpeg = encode(smooth(99, 64, 64), "JPEG")
+    samples.append(("000000100", b"\xff\xd8\xff\xe0 this is not a jpeg", "jpg", "corrupt", {}))
+    samples.append(("000000101", good_jpeg[: len(good_jpeg) // 2], "jpg", "truncated file", {}))
+    samples.append(("000000102", encode(smooth(5, 64, 64), "JPEG"), "jpg", None, {}))  # no caption
+    samples.append(("000000103", encode(smooth(6, 32, 48), "JPEG"), "jpg", "too small", {}))
+    write_shard(d / "00000.tar", samples)
+    second = [(f"{1000 + i:09d}", encode(smooth(200 + i, 64, 64), "PNG"), "png", f"second {i}", {})
+              for i in range(6)]
+    write_shard(d / "00001.tar", second)
+    raw = (d / "00001.tar").read_bytes()
+    (d / "00001.tar").write_bytes(raw[: int(len(raw) * 0.7)])  # a truncated tar
+    return d
+
+
+def preprocess(shards_dir, out, tokenizer_dir, *extra):
+    r = subprocess.run([sys.executable, str(ROOT / "tools/preprocess.py"), "--input", str(shards_dir / "*.tar"),
+                        "--out", str(out), "--tokenizer", str(tokenizer_dir), "--resolution", "64", "--quiet",
+                        "--batch-size", "4", *extra], capture_output=True, text=True, env={**os.environ, "RANK": "0",
+                                                                                         "WORLD_SIZE": "1"})
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_preprocess_real_tars_through_dali(shards_dir, tokenizer_dir, tmp_path):
+    out = tmp_path / "ds.zarr"
+    log = preprocess(shards_dir, out, tokenizer_dir, "--workers", "2")
+    ds = TokenShards(out)
+    sk = ds.attrs["skipped"]
+    assert sk == {"corrupt_image": 2, "missing_caption": 1, "too_small": 1, "truncated_tar": 1}, sk
+    second = ds.attrs["parts"][1]["counts"]["64x64"]
+    assert 2 <= second < 6  # the complete samples before the cut survive
+    assert ds.counts == {"64x64": 12 + second}
+    caps = ds.captions("64x64", range(12))
+    assert caps == [f"caption number {i}" for i in range(12)]
+    keys = ds.keys("64x64", [0, 5])
+    meta = ds.meta("64x64", [0, 5])
+    assert keys == ["000000000", "000000005"]
+    assert meta["orig_size"][1].tolist() == [72, 120] and meta["crop"][1].tolist() == [21, 0]  # 72x120 -> 64x107, centre
+    assert abs(float(meta["score"][1]) - 5.5) < 1e-6
+    # an exactly-sized PNG is decoded losslessly: its tokens equal the tokenizer's on the PIL image
+    tok = KMeansPatchTokenizer.load(tokenizer_dir)
+    img = smooth(9, 64, 64)  # key 9 is a 64x64 PNG
+    want = tok.encode(torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255)[0].numpy()
+    assert (ds.tokens("64x64", [9])[0] == want).all()
+    assert "written" in log
+    # a rerun skips both finished parts
+    log2 = preprocess(shards_dir, out, tokenizer_dir)
+    assert '"parts_already_done": 2' in log2
+
+
+def _bucket(n, h, w, seed):
+    g = np.random.default_rng(seed)
+    b = BucketBuffer()
+    for i in range(n):
+        b.add(g.integers(0, V, (h, w)), f"cap é {seed}-{i}", f"k{seed}-{i}", (w * 4, h * 4), (i, 2 * i),
+              None if i % 2 else 0.5 * i)
+    return b
+
+
+@pytest.fixture(scope="module")
+def toy_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds") / "toy.zarr"
+    for p in range(3):
+        write_part(root, f"{p:05d}", {"8x8": _bucket(40 + p, 8, 8, p), "8x16": _bucket(20, 8, 16, 10 + p)},
+                   {"codebook_hash": "abc", "skipped": {"corrupt_image": p}})
+    consolidate(root, tokenizer="toy", codebook_hash="abc")
+    return root
+
+
+def test_zarr_round_trip_and_backends_agree(toy_dataset):
+    a, b = TokenShards(toy_dataset, backend="tensorstore"), TokenShards(toy_dataset, backend="zarr")
+    assert a.counts == {"8x8": 123, "8x16": 60} and a.attrs["skipped"] == {"corrupt_image": 3}
+    idx = np.array([122, 0, 41, 40, 77, 5])
+    for s in (a, b):
+        t = s.tokens("8x8", idx)
+        assert t.shape == (6, 8, 8) and t.dtype == np.uint32
+    assert (a.tokens("8x8", idx) == b.tokens("8x8", idx)).all()
+    assert a.captions("8x16", [59, 0]) == b.captions("8x16", [59, 0]) == ["cap é 12-19", "cap é 10-0"]
+    ref = _bucket(41, 8, 8, 1)
+    assert (a.tokens("8x8", [40 + 7])[0] == ref.tokens[7]).all()  # part 1 starts at 40
+    ma, mb = a.meta("8x8", idx), b.meta("8x8", idx)
+    for k in ma:
+        assert np.array_equal(ma[k], mb[k], equal_nan=True)
+    with pytest.raises(ShardError, match="codebook"):
+        TokenShards(toy_dataset, codebook_hash="other")
+
+
+def loader_cfg(root, dp_batch=8, mbs=2, workers=0, seed=5):
+    return Config(model=ModelConfig(image_vocab_size=V), data=DataConfig(
+        shards=[str(root)], micro_batch_size=mbs, global_batch_size=dp_batch, num_workers=workers, seed=seed),
+        diffusion=DiffusionConfig(prompt_drop=0.1))
+
+
+def _loader(root, rank, size, **kw):
+    cfg = loader_cfg(root, **kw)
+    return TrainLoader(cfg, GCEGroups.identity(V, [8], [0.2]), ByteTokenizer(), dp_rank=rank, dp_size=size,
+                       codebook_hash="abc")
+
+
+def test_two_ranks_see_disjoint_samples_covering_the_epoch(toy_dataset):
+    loaders = [_loader(toy_dataset, r, 2) for r in range(2)]
+    steps = loaders[0].plan.steps_per_epoch
+    assert steps == 123 // 8 + 60 // 8
+    seen = [set(), set()]
+    for r, ld in enumerate(loaders):
+        for _ in range(steps):
+            mbs = next(ld)
+            assert len(mbs) == 2 and len({m.resolution for m in mbs}) == 1  # one bucket per step
+            for m in mbs:
+                seen[r] |= {(m.resolution, int(i)) for i in m.sample_ids[:, 1]}
+    assert not seen[0] & seen[1]
+    union = seen[0] | seen[1]
+    assert len(union) == steps * 8
+    per_bucket = {r: sum(1 for b, _ in union if b == r) for r in ("8x8", "8x16")}
+    assert per_bucket == {"8x8": 120, "8x16": 56}  # every bucket minus its remainder
+
+
+def test_resume_continues_the_same_sequence(toy_dataset):
+    def run(n, loader):
+        return [torch.cat([m.corrupted.image_input.flatten() for m in next(loader)]) for _ in range(n)]
+
+    straight = run(9, _loader(toy_dataset, 1, 2, workers=2))
+    first = _loader(toy_dataset, 1, 2)
+    part = run(4, first)
+    state = first.state_dict()
+    again = _loader(toy_dataset, 1, 2, workers=2)
+    again.load_state_dict(state)
+    rest = run(5, again)
+    assert all(torch.equal(a, b) for a, b in zip(straight, part + rest))
+    # a different data-parallel size sees the same global batches
+    whole = _loader(toy_dataset, 0, 1, dp_batch=8, mbs=2)
+    halves = [_loader(toy_dataset, r, 2) for r in range(2)]
+    for _ in range(3):
+        ids = torch.cat([m.sample_ids for m in next(whole)])
+        split = torch.cat([m.sample_ids for h in halves for m in next(h)])
+        assert torch.equal(ids, split)
+    with pytest.raises(ValueError, match="does not fit"):
+        _loader(toy_dataset, 0, 1, dp_batch=16).load_state_dict(state)
+
+
+def test_feistel_is_a_bijection():
+    for n in (1, 2, 7, 100, 1025):
+        p = feistel_permute(np.arange(n), n, key=3)
+        assert sorted(p.tolist()) == list(range(n))
+    a, b = feistel_permute(np.arange(500), 500, 1), feistel_permute(np.arange(500), 500, 2)
+    assert (a != b).mean() > 0.9
+    plan = EpochPlan([{"8x8": 50}], 10, seed=1)
+    assert plan.order(0) != plan.order(1)
+
+
+def test_buckets_and_crops():
+    assert dali.buckets_for(256, False, 32) == [(256, 256)]
+    bs = dali.buckets_for(256, True, 32)
+    assert (256, 256) in bs and all(h % 32 == 0 and w % 32 == 0 for h, w in bs)
+    assert all(abs(h * w / 65536 - 1) < 0.25 for h, w in bs)
+    assert dali.choose_bucket(1600, 900, bs)[1] > dali.choose_bucket(1600, 900, bs)[0]
+    (rh, rw), (top, left) = dali.crop_plan(300, 200, (128, 128), "center", "k")
+    assert (rh, rw) == (128, 192) and (top, left) == (0, 32)
+    assert dali.crop_plan(100, 100, (128, 128), "center", "k") is None
+    r1 = dali.crop_plan(300, 200, (128, 128), "random", "a")
+    assert r1 == dali.crop_plan(300, 200, (128, 128), "random", "a")  # deterministic per key
+    with pytest.raises(ValueError, match="truncated"):
+        full = encode(smooth(1, 32, 32), "JPEG")
+        dali.image_header(full[:-10])
+    assert dali.image_header(encode(smooth(1, 32, 48), "PNG")) == (48, 32)
+
+
+def test_codebook_hash_helper(tokenizer_dir):
+    tok = KMeansPatchTokenizer.load(tokenizer_dir)
+    assert codebook_hash(tok.codebook()) in tok.name
