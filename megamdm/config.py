@@ -156,7 +156,7 @@ class TrainConfig:
     keep_last: int = 3
     async_save: bool = False
     resume: str = "auto"  # auto | none | <path to an iter_NNNNNNN directory>
-    init_from_single: Optional[str] = None  # a single-GPU-format directory to start from
+    init_from: Optional[str] = None  # model weights to start from: a single-GPU-format dir or a torch_dist checkpoint
     log_interval: int = 10
     sample_interval: int = 0  # 0: off
     sample_prompts: list[str] = field(default_factory=list)

@@ -281,12 +281,14 @@ def from_single(single, out, *, iteration: int = 0, dtype: Optional[torch.dtype]
     it_dir.mkdir(parents=True, exist_ok=False)
     sharded = {key: ShardedTensor.from_rank_offsets(key, t.contiguous(), replica_id=0)
                for key, t in standalone_to_mcore(get, cfg.model)}
-    own_pg = not dist.is_initialized()
-    if own_pg:
+    if not torch.cuda.is_available():
         from .training import cpu_backend
-        from .training.parallel import single_process_group
 
         cpu_backend.enable()
+    own_pg = not dist.is_initialized()
+    if own_pg:
+        from .training.parallel import single_process_group
+
         single_process_group()
     try:
         ensure_writer_queue()

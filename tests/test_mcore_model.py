@@ -99,7 +99,7 @@ def _worker(ckpt, tp, pp, sp, micro_batches):
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("mcore")
     single = make_tiny_checkpoint(root / "single", seed=3)
-    from_single(single, root / "dist")
+    run_distributed(from_single, 1, single, root / "dist")  # in a child: it enables the CPU backend
     return root
 
 

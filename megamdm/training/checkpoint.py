@@ -79,3 +79,160 @@ def load_model_weights(model, checkpoint_dir) -> None:
     if bad or result.unexpected_keys:
         raise RuntimeError(f"{checkpoint_dir}: weights do not fit the model: missing {bad[:5]}, "
                            f"unexpected {result.unexpected_keys[:5]}")
+
+
+# ---- full training state -------------------------------------------------------------------------
+def _rng_state(device: str) -> dict:
+    import random
+
+    import numpy as np
+    import torch
+    from megatron.core import tensor_parallel
+
+    return {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if device == "cuda" else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(state: dict, device: str) -> None:
+    import random
+
+    import numpy as np
+    import torch
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size()}
+
+
+def _rng_object(device: str):
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    lay = _layout()
+    return ShardedObject("rng_state", _rng_state(device), (lay["pp"], lay["tp"], lay["dp"]),
+                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+                          ps.get_data_parallel_rank()), replica_id=0)
+
+
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # reshardable across TP/PP/DP
+
+
+class Checkpointer:
+    """Saves and loads the whole training state with megatron-core dist_checkpointing.
+
+    A checkpoint holds the model, the optimizer (fully reshardable), the LR scheduler, the RNG
+    states, the data-loader position and the resolved config; it loads at any TP/PP/DP size
+    (RNG states only at the layout they were saved with). ``async_save`` writes in a background
+    process while training goes on; the ``latest`` tracker and the pruning of old iterations
+    (``keep_last``) happen only once a save is complete on every rank."""
+
+    def __init__(self, run_dir, *, keep_last: int = 3, async_save: bool = False, device: str = "cpu"):
+        import torch.distributed as dist
+
+        self.run_dir = Path(run_dir)
+        self.keep_last, self.device = keep_last, device
+        self.rank = dist.get_rank()
+        self.queue = None
+        if async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.queue = AsyncCallsQueue()
+
+    def save(self, iteration: int, model, optimizer, scheduler, loader, config_yaml: str) -> None:
+        import shutil
+
+        import torch.distributed as dist
+        from megatron.core import dist_checkpointing
+
+        ensure_writer_queue()
+        self.maybe_finalize(blocking=True)  # one save in flight at a time
+        it_dir = iteration_dir(self.run_dir, iteration)
+        if self.rank == 0:
+            if it_dir.exists():  # a stale, incomplete save of the same iteration
+                shutil.rmtree(it_dir)
+            it_dir.mkdir(parents=True)
+        dist.barrier()
+        model_sd = model.sharded_state_dict(metadata=OPTIM_METADATA)
+        state = {
+            "model": model_sd,
+            "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIM_METADATA),
+            "scheduler": scheduler.state_dict(),
+            "iteration": iteration,
+            "loader": loader.state_dict(),
+            "layout": _layout(),
+            "config": config_yaml,
+            "rng": _rng_object(self.device),
+        }
+
+        def finalize():
+            dist.barrier()
+            if self.rank == 0:
+                (it_dir / "config.yaml").write_text(config_yaml)
+                finalize_tracker(self.run_dir, iteration)
+                self._prune(iteration)
+
+        if self.queue is not None:
+            req = dist_checkpointing.save(state, str(it_dir), async_sharded_save=True)
+            req.add_finalize_fn(finalize)
+            self.queue.schedule_async_request(req)
+        else:
+            dist_checkpointing.save(state, str(it_dir))
+            finalize()
+
+    def maybe_finalize(self, blocking: bool = False) -> None:
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=blocking)
+
+    def close(self) -> None:
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=True)
+            self.queue.close()
+
+    def _prune(self, newest: int) -> None:
+        import shutil
+
+        if self.keep_last <= 0:
+            return
+        its = sorted(int(p.name[5:]) for p in self.run_dir.glob("iter_*") if p.name[5:].isdigit())
+        for it in its:
+            if it < newest and it not in its[-self.keep_last:]:
+                shutil.rmtree(iteration_dir(self.run_dir, it), ignore_errors=True)
+
+    def load(self, it_dir, model, optimizer, scheduler, loader) -> int:
+        """Restore a full training state; returns the iteration to continue from."""
+        from megatron.core import dist_checkpointing
+
+        from .optim import init_torch_adam_state, uses_torch_adam
+
+        it_dir = Path(it_dir)
+        common = dist_checkpointing.load_common_state_dict(str(it_dir))
+        if "optimizer" not in common and not (it_dir / ".metadata").is_file():
+            raise RuntimeError(f"{it_dir}: not a megamdm training checkpoint")
+        model_sd = model.sharded_state_dict(metadata=OPTIM_METADATA)
+        if uses_torch_adam():
+            init_torch_adam_state(optimizer)
+        request = {"model": model_sd,
+                   "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_METADATA)}
+        same_layout = common.get("layout") == _layout()
+        if same_layout:
+            request["rng"] = _rng_object(self.device)
+        state = dist_checkpointing.load(request, str(it_dir))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(common["scheduler"])
+        loader.load_state_dict(common["loader"])
+        if same_layout:
+            _set_rng_state(state["rng"], self.device)
+        return int(common["iteration"])

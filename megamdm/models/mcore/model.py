@@ -105,6 +105,7 @@ class MDMModel(MegatronModule):
     ):
         super().__init__(config)
         self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = False  # read by finalize_model_grads under PP
         self.mdm = mdm
         self.loss_spec = loss_spec
         self.pre_process, self.post_process = pre_process, post_process
@@ -186,7 +187,8 @@ class MDMModel(MegatronModule):
         """Full-vocabulary logits ``[..., V]`` from image hidden states (gathered over TP), for sampling.
         (The head's own forward would all-gather the sequence under sequence parallelism; the
         hidden states here are already complete.)"""
-        return gather_from_tensor_model_parallel_region(F.linear(hidden, self.head.weight))
+        w = self.head.weight
+        return gather_from_tensor_model_parallel_region(F.linear(hidden.to(w.dtype), w))
 
 
 def build_model(cfg, loss_spec: LossSpec, *, device: str, use_te: bool, vp_stage: Optional[int] = None) -> MDMModel:

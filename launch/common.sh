@@ -1,0 +1,67 @@
+# shellcheck shell=bash
+# Shared by launch/pretrain_*.sh (sourced inside the sbatch allocation; submit from the repo root).
+#
+#   CONFIG           the megamdm config (set by each script)
+#   LAUNCHER         srun (default: one task per GPU, Megatron style) | torchrun (one task per node)
+#   GPUS_PER_NODE    default: SLURM's allocation, else 8
+#   CONTAINER_IMAGE  run inside this image with pyxis/enroot (e.g. the one from docker/Dockerfile)
+#   CONTAINER_MOUNTS pyxis --container-mounts (default: the repo at the same path)
+#   PYTHON           the interpreter (default: python)
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR:-$PWD}"
+mkdir -p logs
+
+: "${CONFIG:?set CONFIG to a megamdm config file}"
+NNODES=${SLURM_JOB_NUM_NODES:-1}
+GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
+LAUNCHER=${LAUNCHER:-srun}
+PYTHON=${PYTHON:-python}
+
+# rendezvous: the first node of the allocation
+MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)
+export MASTER_ADDR
+export MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+
+# Megatron-LM's environment for H100 clusters
+export CUDA_DEVICE_MAX_CONNECTIONS=1          # ordered kernel launch for TP/SP communication overlap
+export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-19}
+export NCCL_IB_SL=${NCCL_IB_SL:-1}
+export NCCL_P2P_NET_CHUNKSIZE=${NCCL_P2P_NET_CHUNKSIZE:-2097152}
+export TORCH_NCCL_AVOID_RECORD_STREAMS=1
+export NVTE_FWD_LAYERNORM_SM_MARGIN=${NVTE_FWD_LAYERNORM_SM_MARGIN:-16}
+export NVTE_BWD_LAYERNORM_SM_MARGIN=${NVTE_BWD_LAYERNORM_SM_MARGIN:-16}
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache_${SLURM_JOB_ID:-0}}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+export WANDB_DIR=${WANDB_DIR:-$PWD/logs}
+
+# preemption: the trainer saves on SIGUSR1 (sbatch --signal=USR1@120) and leaves this marker
+export MEGAMDM_PREEMPT_MARKER=${MEGAMDM_PREEMPT_MARKER:-$PWD/logs/preempted-${SLURM_JOB_ID:-local}}
+
+CONTAINER_ARGS=()
+if [[ -n "${CONTAINER_IMAGE:-}" ]]; then
+  CONTAINER_ARGS=(--container-image="${CONTAINER_IMAGE}" --container-mounts="${CONTAINER_MOUNTS:-$PWD:$PWD}"
+                  --container-workdir="$PWD")
+fi
+
+echo "megamdm: job ${SLURM_JOB_ID:-?} on ${NNODES} node(s) x ${GPUS_PER_NODE} task(s), ${LAUNCHER}," \
+     "master ${MASTER_ADDR}:${MASTER_PORT}, config ${CONFIG}"
+
+run_training() {
+  local rc=0
+  if [[ "${LAUNCHER}" == torchrun ]]; then
+    srun --ntasks-per-node=1 --kill-on-bad-exit=1 "${CONTAINER_ARGS[@]}" \
+      "${PYTHON}" -m torch.distributed.run --nnodes="${NNODES}" --nproc-per-node="${GPUS_PER_NODE}" \
+      --rdzv-backend=c10d --rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT}" \
+      -m megamdm.train --config "${CONFIG}" "$@" || rc=$?
+  else
+    srun --ntasks-per-node="${GPUS_PER_NODE}" --kill-on-bad-exit=1 "${CONTAINER_ARGS[@]}" \
+      "${PYTHON}" -u -m megamdm.train --config "${CONFIG}" "$@" || rc=$?
+  fi
+  if [[ -f "${MEGAMDM_PREEMPT_MARKER}" ]]; then
+    rm -f "${MEGAMDM_PREEMPT_MARKER}"
+    echo "megamdm: checkpoint saved on preemption; requeueing job ${SLURM_JOB_ID}"
+    scontrol requeue "${SLURM_JOB_ID}"
+  fi
+  return "${rc}"
+}

@@ -1,0 +1,13 @@
+#!/bin/bash
+# Train on one machine with torchrun: all its GPUs, or NPROC CPU processes (gloo).
+#   CONFIG=configs/demo.yaml NPROC=2 launch/local.sh [key=value overrides]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONFIG=${CONFIG:-configs/demo.yaml}
+PYTHON=${PYTHON:-python}
+if [[ -z "${NPROC:-}" ]]; then
+  NPROC=$("${PYTHON}" -c "import torch; print(torch.cuda.device_count() or 2)")
+fi
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+exec "${PYTHON}" -m torch.distributed.run --standalone --nproc-per-node="${NPROC}" \
+  -m megamdm.train --config "${CONFIG}" "$@"

@@ -1,0 +1,35 @@
+"""Pretraining entry point, launched by torchrun or srun (one task per GPU):
+
+    torchrun --nproc-per-node 8 -m megamdm.train --config configs/pretrain_256.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, add_config_args, config_from_args
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m megamdm.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(ap)
+    args = ap.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from .training.loop import pretrain
+    from .training.parallel import teardown
+
+    try:
+        pretrain(cfg)
+    finally:
+        teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Run logging: one line of numbers per interval on stdout, the same to Weights & Biases.
+
+wandb is ``online``, ``offline`` (writes a run directory, needs no network; ``wandb sync`` later)
+or ``disabled``, by config. Only one rank logs: the last one, which holds the loss."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Optional
+
+UNITS = [("loss", "{:.4f}"), ("ce", "{:.4f}"), ("group", "{:.4f}"), ("edit", "{:.4f}"), ("grad_norm", "{:.3f}"),
+         ("lr", "{:.3e}"), ("samples_per_s", "{:.1f}"), ("tokens_per_s", "{:,.0f}"),
+         ("tflops_per_gpu", "{:.3g}"), ("mfu", "{:.1%}"), ("skipped_steps", "{:d}"), ("data_wait_ms", "{:.1f}"),
+         ("step_time_s", "{:.3f}")]
+
+
+class RunLogger:
+    def __init__(self, cfg, *, active: bool, run_dir: Optional[Path], total_steps: int):
+        self.active, self.total = active, total_steps
+        self.run = None
+        self.t0 = time.time()
+        if active and cfg.train.wandb_mode != "disabled":
+            import wandb
+
+            wandb_dir = Path(cfg.train.wandb_dir or (run_dir or Path(".")) / "wandb")
+            wandb_dir.mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(project=cfg.train.wandb_project, name=cfg.train.wandb_name, dir=str(wandb_dir),
+                                  mode=cfg.train.wandb_mode, config=dataclasses.asdict(cfg))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        parts = [f"step {step:>6d}/{self.total}"]
+        for key, fmt in UNITS:
+            if key in metrics and metrics[key] is not None:
+                parts.append(f"{key} {fmt.format(metrics[key])}")
+        print(f"[{time.strftime('%H:%M:%S')}] " + " | ".join(parts), flush=True)
+        if self.run is not None:
+            self.run.log({f"train/{k}": v for k, v in metrics.items() if v is not None}, step=step)
+
+    def info(self, message: str) -> None:
+        if self.active:
+            print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    def images(self, step: int, images, captions) -> None:
+        if self.active and self.run is not None:
+            import wandb
+
+            self.run.log({"samples": [wandb.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()

@@ -1,0 +1,104 @@
+"""DDP wrapping, megatron-core's (distributed) optimizer and the warmup + cosine LR schedule.
+
+When neither Transformer Engine nor apex is installed, megatron-core falls back to torch's AdamW,
+and its distributed optimizer then cannot resume (megatron-core 0.16, measured in
+shared/notes/megatron-core-on-cpu.md): the ``step`` state breaks ``fully_reshardable`` loading, the
+fp32 main-param copy runs outside ``no_grad``, one ``step`` tensor is shared by every parameter
+(so AdamW's bias correction drifts after a resume), and a fresh optimizer has no state to load
+into. :func:`fix_torch_adam_fallback` patches those four places; with TE/apex nothing is touched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def wrap_model(model, tcfg, train, device: str):
+    """Float16Module (bf16/fp8) + megatron DDP, wired into the config as the schedules expect."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.transformer.module import Float16Module
+
+    if tcfg.bf16:
+        model = Float16Module(tcfg, model)
+    overlap = device == "cuda"
+    ddp = DistributedDataParallel(
+        config=tcfg,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
+                                                 use_distributed_optimizer=train.use_distributed_optimizer),
+        module=model,
+    )
+    tcfg.no_sync_func = ddp.no_sync
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    if overlap:
+        tcfg.grad_sync_func = ddp.start_grad_sync
+    return ddp
+
+
+def build_optimizer(ddp, tcfg, train):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    fix_torch_adam_fallback()
+    ocfg = OptimizerConfig(optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
+                           adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, clip_grad=train.clip_grad,
+                           bf16=tcfg.bf16, params_dtype=tcfg.params_dtype,
+                           use_distributed_optimizer=train.use_distributed_optimizer)
+    opt = get_megatron_optimizer(ocfg, [ddp])
+    sched = OptimizerParamScheduler(
+        opt, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr, lr_warmup_steps=train.warmup_steps,
+        lr_decay_steps=max(train.steps, train.warmup_steps + 1), lr_decay_style=train.lr_decay_style,
+        start_wd=train.weight_decay, end_wd=train.weight_decay, wd_incr_steps=max(train.steps, 1),
+        wd_incr_style="constant")
+    return opt, sched
+
+
+def uses_torch_adam() -> bool:
+    from megatron.core.optimizer import distrib_optimizer
+
+    return not distrib_optimizer.HAVE_APEX_OR_TE
+
+
+_FIXED = False
+
+
+def fix_torch_adam_fallback() -> None:
+    global _FIXED
+    if _FIXED or not uses_torch_adam():
+        return
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    def set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        dst = {"param": main_param, **self.optimizer.state[main_param]}
+        with torch.no_grad():
+            for key, t in dst.items():
+                if key in tensors:  # torch AdamW's per-param "step" is not a loadable tensor state
+                    t.copy_(tensors[key])
+
+    original_load = DistributedOptimizer.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        init_torch_adam_state(self)
+        original_load(self, state_dict)
+        for st in self.optimizer.state.values():  # one step tensor per parameter, not a shared one
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    DistributedOptimizer.load_state_dict = load_state_dict
+    _FIXED = True
+
+
+def init_torch_adam_state(optimizer) -> None:
+    """Give torch AdamW empty state for every parameter (it creates it lazily at the first step),
+    so a checkpoint can be loaded into an optimizer that has not stepped yet."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", opt)
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                if "step" not in st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
