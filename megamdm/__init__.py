@@ -7,6 +7,6 @@ import warnings
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine and Apex|Apex) (are|is) not installed.*")
 # deprecations inside megatron-core 0.16's own use of torch APIs: nothing a user can act on
 warnings.filterwarnings("ignore", message=r".*(deprecating ShardedTensor|`load_state_dict` is deprecated|full scope is "
-                                          r"deprecated).*")
+                                          r"deprecated|`torch.distributed.(reduce_scatter|all_gather_into)_tensor` is deprecated).*")
 
 __version__ = "0.1.0"

@@ -48,6 +48,22 @@ def test_forward_shapes_padding_and_dtypes(tiny_model_cfg):
         m(ids, pad, img[:, :3])
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_cfg):
+    torch.manual_seed(0)
+    m = MDMTransformer(tiny_model_cfg).train()
+    ids, pad, img = inputs(tiny_model_cfg)
+    grads = []
+    for ckpt in (False, True):
+        m.gradient_checkpointing = ckpt
+        m.zero_grad()
+        m.logits(ids, pad, img).logsumexp(-1).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5), n
+    assert grads[0]["layers.0.self_attn.q_proj.weight"].abs().sum() > 0
+
+
 def test_save_then_load_gives_bit_identical_logits(tiny_model_cfg, tmp_path):
     m = MDMTransformer(tiny_model_cfg).eval()
     conf, tok, groups = bundle(tiny_model_cfg, tmp_path)

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ..config import ModelConfig
 from ..gce import GCEStats, gce_loss
@@ -134,6 +135,7 @@ class MDMTransformer(nn.Module):
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.unmerge = nn.Linear(d, 4 * d, bias=False)
         self.head = GCEHead(d, cfg.image_vocab_size)
+        self.gradient_checkpointing = False  # recompute each block in backward (fine-tuning large models)
         self.reset_parameters()
 
     def reset_parameters(self, seed: Optional[int] = None) -> None:
@@ -171,7 +173,10 @@ class MDMTransformer(nn.Module):
         keep[:, : text_ids.shape[1]] = ~text_pad_mask
         keep = keep[:, None, None, :]
         for layer in self.layers:
-            x = layer(x, emb, keep)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, emb, keep, use_reentrant=False)
+            else:
+                x = layer(x, emb, keep)
         return self.norm(x)
 
     def forward(self, text_ids, text_pad_mask, image_ids) -> torch.Tensor:

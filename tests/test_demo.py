@@ -1,0 +1,41 @@
+"""The README's main job, shortened: every stage of tools/demo.py runs end to end (a few training steps)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("megatron.core")
+pytest.importorskip("nvidia.dali")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(900)
+def test_quick_demo_runs_every_stage(tmp_path):
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, ROOT / "tools/demo.py", "--quick", "--out", out], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for k in range(1, 9):
+        assert f"[{k}/8]" in r.stdout
+    # data, tokenizer, groups and token shards on disk
+    assert len(list((out / "data/wds").glob("*.tar"))) == 2
+    assert (out / "tokenizer").is_dir() and (out / "gce_groups.safetensors").is_file()
+    assert (out / "data/shapes.zarr").is_dir()
+    # a distributed checkpoint, converted
+    assert (out / "run/latest_checkpointed_iteration.txt").read_text().strip() == "30"
+    assert (out / "release/model.safetensors").is_file()
+    # samples with editing off and on, each PNG carrying its prompt, a grid, and scores
+    for mode in ("off", "on"):
+        files = sorted((out / "samples" / mode).glob("*.png"))
+        assert len(files) == 8
+        assert Image.open(files[0]).info["prompt"].startswith("a ")
+    grid = Image.open(out / "grid.png")
+    assert grid.width > 400 and grid.height > 100
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["off"]["n_single"] == 4 and scores["off"]["n_two"] == 4
+    assert "single-object" in r.stdout and "two-object" in r.stdout

@@ -1,0 +1,167 @@
+"""DeepSpeed ZeRO fine-tuning of the single-GPU format on CPU/gloo, 2 ranks."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+from megamdm.config import Config, DataConfig, DiffusionConfig  # noqa: E402
+from megamdm.data.loader import TrainLoader  # noqa: E402
+from megamdm.finetune import FinetuneOptions  # noqa: E402
+from megamdm.objective import LossSpec, loss_parts, select_supervised  # noqa: E402
+from megamdm.pretrained import load_single  # noqa: E402
+
+from .support.distributed import run_distributed  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(toy_dataset) -> Config:
+    return Config(data=DataConfig(shards=[str(toy_dataset / "ds.zarr")], micro_batch_size=2, global_batch_size=8,
+                                  num_workers=0, reader="zarr", seed=3),
+                  diffusion=DiffusionConfig(prompt_drop=0.1))
+
+
+def options(out, **kw) -> FinetuneOptions:
+    base = dict(out=str(out), steps=4, lr=3e-3, min_lr=3e-4, warmup_steps=1, precision="fp32", save_interval=2,
+                log_interval=1, deepspeed_config=str(ROOT / "configs/deepspeed/zero2.json"))
+    base.update(kw)
+    return FinetuneOptions(**base)
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(toy_dataset):
+    # the toy dataset was tokenised with its own k-means tokenizer: build the checkpoint around it
+    from megamdm.gce import GCEGroups
+    from megamdm.models.standalone import MDMTransformer
+    from megamdm.pretrained import save_single
+    from megamdm.text import ByteTokenizer
+    from megamdm.vq import KMeansPatchTokenizer
+
+    from .support.checkpoints import tiny_config
+
+    cfg = tiny_config(64)
+    cfg.text.max_len = 24
+    torch.manual_seed(5)
+    return save_single(toy_dataset / "ft_base", MDMTransformer(cfg.model), cfg,
+                       GCEGroups.load(toy_dataset / "groups.safetensors"), KMeansPatchTokenizer.load(toy_dataset / "tok"),
+                       ByteTokenizer())
+
+
+def _finetune(ckpt, cfg, opts):
+    from megamdm.finetune import finetune
+
+    return finetune(ckpt, cfg, opts)
+
+
+def fixed_batch_loss(ckpt, cfg) -> float:
+    """The objective of a checkpoint on one fixed global batch (deterministic)."""
+    pre = load_single(ckpt)
+    cfg.model, cfg.text = pre.config.model, pre.config.text
+    loader = TrainLoader(cfg, pre.groups, pre.text_tokenizer)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for step in range(3):
+            for m in next(loader):
+                c = m.corrupted
+                hs, ts, ws, fl = select_supervised(pre.model(c.text_ids, c.text_pad_mask, c.image_input), c.target,
+                                                   c.loss_weight, c.is_flipped)
+                p = loss_parts(pre.model.head(hs, ts, ws, group_sizes=[8], group_weights=[0.2]), fl, LossSpec([8], [0.2]))
+                total, n = total + p.loss_sum.item(), n + int(p.num_tokens)
+    return total / n
+
+
+def plain_losses(ckpt, cfg, steps, lr, lr_fn):
+    """The same steps without DeepSpeed: one process, torch AdamW, the whole global batch."""
+    pre = load_single(ckpt)
+    cfg.model, cfg.text = pre.config.model, pre.config.text
+    model = pre.model.float().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    loader = TrainLoader(cfg, pre.groups, pre.text_tokenizer)
+    spec = LossSpec([8], [0.2])
+    losses = []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_fn(step)
+        total, n = 0.0, 0
+        opt.zero_grad()
+        micro = next(loader)
+        tokens = sum(int((m.corrupted.loss_weight > 0).sum()) for m in micro)
+        for m in micro:
+            c = m.corrupted
+            hs, ts, ws, fl = select_supervised(model(c.text_ids, c.text_pad_mask, c.image_input), c.target,
+                                               c.loss_weight, c.is_flipped)
+            p = loss_parts(model.head(hs, ts, ws, group_sizes=[8], group_weights=[0.2]), fl, spec)
+            (p.loss_sum / tokens).backward()
+            total += p.loss_sum.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(total / tokens)
+    return losses
+
+
+@pytest.mark.parametrize("stage,recompute", [(2, False), (3, True)])
+def test_zero_matches_the_plain_run_and_learns(toy_dataset, base_ckpt, tmp_path, stage, recompute):
+    cfg = config(toy_dataset)
+    opts = options(tmp_path / "ft", deepspeed_config=str(ROOT / f"configs/deepspeed/zero{stage}.json"), steps=8,
+                   lr=1e-2, min_lr=1e-3, save_interval=100, gradient_checkpointing=recompute)
+    res = run_distributed(_finetune, 2, base_ckpt, cfg, opts)
+    losses = res[0]["losses"]
+    assert res[1]["losses"] == losses
+
+    # the learning rate DeepSpeed's WarmupCosineLR gives at each step
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    sched_lrs = []
+    dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    sch = WarmupCosineLR(dummy, total_num_steps=8, warmup_num_steps=1, cos_min_ratio=0.1)
+    for _ in range(8):
+        sched_lrs.append(dummy.param_groups[0]["lr"])
+        dummy.step()
+        sch.step()
+    ref = plain_losses(base_ckpt, config(toy_dataset), 8, 1e-2, lambda s: sched_lrs[s])
+    for a, b in zip(losses, ref):
+        assert abs(a - b) / b < 1e-4, (losses, ref)
+    export = res[0]["export"]
+    assert export is not None and (export / "model.safetensors").is_file()
+    before, after = fixed_batch_loss(base_ckpt, config(toy_dataset)), fixed_batch_loss(export, config(toy_dataset))
+    assert after < 0.97 * before, (before, after)  # it learned: the same batches score better
+    r = subprocess.run([sys.executable, str(ROOT / "tools/sample.py"), "--checkpoint", str(export), "--prompt",
+                        "pattern 3", "--out", str(tmp_path / "samples"), "--steps", "3", "--height", "32", "--width",
+                        "32", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "samples" / "00000_00.png").is_file()
+
+
+def test_resumed_run_continues_the_same_trajectory(toy_dataset, base_ckpt, tmp_path):
+    cfg = config(toy_dataset)
+    straight = run_distributed(_finetune, 2, base_ckpt, cfg, options(tmp_path / "a", export=False))[0]["losses"]
+    run_distributed(_finetune, 2, base_ckpt, cfg, options(tmp_path / "b", steps=2, export=False))
+    resumed = run_distributed(_finetune, 2, base_ckpt, cfg, options(tmp_path / "b", export=False))[0]["losses"]
+    assert len(resumed) == 4
+    for a, b in zip(resumed, straight):
+        assert abs(a - b) / b < 1e-6, (resumed, straight)
+
+
+def test_lora_trains_adapters_only_and_exports_merged(toy_dataset, base_ckpt, tmp_path):
+    pytest.importorskip("peft")
+    cfg = config(toy_dataset)
+    res = run_distributed(_finetune, 2, base_ckpt, cfg, options(tmp_path / "lora", lora_rank=4, lora_alpha=8.0,
+                                                                 lr=1e-2, steps=4))
+    export = res[0]["export"]
+    before, after = load_single(base_ckpt).model.state_dict(), load_single(export).model.state_dict()
+    assert set(before) == set(after)  # merged: plain single-GPU weights, no adapter tensors
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(any(t in k for t in ("_proj",)) for k in changed)  # only the targeted projections
+    assert torch.equal(before["head.weight"], after["head.weight"])
+    # the adapter file alone, merged into the base weights, gives the exported model
+    from megamdm.finetune import apply_lora_adapter
+
+    adapter = tmp_path / "lora" / "lora_adapter.safetensors"
+    merged = apply_lora_adapter(load_single(base_ckpt).model.float(), adapter).state_dict()
+    for k in changed:
+        assert torch.allclose(merged[k], after[k].float(), atol=1e-6), k

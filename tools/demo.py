@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""The ShapesWorld demo: the whole system end to end on one CPU machine, no GPU, no data, no SLURM.
+
+    make demo                     # = python tools/demo.py --config configs/demo.yaml
+    python tools/demo.py --quick  # a minute-long version (the CI test)
+
+  1. generate ShapesWorld as img2dataset webdataset shards (the held-out prompts never appear)
+  2. fit the k-means patch tokenizer (4x4 patches -> 16x16 tokens) and a word-level text tokenizer
+  3. build the GCE groups (codebook neighbours of one colour: see shapes.grouping_features)
+  4. preprocess the shards through DALI into zarr token shards
+  5. train the MDM with megatron-core: torchrun, 2 processes, data parallel, gloo
+  6. convert the distributed checkpoint to the single-GPU format
+  7. sample the held-out prompts with token editing off and on (tools/sample.py) -> demo_out/grid.png
+  8. score prompt adherence from pixels (tools/eval_shapes.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+QUICK = {"images": 1500, "vocab": 512, "steps": 30, "n_single": 4, "n_two": 4, "per_prompt": 1, "sample_steps": 6}
+
+
+class Stages:
+    def __init__(self, total: int):
+        self.total, self.k, self.t0 = total, 0, time.time()
+
+    def start(self, title: str) -> float:
+        self.k += 1
+        print(f"\n[{self.k}/{self.total}] {title}  (at {time.time() - self.t0:.0f}s)", flush=True)
+        return time.time()
+
+    @staticmethod
+    def done(t: float, what: str = "") -> None:
+        print(f"      done in {time.time() - t:.1f}s{'  ' + what if what else ''}", flush=True)
+
+
+def run(cmd: list, **kw) -> None:
+    """Run a subprocess with its output streamed; stop the demo with its exit code on failure."""
+    r = subprocess.run([str(c) for c in cmd], cwd=ROOT, **kw)
+    if r.returncode:
+        print(f"error: {' '.join(str(c) for c in cmd[:4])} ... failed with exit code {r.returncode}", file=sys.stderr)
+        sys.exit(r.returncode)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs/demo.yaml"))
+    ap.add_argument("--out", default=str(ROOT / "demo_out"))
+    ap.add_argument("--images", type=int, default=20000, help="ShapesWorld images to generate")
+    ap.add_argument("--vocab", type=int, default=1536, help="k-means codebook size")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+    ap.add_argument("--nproc", type=int, default=2, help="training processes (data parallel)")
+    ap.add_argument("--n-single", type=int, default=18, help="held-out single-object prompts")
+    ap.add_argument("--n-two", type=int, default=48, help="held-out two-object prompts")
+    ap.add_argument("--per-prompt", type=int, default=2, help="images per prompt and mode")
+    ap.add_argument("--sample-steps", type=int, default=None)
+    ap.add_argument("--edit-threshold", type=float, default=None, help="default: the config's sample.edit_threshold")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="a tiny run of every stage (for CI)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+
+    from megamdm import shapes
+    from megamdm.config import load_config
+    from megamdm.gce import build_groups
+    from megamdm.grid import image_grid
+    from megamdm.vq import KMeansPatchTokenizer, codebook_hash, pil_to_tensor
+    from tqdm.auto import tqdm
+
+    cfg = load_config(args.config)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = args.steps or cfg.train.steps
+    sample_steps = args.sample_steps or cfg.sample.steps
+    threshold = cfg.sample.edit_threshold if args.edit_threshold is None else args.edit_threshold
+    st = Stages(8)
+    singles, doubles = shapes.heldout_prompts(args.seed + 7, args.n_single, args.n_two)
+
+    t = st.start(f"generating {args.images} ShapesWorld images -> {out / 'data/wds'} "
+                 f"({len(doubles)} held-out two-object captions excluded)")
+    wds = out / "data" / "wds"
+    with tqdm(total=args.images, unit="img", desc="generate") as bar:
+        tars = shapes.write_shards(wds, args.seed, args.images, per_shard=1000, exclude=frozenset(doubles),
+                                   progress=bar)
+    st.done(t, f"{len(tars)} tar shards")
+
+    t = st.start(f"fitting the k-means tokenizer: {args.vocab} codes of 4x4 patches; word-level text tokenizer")
+    fit_images = pil_to_tensor([shapes.render(o) for o in shapes.scenes(args.seed + 1, min(args.images, 8000))])
+    tok = KMeansPatchTokenizer.fit([fit_images], args.vocab, 4, iters=15)
+    tok.save(out / "tokenizer")
+    shapes.write_text_tokenizer(out / "text_tokenizer")
+    err = (tok.decode(tok.encode(fit_images[:500])) - fit_images[:500]).abs().mean().item()
+    st.done(t, f"mean reconstruction error {err:.4f}")
+
+    t = st.start("building the GCE groups (balanced hierarchical k-means over the codebook, one colour per group)")
+    groups = build_groups(shapes.grouping_features(tok.codebook()), cfg.gce.group_sizes, cfg.gce.group_weights,
+                          codebook_hash=codebook_hash(tok.codebook()))
+    groups.save(out / "gce_groups.safetensors")
+    st.done(t, f"{tok.vocab_size // cfg.gce.group_sizes[0]} groups of {cfg.gce.group_sizes[0]}")
+
+    t = st.start("preprocessing the shards through DALI into zarr token shards")
+    run([sys.executable, ROOT / "tools/preprocess.py", "--input", *tars, "--out", out / "data/shapes.zarr",
+         "--tokenizer", out / "tokenizer", "--resolution", str(shapes.SIZE), "--workers", "2", "--device", "cpu"])
+    st.done(t)
+
+    t = st.start(f"training the MDM with megatron-core: torchrun, {args.nproc} processes, gloo ({steps} steps)")
+    overrides = [f"data.shards=[{out / 'data/shapes.zarr'}]", f"image_tokenizer.path={out / 'tokenizer'}",
+                 f"text.tokenizer={out / 'text_tokenizer'}", f"gce.groups_file={out / 'gce_groups.safetensors'}",
+                 f"model.image_vocab_size={tok.vocab_size}", f"train.save_dir={out / 'run'}", f"train.steps={steps}",
+                 "train.resume=auto"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+         "-m", "megamdm.train", "--config", args.config, *overrides], env=env)
+    st.done(t)
+
+    t = st.start("converting the torch_dist checkpoint to the single-GPU format")
+    release = out / "release"
+    run([sys.executable, ROOT / "tools/convert_checkpoint.py", "to-single", "--checkpoint", out / "run", "--out",
+         release, "--overwrite"])
+    st.done(t)
+
+    t = st.start(f"sampling {len(singles)} + {len(doubles)} held-out prompts x {args.per_prompt}, "
+                 f"token editing off and on (threshold {threshold})")
+    (out / "prompts.txt").write_text("".join(p + "\n" for p in singles + doubles))
+    modes = {"off": 0.0, "on": threshold}
+    for mode, thr in modes.items():
+        run([sys.executable, ROOT / "tools/sample.py", "--checkpoint", release, "--prompts", out / "prompts.txt",
+             "--out", out / "samples" / mode, "--steps", str(sample_steps), "--edit-threshold", str(thr),
+             "--num-images-per-prompt", str(args.per_prompt), "--batch-size", "64", "--device", "cpu",
+             "--seed", str(args.seed)])
+    st.done(t)
+
+    t = st.start("scoring prompt adherence from pixels (tools/eval_shapes.py)")
+    scores = {}
+    for mode in modes:
+        r = subprocess.run([sys.executable, ROOT / "tools/eval_shapes.py", out / "samples" / mode, "--json"],
+                           cwd=ROOT, capture_output=True, text=True, check=True)
+        scores[mode] = json.loads(r.stdout)
+    (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    from PIL import Image
+
+    show = singles[:4] + doubles[:8]
+    panels = []
+    for mode in modes:
+        files = {Image.open(p).info["prompt"]: p for p in sorted((out / "samples" / mode).glob("*_00.png"))}
+        ims = [Image.open(files[p]).convert("RGB") for p in show]
+        s = scores[mode]
+        title = f"token editing {mode}: single {s['single']:.2f}, two-object {s['two']:.2f}"
+        panels.append(image_grid(ims, show, cols=4, scale=2, caption_chars=26, title=title))
+    grid = Image.new("RGB", (sum(p.width for p in panels) + 12, max(p.height for p in panels)), "white")
+    x = 0
+    for p in panels:
+        grid.paste(p, (x, 0))
+        x += p.width + 12
+    grid.save(out / "grid.png")
+    st.done(t)
+
+    print("\nShapesWorld prompt adherence on held-out prompts (a prompt counts only if everything in it is right)")
+    print(f"{'token editing':<15}{'single-object':>15}{'two-object':>12}{'overall':>10}")
+    for mode in modes:
+        s = scores[mode]
+        print(f"{mode:<15}{s['single']:>15.3f}{s['two']:>12.3f}{s['overall']:>10.3f}")
+    print(f"\npicture: {out / 'grid.png'}   scores: {out / 'scores.json'}   total {time.time() - st.t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
