@@ -293,18 +293,3 @@ def write_text_tokenizer(directory) -> None:
     (d / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>", "mask_token": "<mask>",
                                                          "unk_token": "<unk>"}) + "\n")
 
-
-def grouping_features(codebook, ink_weight: float = 8.0):
-    """Codebook vectors for building GCE groups on ShapesWorld: the patch pixels plus the mean colour
-    of its non-white pixels, weighted so that groups hold one colour.
-
-    Raw-pixel neighbours of a mostly-white edge patch are the same edge in other colours (measured:
-    153 of 192 groups of 8 mixed colours), so GCE would reward the wrong colour; a tokenizer trained
-    for perception (a VQ-GAN) does not have this problem, a pixel k-means one does."""
-    import torch
-
-    px = codebook.view(codebook.shape[0], 3, -1)  # [V, 3, f*f], values in [0, 1]
-    ink = (px.sum(1) < 2.9).float()  # [V, f*f] non-white pixels
-    mean = (px * ink[:, None]).sum(-1) / ink.sum(-1, keepdim=True).clamp(min=1)
-    mean = torch.where(ink.sum(-1, keepdim=True) > 0, mean, torch.ones_like(mean))
-    return torch.cat([codebook, ink_weight * mean], dim=1)

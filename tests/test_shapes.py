@@ -119,26 +119,3 @@ def test_eval_tool_ground_truth_and_folders(tmp_path):
     r = subprocess.run([sys.executable, ROOT / "tools/eval_shapes.py", tmp_path], capture_output=True, text=True)
     assert r.returncode == 2 and "no 'prompt' text chunk" in r.stderr
 
-
-def test_grouping_features_keep_gce_groups_to_one_colour():
-    import torch
-
-    from megamdm.gce import build_groups
-    from megamdm.vq import KMeansPatchTokenizer, pil_to_tensor
-
-    imgs = pil_to_tensor([shapes.render(o) for o in shapes.scenes(4, 1500)])
-    cb = KMeansPatchTokenizer.fit([imgs], 768, 4, iters=5, progress=False).codebook()
-    pal = torch.tensor(list(shapes.COLORS.values()), dtype=torch.float32) / 255
-    px = cb.view(-1, 3, 16).transpose(1, 2)
-    colour = []
-    for p in px:
-        ink = p[p.sum(1) < 2.9]
-        colour.append(-1 if not len(ink) else int(((ink[:, None] - pal[None]) ** 2).sum(-1).argmin(1).mode().values))
-    colour = torch.tensor(colour)
-
-    def mixed(features):
-        perm = build_groups(features, [8], [0.2], progress=False).perm.view(-1, 8)
-        return sum(len(set(colour[g].tolist()) - {-1}) > 1 for g in perm) / len(perm)
-
-    pure, raw = mixed(shapes.grouping_features(cb)), mixed(cb)
-    assert raw >= 0.5 and pure <= raw / 3, (pure, raw)  # 1536 codes (the demo): 0.80 -> 0.06

@@ -6,7 +6,7 @@
 
   1. generate ShapesWorld as img2dataset webdataset shards (the held-out prompts never appear)
   2. fit the k-means patch tokenizer (4x4 patches -> 16x16 tokens) and a word-level text tokenizer
-  3. build the GCE groups (codebook neighbours of one colour: see shapes.grouping_features)
+  3. build the GCE groups
   4. preprocess the shards through DALI into zarr token shards
   5. train the MDM with megatron-core: torchrun, 2 processes, data parallel, gloo
   6. convert the distributed checkpoint to the single-GPU format
@@ -104,8 +104,8 @@ def main(argv=None) -> int:
     err = (tok.decode(tok.encode(fit_images[:500])) - fit_images[:500]).abs().mean().item()
     st.done(t, f"mean reconstruction error {err:.4f}")
 
-    t = st.start("building the GCE groups (balanced hierarchical k-means over the codebook, one colour per group)")
-    groups = build_groups(shapes.grouping_features(tok.codebook()), cfg.gce.group_sizes, cfg.gce.group_weights,
+    t = st.start("building the GCE groups (balanced hierarchical k-means over the codebook)")
+    groups = build_groups(tok.codebook(), cfg.gce.group_sizes, cfg.gce.group_weights,
                           codebook_hash=codebook_hash(tok.codebook()))
     groups.save(out / "gce_groups.safetensors")
     st.done(t, f"{tok.vocab_size // cfg.gce.group_sizes[0]} groups of {cfg.gce.group_sizes[0]}")
