@@ -104,7 +104,7 @@ def plain_losses(ckpt, cfg, steps, lr, lr_fn):
     return losses
 
 
-@pytest.mark.parametrize("stage,recompute", [(2, False), (3, True)])
+@pytest.mark.parametrize("stage,recompute", [(2, True), (3, False)])
 def test_zero_matches_the_plain_run_and_learns(toy_dataset, base_ckpt, tmp_path, stage, recompute):
     cfg = config(toy_dataset)
     opts = options(tmp_path / "ft", deepspeed_config=str(ROOT / f"configs/deepspeed/zero{stage}.json"), steps=8,
