@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -281,3 +282,13 @@ def add_config_args(parser) -> None:
 
 def config_from_args(args) -> Config:
     return load_config(args.config, list(args.overrides) + list(args.overrides_positional))
+
+
+def parse_config_args(parser, argv=None) -> tuple[Any, Config]:
+    """Parse a command line with the config arguments; a bad config prints one line and exits 2."""
+    args = parser.parse_args(argv)
+    try:
+        return args, config_from_args(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

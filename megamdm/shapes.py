@@ -174,6 +174,23 @@ def write_shards(out_dir, seed: int, n: int, per_shard: int = 1000, two_prob: fl
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
+def grouping_features(codebook, ink_weight: float = 8.0):
+    """Features for building GCE groups over a k-means patch codebook ``[V, 3*f*f]`` in [0, 1].
+
+    Raw patch pixels put the same edge in different colours next to each other (mostly white), so
+    groups built on them would reward the wrong colour. Appending each code's mean ink colour
+    (its non-white pixels; white for background codes), scaled by ``ink_weight``, keeps groups
+    colour-pure."""
+    import torch
+
+    cb = codebook.detach().float()
+    pix = cb.reshape(cb.shape[0], 3, -1)  # [V, 3, f*f]
+    ink = (pix.sum(1) < 2.9).float().unsqueeze(1)  # [V, 1, f*f]: pixels visibly off white
+    n = ink.sum(-1)
+    mean = torch.where(n > 0, (pix * ink).sum(-1) / n.clamp(min=1), torch.ones_like(n))
+    return torch.cat([cb, ink_weight * mean], dim=1)
+
+
 PALETTE = np.array([(255, 255, 255), *COLORS.values()], dtype=np.float32)
 NAMES = ["white", *COLORS]
 MIN_AREA = 64  # px, half the smallest triangle; smaller blobs are decoding noise

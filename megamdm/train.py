@@ -8,19 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, add_config_args, config_from_args
+from .config import add_config_args, parse_config_args
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m megamdm.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(ap)
-    args = ap.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    _, cfg = parse_config_args(ap, argv)
     from .training.loop import pretrain
     from .training.parallel import teardown
 

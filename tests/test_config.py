@@ -44,3 +44,18 @@ def test_semantic_validation():
         load_config(None, ["gce.group_sizes=[8,64]", "gce.group_weights=[0.2]"])
     with pytest.raises(ConfigError, match="num_query_groups"):
         load_config(None, ["model.num_attention_heads=6", "model.num_query_groups=4"])
+
+
+def test_command_line_config_error_is_one_line_and_exit_2(capsys):
+    import argparse
+
+    from megamdm.config import add_config_args, parse_config_args
+
+    ap = argparse.ArgumentParser()
+    add_config_args(ap)
+    args, cfg = parse_config_args(ap, ["model.num_layers=3"])
+    assert cfg.model.num_layers == 3
+    with pytest.raises(SystemExit) as e:
+        parse_config_args(ap, ["model.num_layrs=3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "model.num_layrs" in err

@@ -84,7 +84,9 @@ def _tp_worker(impl, sizes, lams):
     h, w, y, tw, ign = problem(48, 256, 16, torch.float32, seed=3)
     full = run("naive", h, w, y, tw, ign, sizes, lams)
     shard = w.chunk(world, 0)[rank]
-    loss, dh, dw, lse = run(impl, h, shard, y, tw, ign, sizes, lams, tp_group=dist.group.WORLD, block_v=32)
+    dev = "cuda" if impl == "triton" and HAS_CUDA else "cpu"  # gloo reduces CUDA tensors too
+    loss, dh, dw, lse = run(impl, h, shard, y, tw, ign, sizes, lams, device=dev, tp_group=dist.group.WORLD,
+                            block_v=32)
     dh_sum = dh.clone()
     dist.all_reduce(dh_sum)  # dH is each rank's partial sum: the caller reduces it
     return {

@@ -119,3 +119,26 @@ def test_eval_tool_ground_truth_and_folders(tmp_path):
     r = subprocess.run([sys.executable, ROOT / "tools/eval_shapes.py", tmp_path], capture_output=True, text=True)
     assert r.returncode == 2 and "no 'prompt' text chunk" in r.stderr
 
+
+
+def test_grouping_features_keep_gce_groups_colour_pure():
+    """Codes = 16 partial-patch masks in each of the 6 colours, plus white codes. On raw pixels the
+    groups of 8 mix colours (one edge in several colours is close); with the ink colour appended
+    every group holds one colour."""
+    import torch
+
+    from megamdm.gce import build_groups
+
+    g = torch.Generator().manual_seed(0)
+    masks = (torch.rand(16, 1, 16, generator=g) < 0.5).float()  # [16 masks, 1, 4x4]
+    palette = torch.tensor(shapes.PALETTE[1:]) / 255  # [6, 3]
+    codes = [1 - masks * (1 - c[None, :, None]) for c in palette]  # ink where the mask is set
+    cb = torch.cat([*codes, torch.ones(8, 3, 16)]).reshape(-1, 48)
+    colour = torch.arange(7).repeat_interleave(torch.tensor([16] * 6 + [8]))
+
+    def mixed(features):
+        perm = build_groups(features, [8], [0.2], progress=False).perm
+        return sum(len(set(r.tolist())) > 1 for r in colour[perm].reshape(-1, 8))
+
+    assert mixed(shapes.grouping_features(cb)) == 0
+    assert mixed(cb) >= 10

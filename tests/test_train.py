@@ -27,8 +27,8 @@ def overrides(root, **extra):
             "model.ffn_hidden_size": 128, "data.shards": f"[{root}/ds.zarr]", "data.micro_batch_size": 2,
             "data.global_batch_size": 8, "data.num_workers": 0, "data.reader": "zarr",
             "gce.groups_file": f"{root}/groups.safetensors", "image_tokenizer.path": f"{root}/tok",
-            "train.steps": 4, "train.log_interval": 1, "train.precision": "fp32", "text.max_len": 24,
-            "train.warmup_steps": 1, "train.lr": 2e-3, "train.use_distributed_optimizer": False,
+            "train.device": "cpu", "train.steps": 4, "train.log_interval": 1, "train.precision": "fp32",
+            "text.max_len": 24, "train.warmup_steps": 1, "train.lr": 2e-3, "train.use_distributed_optimizer": False,
             "train.save_interval": 1000}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -90,7 +90,7 @@ def measure(impl, n, v, d, dtype, device, sizes, lams, repeat, seed=0):
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - base - (n * d + v * d) * esize
+        extra = torch.cuda.max_memory_allocated() - base
     else:
         base = _rss("VmRSS")
         _rss_peak_reset()
@@ -108,8 +108,16 @@ def _child(q, *args):
 
 
 def run_isolated(*args):
-    if args[4] == "cuda":
-        return measure(*args)
+    """``measure(*args)``: in this process on CUDA (the allocator's peak is per process; a fork
+    cannot use CUDA), in a forked child on CPU (the peak resident set is per process)."""
+    impl, device = args[0], args[5]
+    if device == "cuda":
+        try:
+            return measure(*args)
+        except torch.cuda.OutOfMemoryError as e:
+            return {"impl": impl, "error": f"out of memory: {str(e).splitlines()[0]}"}
+        finally:
+            torch.cuda.empty_cache()
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(q, *args))

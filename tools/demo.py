@@ -104,8 +104,8 @@ def main(argv=None) -> int:
     err = (tok.decode(tok.encode(fit_images[:500])) - fit_images[:500]).abs().mean().item()
     st.done(t, f"mean reconstruction error {err:.4f}")
 
-    t = st.start("building the GCE groups (balanced hierarchical k-means over the codebook)")
-    groups = build_groups(tok.codebook(), cfg.gce.group_sizes, cfg.gce.group_weights,
+    t = st.start("building the GCE groups (balanced hierarchical k-means over codebook pixels + ink colour)")
+    groups = build_groups(shapes.grouping_features(tok.codebook()), cfg.gce.group_sizes, cfg.gce.group_weights,
                           codebook_hash=codebook_hash(tok.codebook()))
     groups.save(out / "gce_groups.safetensors")
     st.done(t, f"{tok.vocab_size // cfg.gce.group_sizes[0]} groups of {cfg.gce.group_sizes[0]}")

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
-    from megamdm.config import ConfigError, add_config_args, config_from_args
+    from megamdm.config import add_config_args, parse_config_args
     from megamdm.finetune import FinetuneOptions, finetune
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,12 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-export", action="store_true")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     add_config_args(ap)
-    args = ap.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args, cfg = parse_config_args(ap, argv)
     if args.local_rank is not None:
         import os
 

@@ -27,7 +27,7 @@ import triton.language as tl
 from .chunked import _mm_f32
 from .vocab_parallel import combine, tp_rank_and_size
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))  # a plain global float does not compile (only the interpreter accepts it)
 
 
 def _interpreting() -> bool:

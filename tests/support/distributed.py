@@ -1,7 +1,9 @@
 """Fork distributed test ranks from pytest: one gloo process group per call, no torchrun.
 
 Forking reuses the parent's imported modules (torch, megatron), so a 2-rank test costs well
-under a second instead of the 7-8 s of a torchrun launch."""
+under a second instead of the 7-8 s of a torchrun launch. On GPU machines ranks are spawned
+instead: a fork of a process that has touched CUDA (or run autograd on it) cannot use CUDA, and
+megatron's checkpointing synchronises CUDA whenever it is available."""
 
 from __future__ import annotations
 
@@ -49,7 +51,9 @@ def _entry(fn, rank, world, port, queue, args, kwargs):
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: float = 300, **kwargs) -> list:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` forked ranks; return the per-rank results."""
-    ctx = mp.get_context("fork")
+    import torch
+
+    ctx = mp.get_context("spawn" if torch.cuda.is_available() else "fork")
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, args, kwargs))
