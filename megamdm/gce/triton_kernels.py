@@ -28,6 +28,9 @@ from .chunked import _mm_f32
 from .vocab_parallel import combine, tp_rank_and_size
 
 NEG_INF = tl.constexpr(float("-inf"))  # a plain global float does not compile (only the interpreter accepts it)
+# The backward's vocabulary chunk. On an H100 (N=4096, V=131072, d=4096, bf16) 2048 keeps the extra
+# memory at 1.3% of the naive operator's for 4% more time than 8192 (3.1%); docs/gce.md has the table.
+DEFAULT_CHUNK_V = 2048
 
 
 def _interpreting() -> bool:
@@ -191,7 +194,7 @@ class TritonGCE(torch.autograd.Function):
             coef = coef + g_lse.float()
         a, coef = a.contiguous(), coef.contiguous()
         bn, bv, bd = _blocks(d)
-        chunk = min(v_local, max(bv, (block_v or 8192) // bv * bv))
+        chunk = min(v_local, max(bv, (block_v or DEFAULT_CHUNK_V) // bv * bv))
         dz = torch.empty(n, chunk, device=dev, dtype=torch.float32)
         d_hidden = torch.zeros(n, d, device=dev, dtype=torch.float32) if ctx.needs_input_grad[0] else None
         d_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
@@ -214,6 +217,7 @@ class TritonGCE(torch.autograd.Function):
 
 
 def gce_triton(hidden, weight, target, group_sizes, group_weights, token_weight, tp_group=None, block_v=None):
-    """``block_v`` is the vocabulary chunk of the backward's logit-gradient buffer (default 8192)."""
+    """``block_v`` is the vocabulary chunk of the backward's logit-gradient buffer (default
+    ``DEFAULT_CHUNK_V``)."""
     return TritonGCE.apply(hidden, weight, target.contiguous(), token_weight.contiguous(), tuple(group_sizes),
                            tuple(group_weights), tp_group, block_v)
