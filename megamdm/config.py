@@ -280,15 +280,11 @@ def add_config_args(parser) -> None:
                         help="dotted overrides without --set")
 
 
-def config_from_args(args) -> Config:
-    return load_config(args.config, list(args.overrides) + list(args.overrides_positional))
-
-
 def parse_config_args(parser, argv=None) -> tuple[Any, Config]:
     """Parse a command line with the config arguments; a bad config prints one line and exits 2."""
     args = parser.parse_args(argv)
     try:
-        return args, config_from_args(args)
+        return args, load_config(args.config, list(args.overrides) + list(args.overrides_positional))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -173,7 +173,7 @@ def write_shards(out_dir, seed: int, n: int, per_shard: int = 1000, two_prob: fl
     return paths
 
 
-# ---- evaluation ---------------------------------------------------------------------------------
+# ---- GCE groups over the demo tokenizer's codebook ---------------------------------------------
 def grouping_features(codebook, ink_weight: float = 8.0):
     """Features for building GCE groups over a k-means patch codebook ``[V, 3*f*f]`` in [0, 1].
 
@@ -191,6 +191,7 @@ def grouping_features(codebook, ink_weight: float = 8.0):
     return torch.cat([cb, ink_weight * mean], dim=1)
 
 
+# ---- evaluation ---------------------------------------------------------------------------------
 PALETTE = np.array([(255, 255, 255), *COLORS.values()], dtype=np.float32)
 NAMES = ["white", *COLORS]
 MIN_AREA = 64  # px, half the smallest triangle; smaller blobs are decoding noise

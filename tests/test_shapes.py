@@ -120,7 +120,6 @@ def test_eval_tool_ground_truth_and_folders(tmp_path):
     assert r.returncode == 2 and "no 'prompt' text chunk" in r.stderr
 
 
-
 def test_grouping_features_keep_gce_groups_colour_pure():
     """Codes = 16 partial-patch masks in each of the 6 colours, plus white codes. On raw pixels the
     groups of 8 mix colours (one edge in several colours is close); with the ink colour appended

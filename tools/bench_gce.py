@@ -107,10 +107,10 @@ def _child(q, *args):
         q.put({"impl": args[0], "error": f"{type(e).__name__}: {e}"})
 
 
-def run_isolated(*args):
-    """``measure(*args)``: in this process on CUDA (the allocator's peak is per process; a fork
+def run_isolated(impl, n, v, d, dtype, device, *rest):
+    """``measure(...)``: in this process on CUDA (the allocator's peak is per process; a fork
     cannot use CUDA), in a forked child on CPU (the peak resident set is per process)."""
-    impl, device = args[0], args[5]
+    args = (impl, n, v, d, dtype, device, *rest)
     if device == "cuda":
         try:
             return measure(*args)

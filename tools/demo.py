@@ -105,8 +105,9 @@ def main(argv=None) -> int:
     st.done(t, f"mean reconstruction error {err:.4f}")
 
     t = st.start("building the GCE groups (balanced hierarchical k-means over codebook pixels + ink colour)")
-    groups = build_groups(shapes.grouping_features(tok.codebook()), cfg.gce.group_sizes, cfg.gce.group_weights,
-                          codebook_hash=codebook_hash(tok.codebook()))
+    codebook = tok.codebook()
+    groups = build_groups(shapes.grouping_features(codebook), cfg.gce.group_sizes, cfg.gce.group_weights,
+                          codebook_hash=codebook_hash(codebook))
     groups.save(out / "gce_groups.safetensors")
     st.done(t, f"{tok.vocab_size // cfg.gce.group_sizes[0]} groups of {cfg.gce.group_sizes[0]}")
 
