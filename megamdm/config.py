@@ -146,7 +146,9 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 100
-    lr_decay_style: str = "cosine"
+    lr_decay_style: str = "cosine"  # cosine | linear | constant | inverse-square-root | WSD
+    lr_wsd_decay_fraction: float = 0.2  # WSD: the last fraction of the steps anneals to min_lr
+    lr_wsd_decay_style: str = "linear"  # WSD anneal shape: linear | cosine | exponential | minus_sqrt
     weight_decay: float = 0.05
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -167,6 +169,16 @@ class TrainConfig:
     wandb_name: Optional[str] = None
     wandb_dir: Optional[str] = None
     exit_after_steps: int = 0  # stop (with a checkpoint) after this many steps in this process; 0: off
+
+    def validate(self) -> None:
+        styles = ("cosine", "linear", "constant", "inverse-square-root", "WSD")
+        if self.lr_decay_style not in styles:
+            raise ConfigError(f"train.lr_decay_style={self.lr_decay_style!r} is not one of {', '.join(styles)}")
+        wsd = ("linear", "cosine", "exponential", "minus_sqrt")
+        if self.lr_wsd_decay_style not in wsd:
+            raise ConfigError(f"train.lr_wsd_decay_style={self.lr_wsd_decay_style!r} is not one of {', '.join(wsd)}")
+        if not 0.0 < self.lr_wsd_decay_fraction <= 1.0:
+            raise ConfigError(f"train.lr_wsd_decay_fraction={self.lr_wsd_decay_fraction} must be in (0, 1]")
 
 
 @dataclass
@@ -201,6 +213,7 @@ class Config:
         self.model.validate()
         self.gce.validate()
         self.diffusion.validate()
+        self.train.validate()
         return self
 
 

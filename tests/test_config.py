@@ -44,6 +44,35 @@ def test_semantic_validation():
         load_config(None, ["gce.group_sizes=[8,64]", "gce.group_weights=[0.2]"])
     with pytest.raises(ConfigError, match="num_query_groups"):
         load_config(None, ["model.num_attention_heads=6", "model.num_query_groups=4"])
+    with pytest.raises(ConfigError, match=r"train.lr_decay_style='wsd' is not one of cosine, .*WSD"):
+        load_config(None, ["train.lr_decay_style=wsd"])
+    with pytest.raises(ConfigError, match=r"lr_wsd_decay_fraction=0.0 must be in \(0, 1\]"):
+        load_config(None, ["train.lr_decay_style=WSD", "train.lr_wsd_decay_fraction=0"])
+
+
+@pytest.mark.parametrize("style", ["cosine", "WSD"])
+def test_lr_schedule_warms_up_then_decays_to_min_lr(style):
+    pytest.importorskip("megatron.core")
+    import torch
+
+    from megamdm.config import TrainConfig
+    from megamdm.training.optim import build_scheduler
+
+    train = TrainConfig(steps=1000, warmup_steps=100, lr=1e-3, min_lr=1e-4, lr_decay_style=style,
+                        lr_wsd_decay_fraction=0.25)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    sched = build_scheduler(opt, train)
+    lrs = []
+    for _ in range(train.steps):
+        sched.step(1)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[49] == pytest.approx(0.5e-3) and lrs[99] == pytest.approx(1e-3)  # linear warmup
+    assert lrs[-1] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[99:], lrs[100:]))  # then never rises
+    if style == "WSD":  # stable at the peak until the last 250 steps, then a linear anneal
+        assert lrs[749] == pytest.approx(1e-3) and lrs[874] == pytest.approx(0.55e-3)
+    else:
+        assert lrs[549] == pytest.approx(0.55e-3)  # cosine half-way through the decay
 
 
 def test_command_line_config_error_is_one_line_and_exit_2(capsys):

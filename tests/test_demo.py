@@ -17,9 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(900)
 def test_quick_demo_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
+    (out / "run").mkdir(parents=True)  # a previous demo's run: a fresh demo must not resume it
+    (out / "run/latest_checkpointed_iteration.txt").write_text("999\n")
     r = subprocess.run([sys.executable, ROOT / "tools/demo.py", "--quick", "--out", out], capture_output=True,
                        text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "starting fresh" in r.stdout
     for k in range(1, 9):
         assert f"[{k}/8]" in r.stdout
     # data, tokenizer, groups and token shards on disk

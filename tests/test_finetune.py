@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO fine-tuning of the single-GPU format on CPU/gloo, 2 ranks."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,16 @@ def config(toy_dataset) -> Config:
     return Config(data=DataConfig(shards=[str(toy_dataset / "ds.zarr")], micro_batch_size=2, global_batch_size=8,
                                   num_workers=0, reader="zarr", seed=3),
                   diffusion=DiffusionConfig(prompt_drop=0.1))
+
+
+def zero3_partitioning_everything(tmp_path) -> str:
+    """configs/deepspeed/zero3.json with no persistence threshold: every parameter of the tiny
+    model is partitioned (with the shipped 1e5 threshold, none would be)."""
+    ds = json.loads((ROOT / "configs/deepspeed/zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path / "zero3_partition_all.json"
+    path.write_text(json.dumps(ds))
+    return str(path)
 
 
 def options(out, **kw) -> FinetuneOptions:
@@ -104,11 +115,12 @@ def plain_losses(ckpt, cfg, steps, lr, lr_fn):
     return losses
 
 
-@pytest.mark.parametrize("stage,recompute", [(2, True), (3, False)])
+@pytest.mark.parametrize("stage,recompute", [(2, True), (3, False), (3, True)])
 def test_zero_matches_the_plain_run_and_learns(toy_dataset, base_ckpt, tmp_path, stage, recompute):
     cfg = config(toy_dataset)
-    opts = options(tmp_path / "ft", deepspeed_config=str(ROOT / f"configs/deepspeed/zero{stage}.json"), steps=8,
-                   lr=1e-2, min_lr=1e-3, save_interval=100, gradient_checkpointing=recompute)
+    ds = zero3_partitioning_everything(tmp_path) if stage == 3 else str(ROOT / "configs/deepspeed/zero2.json")
+    opts = options(tmp_path / "ft", deepspeed_config=ds, steps=8, lr=1e-2, min_lr=1e-3, save_interval=100,
+                   gradient_checkpointing=recompute)
     res = run_distributed(_finetune, 2, base_ckpt, cfg, opts)
     losses = res[0]["losses"]
     assert res[1]["losses"] == losses
@@ -150,8 +162,10 @@ def test_resumed_run_continues_the_same_trajectory(toy_dataset, base_ckpt, tmp_p
 def test_lora_trains_adapters_only_and_exports_merged(toy_dataset, base_ckpt, tmp_path):
     pytest.importorskip("peft")
     cfg = config(toy_dataset)
-    res = run_distributed(_finetune, 2, base_ckpt, cfg, options(tmp_path / "lora", lora_rank=4, lora_alpha=8.0,
-                                                                 lr=1e-2, steps=4))
+    # ZeRO-3 + recompute + frozen base weights: the combination DeepSpeed issue #4332 breaks
+    opts = options(tmp_path / "lora", lora_rank=4, lora_alpha=8.0, lr=1e-2, steps=4, gradient_checkpointing=True,
+                   deepspeed_config=zero3_partitioning_everything(tmp_path))
+    res = run_distributed(_finetune, 2, base_ckpt, cfg, opts)
     export = res[0]["export"]
     before, after = load_single(base_ckpt).model.state_dict(), load_single(export).model.state_dict()
     assert set(before) == set(after)  # merged: plain single-GPU weights, no adapter tensors

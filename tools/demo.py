@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# everything a demo writes under --out; a fresh run replaces them (a stale run/ would be resumed)
+OUTPUTS = ("data", "tokenizer", "text_tokenizer", "gce_groups.safetensors", "run", "release", "samples", "prompts.txt",
+           "grid.png", "scores.json")
 QUICK = {"images": 1500, "vocab": 512, "steps": 30, "n_single": 4, "n_two": 4, "per_prompt": 1, "sample_steps": 6}
 
 
@@ -67,6 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--edit-threshold", type=float, default=None, help="default: the config's sample.edit_threshold")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a tiny run of every stage (for CI)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted demo in --out (default: start fresh, replacing its outputs)")
     args = ap.parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():
@@ -82,6 +88,14 @@ def main(argv=None) -> int:
     cfg = load_config(args.config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    stale = [out / name for name in OUTPUTS if (out / name).exists()]
+    if stale and not args.resume:
+        print(f"starting fresh: replacing the previous demo's outputs in {out} (--resume continues it instead)")
+        for p in stale:
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
     steps = args.steps or cfg.train.steps
     sample_steps = args.sample_steps or cfg.sample.steps
     threshold = cfg.sample.edit_threshold if args.edit_threshold is None else args.edit_threshold

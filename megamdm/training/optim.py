@@ -1,4 +1,4 @@
-"""DDP wrapping, megatron-core's (distributed) optimizer and the warmup + cosine LR schedule.
+"""DDP wrapping, megatron-core's (distributed) optimizer and its warmup + decay LR schedule (cosine, WSD, ...).
 
 When neither Transformer Engine nor apex is installed, megatron-core falls back to torch's AdamW,
 and its distributed optimizer then cannot resume (megatron-core 0.16, measured in
@@ -36,7 +36,6 @@ def wrap_model(model, tcfg, train, device: str):
 
 def build_optimizer(ddp, tcfg, train):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     fix_torch_adam_fallback()
     ocfg = OptimizerConfig(optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
@@ -44,12 +43,25 @@ def build_optimizer(ddp, tcfg, train):
                            bf16=tcfg.bf16, params_dtype=tcfg.params_dtype,
                            use_distributed_optimizer=train.use_distributed_optimizer)
     opt = get_megatron_optimizer(ocfg, [ddp])
-    sched = OptimizerParamScheduler(
+    return opt, build_scheduler(opt, train)
+
+
+def build_scheduler(opt, train):
+    """megatron-core's ``OptimizerParamScheduler``: linear warmup, then ``train.lr_decay_style``."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
         opt, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr, lr_warmup_steps=train.warmup_steps,
         lr_decay_steps=max(train.steps, train.warmup_steps + 1), lr_decay_style=train.lr_decay_style,
         start_wd=train.weight_decay, end_wd=train.weight_decay, wd_incr_steps=max(train.steps, 1),
-        wd_incr_style="constant")
-    return opt, sched
+        wd_incr_style="constant",
+        wsd_decay_steps=wsd_decay_steps(train) if train.lr_decay_style == "WSD" else None,
+        lr_wsd_decay_style=train.lr_wsd_decay_style)
+
+
+def wsd_decay_steps(train) -> int:
+    """Steps of the WSD anneal: the last ``lr_wsd_decay_fraction`` of the run, after the warmup."""
+    return max(1, min(round(train.lr_wsd_decay_fraction * train.steps), train.steps - train.warmup_steps))
 
 
 def uses_torch_adam() -> bool:
