@@ -200,7 +200,7 @@ def finetune(checkpoint, cfg: Config, opts: FinetuneOptions) -> dict:
         if rank == 0:
             print(f"resumed from {ckpt_dir} at step {start}", flush=True)
     dev = engine.device
-    n_trainable = sum(p.numel() for p in params)
+    n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3 leaves numel() == 0
     if rank == 0:
         print(f"megamdm finetune: {world} ranks, ZeRO stage {engine.zero_optimization_stage()}, {device}, "
               f"{opts.precision}, {n_trainable / 1e6:.2f}M trainable parameters"

@@ -46,6 +46,10 @@ def _entry(fn, rank, world, port, queue, args, kwargs):
             pass
         if dist.is_initialized():
             dist.destroy_process_group()
+        # put() hands the result to a feeder thread; os._exit would kill it mid-write and leave the
+        # parent waiting for (or blocked inside) a message that never completes
+        queue.close()
+        queue.join_thread()
         os._exit(code)
 
 
