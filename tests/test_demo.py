@@ -19,6 +19,7 @@ def test_quick_demo_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
     (out / "run").mkdir(parents=True)  # a previous demo's run: a fresh demo must not resume it
     (out / "run/latest_checkpointed_iteration.txt").write_text("999\n")
+    (out / ".megamdm-demo").touch()
     r = subprocess.run([sys.executable, ROOT / "tools/demo.py", "--quick", "--out", out], capture_output=True,
                        text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -42,3 +43,13 @@ def test_quick_demo_runs_every_stage(tmp_path):
     scores = json.loads((out / "scores.json").read_text())
     assert scores["off"]["n_single"] == 4 and scores["off"]["n_two"] == 4
     assert "single-object" in r.stdout and "two-object" in r.stdout
+
+
+def test_demo_refuses_to_clear_a_directory_it_did_not_write(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/mine.txt").write_text("keep me")
+    r = subprocess.run([sys.executable, ROOT / "tools/demo.py", "--quick", "--out", tmp_path], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 2
+    assert "not written by the demo" in r.stderr and "[1/8]" not in r.stdout
+    assert (tmp_path / "data/mine.txt").read_text() == "keep me"

@@ -28,9 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# everything a demo writes under --out; a fresh run replaces them (a stale run/ would be resumed)
+# everything a demo writes under --out; a fresh run replaces them (a stale run/ would be resumed),
+# but only in a directory the demo marked as its own
 OUTPUTS = ("data", "tokenizer", "text_tokenizer", "gce_groups.safetensors", "run", "release", "samples", "prompts.txt",
            "grid.png", "scores.json")
+MARKER = ".megamdm-demo"
 QUICK = {"images": 1500, "vocab": 512, "steps": 30, "n_single": 4, "n_two": 4, "per_prompt": 1, "sample_steps": 6}
 
 
@@ -89,6 +91,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stale = [out / name for name in OUTPUTS if (out / name).exists()]
+    if stale and not (out / MARKER).exists() and out.resolve() != (ROOT / "demo_out").resolve():
+        print(f"error: --out {out} already holds {', '.join(p.name for p in stale)}, not written by the demo; "
+              "choose an empty or new directory", file=sys.stderr)
+        return 2
+    (out / MARKER).touch()
     if stale and not args.resume:
         print(f"starting fresh: replacing the previous demo's outputs in {out} (--resume continues it instead)")
         for p in stale:
