@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
-    from megamdm.config import add_config_args, config_from_args
+    from megamdm.config import add_config_args, parse_config_args
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(ap)
@@ -29,8 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dp-size", type=int, default=1, help="data-parallel ranks sharing the global batch")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="per GPU (H100 bf16 dense: 989)")
     ap.add_argument("--mfu", type=float, default=0.5)
-    args = ap.parse_args(argv)
-    cfg = config_from_args(args)
+    args, cfg = parse_config_args(ap, argv)
     if args.workers is not None:
         cfg.data.num_workers = args.workers
 
