@@ -230,3 +230,44 @@ def test_buckets_and_crops():
 def test_codebook_hash_helper(tokenizer_dir):
     tok = KMeansPatchTokenizer.load(tokenizer_dir)
     assert codebook_hash(tok.codebook()) in tok.name
+
+
+@pytest.mark.timeout(120)
+def test_preprocess_stops_when_a_worker_dies(shards_dir, tmp_path):
+    from megamdm.data.preprocess import PreprocessOptions, run
+
+    # the workers cannot load the tokenizer: they die before sending their end-of-work marker
+    with pytest.raises(RuntimeError, match="a preprocessing worker failed with exit code 1"):
+        run(sorted(shards_dir.glob("*.tar")), tmp_path / "ds.zarr", tmp_path / "no_tokenizer",
+            PreprocessOptions(resolution=64, batch_size=4), workers=2, progress=False)
+
+
+def _racing_writer(root, i, barrier, results):
+    buf = BucketBuffer()
+    buf.add(np.full((4, 4), i), f"caption {i}", f"{i:09d}", (4, 4), (0, 0), None)
+    barrier.wait()  # every writer finds the dataset missing at the same moment
+    try:
+        write_part(root, f"{i:05d}", {"4x4": buf}, {"codebook_hash": "abc"})
+        results.put(None)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        results.put(repr(e))
+
+
+def test_concurrent_writers_share_one_new_dataset(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    for trial in range(4):  # without the race-safe group creation 9 of 10 such trials lost a writer
+        root, n = tmp_path / f"ds{trial}.zarr", 6
+        barrier, results = ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=_racing_writer, args=(root, i, barrier, results)) for i in range(n)]
+        for p in procs:
+            p.start()
+        errors = [e for e in (results.get(timeout=60) for _ in range(n)) if e]
+        for p in procs:
+            p.join()
+        assert errors == []
+        consolidate(root, tokenizer="toy", codebook_hash="abc")
+        ds = TokenShards(root)
+        assert ds.counts == {"4x4": n}
+        assert ds.captions("4x4", range(n)) == [f"caption {i}" for i in range(n)]

@@ -108,6 +108,7 @@ def run(tars: Sequence[Path], out: Path, tokenizer_path: Path, opts: PreprocessO
         progress: bool = True) -> dict:
     """Preprocess ``tars`` with ``workers`` local processes; returns summed counts."""
     import multiprocessing as mp
+    import queue as queue_lib
 
     from tqdm.auto import tqdm
 
@@ -124,7 +125,15 @@ def run(tars: Sequence[Path], out: Path, tokenizer_path: Path, opts: PreprocessO
     t0, done = time.time(), 0
     bar = tqdm(total=len(tars), desc="preprocess", unit="shard", disable=not progress)
     while done < workers:
-        res = queue.get()
+        try:
+            res = queue.get(timeout=5)
+        except queue_lib.Empty:  # a worker that died never sends its end marker: stop instead of waiting
+            failed = [p.exitcode for p in procs if p.exitcode]
+            if failed:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"a preprocessing worker failed with exit code {failed[0]} (its error is above)")
+            continue
         if res is None:
             done += 1
             continue

@@ -84,13 +84,25 @@ def _create(group, name: str, data: np.ndarray, chunks, shards=None):
     return arr
 
 
+def _ensure_group(path: Path) -> None:
+    """Create the zarr group at ``path`` unless it exists. Workers and ranks writing parts into one
+    dataset race here: ``mode="a"`` checks, then creates, and fails if another created it between."""
+    import zarr
+    from zarr.errors import ContainsGroupError
+
+    try:
+        zarr.open_group(str(path), mode="a")
+    except ContainsGroupError:
+        pass
+
+
 def write_part(root, name: str, buckets: dict[str, BucketBuffer], attrs: dict) -> Path:
     """Write one complete part and publish it under ``parts/<name>`` with an atomic rename."""
     import zarr
 
     root = Path(root)
-    zarr.open_group(str(root), mode="a")
-    zarr.open_group(str(root / "parts"), mode="a")
+    _ensure_group(root)
+    _ensure_group(root / "parts")
     tmp = root / ".tmp" / name
     if tmp.exists():
         shutil.rmtree(tmp)
