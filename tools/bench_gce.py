@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue
 import statistics
 import sys
 import time
@@ -122,7 +123,14 @@ def run_isolated(impl, n, v, d, dtype, device, *rest):
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(q, *args))
     p.start()
-    res = q.get()
+    while True:
+        try:
+            res = q.get(timeout=5)
+            break
+        except queue.Empty:  # a child killed before reporting (the OOM killer, at large sizes) never will
+            if p.exitcode is not None and q.empty():
+                res = {"impl": impl, "error": f"the measuring process died (exit code {p.exitcode})"}
+                break
     p.join()
     return res
 
