@@ -88,3 +88,12 @@ def test_command_line_config_error_is_one_line_and_exit_2(capsys):
         parse_config_args(ap, ["model.num_layrs=3"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "model.num_layrs" in err
+
+
+def test_every_shipped_config_loads_and_validates():
+    """Each YAML under configs/ (and its _base_ chain) parses into the schema and passes validation."""
+    files = sorted(CONFIGS.rglob("*.yaml"))
+    assert len(files) >= 5
+    for path in files:
+        cfg = load_config(path)
+        assert cfg.model.hidden_size > 0, path

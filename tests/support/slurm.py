@@ -18,6 +18,8 @@ SlurmctldHost={host}
 SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
 AuthType=auth/munge
+# a requeued job may restart after cred_expire s (default 120); forcing it sooner fails: credential revoked
+AuthInfo=cred_expire=5
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SchedulerType=sched/backfill
@@ -76,6 +78,11 @@ class Cluster:
             if tok.startswith(field + "="):
                 return tok.split("=", 1)[1]
         return ""
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The controller's last log lines: why a job failed to (re)start is only written there."""
+        log = self.dir / "slurmctld.log"
+        return "\n".join(log.read_text().splitlines()[-lines:]) if log.is_file() else ""
 
     def stop(self) -> None:
         for name in ("slurmd", "slurmctld"):
