@@ -30,11 +30,15 @@ _HALF = (torch.bfloat16, torch.float16)
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` accumulated and returned in fp32. On CUDA, half-precision operands stay half
-    precision (tensor cores, fp32 accumulation); elsewhere both are upcast."""
+    precision (tensor cores, fp32 accumulation); elsewhere both are upcast, and a transposed
+    right operand (the weight block, small) is made contiguous: CPU BLAS runs ``h @ w.t()`` at
+    half the speed of ``h @ w.t().contiguous()``."""
     low = a.dtype if a.dtype in _HALF else b.dtype if b.dtype in _HALF else None
     if a.is_cuda and low is not None:
         return torch.mm(a.to(low), b.to(low), out_dtype=torch.float32)
-    return a.float() @ b.float()
+    if a.is_cuda:
+        return a.float() @ b.float()
+    return a.float() @ b.float().contiguous()
 
 
 def block_size_v(block_v: Optional[int], group_sizes: Sequence[int], vocab_local: int) -> int:
@@ -72,9 +76,6 @@ class ChunkedGCE(torch.autograd.Function):
                 for ns in range(0, n, bn):
                     z = _mm_f32(hidden[ns : ns + bn], wb.t())
                     sl = slice(ns, ns + z.shape[0])
-                    bm = torch.maximum(m[sl], z.max(1).values)
-                    s[sl] = s[sl] * torch.exp(m[sl] - bm) + torch.exp(z - bm[:, None]).sum(1)
-                    m[sl] = bm
                     tb = t_local[sl] - vs
                     hit = (tb >= 0) & (tb < width)
                     if hit.any():
@@ -84,6 +85,10 @@ class ChunkedGCE(torch.autograd.Function):
                         for li, g in enumerate(group_sizes):
                             zg = _group_slice(z, rows, tr - tr % g, g)
                             lseg[li, ns + rows] = torch.logsumexp(zg, dim=1)
+                    bm = torch.maximum(m[sl], z.amax(1))
+                    # in place: a fresh N x V temporary per op costs more than the exp itself on CPU
+                    s[sl] = s[sl] * torch.exp(m[sl] - bm) + z.sub_(bm[:, None]).exp_().sum(1)
+                    m[sl] = bm
             lse_local = m + torch.log(s)
             lse, zy, lseg = combine(lse_local, zy, lseg, owned, tp_group)
             ce = lse - zy
@@ -119,19 +124,24 @@ class ChunkedGCE(torch.autograd.Function):
                 hb = hidden[ns : ns + bn]
                 sl = slice(ns, ns + hb.shape[0])
                 z = _mm_f32(hb, wb.t())
-                dz = torch.exp(z - lse[sl, None]) * coef[sl, None]
                 tb = t_local[sl] - vs
                 hit = (tb >= 0) & (tb < width)
-                if hit.any():
+                group_terms = []
+                any_hit = bool(hit.any())
+                if any_hit:
                     rows = hit.nonzero().squeeze(1)
                     tr = tb[rows]
                     ar = a[sl][rows]
-                    dz[rows, tr] -= ar
                     for li, (g, lam) in enumerate(zip(group_sizes, group_weights)):
                         start = tr - tr % g
                         cols = start[:, None] + torch.arange(g, device=dev)[None, :]
                         pg = torch.exp(z[rows[:, None], cols] - lseg[li, ns + rows][:, None])
-                        dz[rows[:, None], cols] -= (ar * lam)[:, None] * pg
+                        group_terms.append((cols, (ar * lam)[:, None] * pg))
+                dz = z.sub_(lse[sl, None]).exp_().mul_(coef[sl, None])  # z becomes dz (in place)
+                if any_hit:
+                    dz[rows, tr] -= ar
+                    for cols, term in group_terms:
+                        dz[rows[:, None], cols] -= term
                 if need_h:
                     d_hidden[sl] += _mm_f32(dz, wb)
                 if need_w:
