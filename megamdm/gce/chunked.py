@@ -21,7 +21,7 @@ import torch
 
 from .vocab_parallel import combine, tp_rank_and_size
 
-DEFAULT_BLOCK_V = 4096
+DEFAULT_BLOCK_V = 3072  # H100, N=4096, V=131072, d=4096: as fast as 4096, extra memory 1.9% of naive (docs/gce.md)
 DEFAULT_BLOCK_N = 8192
 
 
