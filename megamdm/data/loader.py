@@ -133,19 +133,14 @@ class StepBatches(torch.utils.data.Dataset):
     def micro_batch(self, step: int, m: int) -> MicroBatch:
         start = (self.dp_rank * self.nmb + m) * self.mbs
         epoch, res, idx, ds, local = self.plan.samples(step, start, self.mbs)
-        toks, caps, meta = [], [], {"orig_size": [], "crop": [], "score": []}
-        order = np.argsort(ds, kind="stable")
+        fields = ("tokens", "captions", "orig_size", "crop", "score")
+        parts = {f: [] for f in fields}
         for d in np.unique(ds):
-            sel = order[ds[order] == d]
-            shards = self.datasets[d]
-            toks.append((sel, shards.tokens(res, local[sel])))
-            caps.append((sel, shards.captions(res, local[sel])))
-            mm = shards.meta(res, local[sel])
-            for k in meta:
-                meta[k].append((sel, mm[k]))
-        tokens = _scatter(toks, len(idx))
-        captions = _scatter(caps, len(idx))
-        orig, crop, score = (_scatter(meta[k], len(idx)) for k in ("orig_size", "crop", "score"))
+            sel = np.nonzero(ds == d)[0]
+            got = self.datasets[d].read(res, local[sel], fields)
+            for f in fields:
+                parts[f].append((sel, got[f]))
+        tokens, captions, orig, crop, score = (_scatter(parts[f], len(idx)) for f in fields)
         t = self.cfg.text
         texts = [format_prompt(c, width=int(o[0]), height=int(o[1]), crop=(int(cr[0]), int(cr[1])),
                                score=t.default_score if math.isnan(float(s)) else float(s),

@@ -22,13 +22,14 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 SCHEMA = "megamdm-token-shards"
 SCHEMA_VERSION = 1
 SHARD_SAMPLES = 256
+FIELDS = ("tokens", "captions", "keys", "orig_size", "crop", "score")  # what TokenShards.read returns
 
 
 class ShardError(ValueError):
@@ -185,23 +186,27 @@ class _Array:
 
             self.a = zarr.open_array(str(path), mode="r")
 
-    def take(self, idx: np.ndarray) -> np.ndarray:
-        """Rows ``idx`` (sorted or not) along the first axis."""
+    def take(self, idx: np.ndarray) -> Callable[[], np.ndarray]:
+        """Start reading rows ``idx`` (sorted or not) along the first axis; call the result for them.
+        tensorstore reads run in the background until then; zarr-python reads at once."""
         if self.backend == "tensorstore":
-            return np.asarray(self.a[idx].read().result())
+            fut = self.a[idx].read()
+            return lambda: np.asarray(fut.result())
         order = np.argsort(idx, kind="stable")
         out = self.a.get_orthogonal_selection((idx[order],))
         res = np.empty_like(out)
         res[order] = out
-        return res
+        return lambda: res
 
-    def range(self, start: int, stop: int) -> np.ndarray:
+    def range(self, start: int, stop: int) -> Callable[[], np.ndarray]:
         if self.backend == "tensorstore":
-            return np.asarray(self.a[start:stop].read().result())
-        return self.a[start:stop]
+            fut = self.a[start:stop].read()
+            return lambda: np.asarray(fut.result())
+        res = self.a[start:stop]
+        return lambda: res
 
     def all(self) -> np.ndarray:
-        return self.range(0, self.a.shape[0])
+        return self.range(0, self.a.shape[0])()
 
 
 class TokenShards:
@@ -262,40 +267,50 @@ class TokenShards:
         pi = np.searchsorted(cum, idx, side="right") - 1
         return pi, idx - cum[pi]
 
-    def _gather(self, rk: str, idx: np.ndarray, fn):
+    def read(self, rk: str, idx, fields: Sequence[str] = FIELDS) -> dict[str, list]:
+        """Per-sample values of ``fields`` (of :data:`FIELDS`) for samples ``idx`` of resolution ``rk``.
+        Every read is started before any is awaited: one at a time, tensorstore's ~0.3 ms per read
+        added up to ~20 ms per CPU training step (a micro-batch touches ~12 parts x 5 fields)."""
+        unknown = set(fields) - set(FIELDS)
+        if unknown:
+            raise ValueError(f"unknown token-shard fields {sorted(unknown)}; allowed: {', '.join(FIELDS)}")
         idx = np.asarray(idx, dtype=np.int64)
         pi, local = self._locate(rk, idx)
-        out = [None] * len(idx)
+        pending = []
         for p in np.unique(pi):
             sel = np.nonzero(pi == p)[0]
-            for j, v in zip(sel, fn(self._parts[rk][p], local[sel])):
-                out[j] = v
+            part = self._parts[rk][p]
+            for name in fields:
+                pending.append((name, sel, self._start(part, rk, name, local[sel])))
+        out = {name: [None] * len(idx) for name in fields}
+        for name, sel, get in pending:
+            for j, v in zip(sel, get()):
+                out[name][j] = v
         return out
+
+    def _start(self, part: str, rk: str, name: str, li: np.ndarray) -> Callable[[], Sequence]:
+        if name == "tokens":
+            return self._array(part, f"tokens/{rk}").take(li)
+        if name in ("orig_size", "crop", "score"):
+            return self._array(part, f"meta/{rk}/{name}").take(li)
+        key = (part, f"{name}/{rk}")
+        if key not in self._offsets:
+            self._offsets[key] = self._array(part, f"{name}/{rk}/offsets").all()
+        off = self._offsets[key]
+        arr = self._array(part, f"{name}/{rk}/bytes")
+        gets = [arr.range(int(off[i]), int(off[i + 1])) for i in li]
+        return lambda: [bytes(g()).decode("utf-8") for g in gets]
 
     def tokens(self, rk: str, idx) -> np.ndarray:
         """``[k, h, w]`` uint32 token grids (tokenizer order)."""
-        return np.stack(self._gather(rk, idx, lambda part, li: list(self._array(part, f"tokens/{rk}").take(li))))
-
-    def _strings(self, kind: str, rk: str, idx) -> list[str]:
-        def fn(part, li):
-            key = (part, f"{kind}/{rk}")
-            if key not in self._offsets:
-                self._offsets[key] = self._array(part, f"{kind}/{rk}/offsets").all()
-            off = self._offsets[key]
-            arr = self._array(part, f"{kind}/{rk}/bytes")
-            return [bytes(arr.range(int(off[i]), int(off[i + 1]))).decode("utf-8") for i in li]
-
-        return self._gather(rk, idx, fn)
+        return np.stack(self.read(rk, idx, ("tokens",))["tokens"])
 
     def captions(self, rk: str, idx) -> list[str]:
-        return self._strings("captions", rk, idx)
+        return self.read(rk, idx, ("captions",))["captions"]
 
     def keys(self, rk: str, idx) -> list[str]:
-        return self._strings("keys", rk, idx)
+        return self.read(rk, idx, ("keys",))["keys"]
 
     def meta(self, rk: str, idx) -> dict[str, np.ndarray]:
-        out = {}
-        for name in ("orig_size", "crop", "score"):
-            out[name] = np.stack(self._gather(rk, idx, lambda part, li, n=name: list(
-                self._array(part, f"meta/{rk}/{n}").take(li))))
-        return out
+        got = self.read(rk, idx, ("orig_size", "crop", "score"))
+        return {name: np.stack(v) for name, v in got.items()}
