@@ -40,6 +40,7 @@ CASES = [  # (n, v, d, group sizes, group weights, block_v, block_n)
     (64, 384, 32, [4, 32], [0.2, 0.1], 96, 40),  # two levels, ragged token blocks
     (50, 256, 8, [2, 8, 64], [0.3, 0.2, 0.1], 32, 64),  # a group wider than the block
     (16, 128, 24, [], [], 50, 7),  # plain cross-entropy
+    (700, 192, 16, [8], [0.2], None, None),  # default blocks: two token blocks on CPU
 ]
 
 

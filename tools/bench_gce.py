@@ -4,6 +4,7 @@ Cross-Entropy for the plain-CE case when installed).
 
     python tools/bench_gce.py                              # CPU size: N=2048 V=65536 d=512 fp32
     python tools/bench_gce.py --n 32768 --v 131072 --d 4096 --dtype bf16   # paper shape, on a GPU
+    python tools/bench_gce.py --n 5500 --v 1536 --d 64 --dtype bf16 --block-n 8192   # the demo's head, CPU
     python tools/bench_gce.py --json
 
 "Extra memory" is the peak during forward+backward minus what every implementation must hold:
@@ -45,8 +46,10 @@ def _rss(kind: str) -> int:
     raise RuntimeError(f"{kind} not in /proc/self/status")
 
 
-def _loss_fn(impl: str, sizes, lams, block_v=None):
-    if impl in ("naive", "torch", "triton"):
+def _loss_fn(impl: str, sizes, lams, block_v=None, block_n=None):
+    if impl == "torch":
+        return lambda h, w, y: gce_loss(h, w, y, sizes, lams, impl=impl, block_v=block_v, block_n=block_n)
+    if impl in ("naive", "triton"):
         return lambda h, w, y: gce_loss(h, w, y, sizes, lams, impl=impl, block_v=block_v)
     if impl == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
@@ -59,9 +62,9 @@ def _loss_fn(impl: str, sizes, lams, block_v=None):
     raise ValueError(impl)
 
 
-def measure(impl, n, v, d, dtype, device, sizes, lams, repeat, block_v=None, seed=0):
+def measure(impl, n, v, d, dtype, device, sizes, lams, repeat, block_v=None, block_n=None, seed=0):
     torch.manual_seed(seed)
-    fn = _loss_fn(impl, sizes, lams, block_v)
+    fn = _loss_fn(impl, sizes, lams, block_v, block_n)
     h = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
     w = (torch.randn(v, d, device=device) / d**0.5).to(dtype).requires_grad_(True)
     y = torch.randint(0, v, (n,), device=device)
@@ -147,6 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--impls", nargs="+", default=None, help="default: naive torch (+triton on CUDA, +liger/cce if installed)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--block-v", type=int, default=None, help="vocabulary chunk of the fused implementations")
+    ap.add_argument("--block-n", type=int, default=None, help="token chunk of the torch implementation")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     dtype = DTYPES[args.dtype]
@@ -163,7 +167,7 @@ def main(argv=None) -> int:
     for impl in impls:
         sizes, lams = (args.group_sizes, args.group_weights) if impl in ("naive", "torch", "triton") else ([], [])
         rows.append(run_isolated(impl, args.n, args.v, args.d, dtype, args.device, sizes, lams, args.repeat,
-                                 args.block_v))
+                                 args.block_v, args.block_n))
     naive = next((r for r in rows if r["impl"] == "naive" and "error" not in r), None)
     for r in rows:
         if naive and "error" not in r:
@@ -171,12 +175,14 @@ def main(argv=None) -> int:
             r["speed_vs_naive"] = naive["time_s"] / r["time_s"]
     shape = {"n": args.n, "v": args.v, "d": args.d, "dtype": args.dtype, "device": args.device,
              "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-             "group_sizes": args.group_sizes, "group_weights": args.group_weights, "block_v": args.block_v}
+             "group_sizes": args.group_sizes, "group_weights": args.group_weights, "block_v": args.block_v,
+             "block_n": args.block_n}
     if args.json:
         print(json.dumps({"shape": shape, "results": rows}, indent=2))
         return 0
     print(f"GCE fwd+bwd  N={args.n} V={args.v} d={args.d} {args.dtype} on {shape['device_name']} "
-          f"groups={args.group_sizes} weights={args.group_weights} block_v={args.block_v or 'default'}")
+          f"groups={args.group_sizes} weights={args.group_weights} block_v={args.block_v or 'default'} "
+          f"block_n={args.block_n or 'default'}")
     print(f"{'impl':<8}{'loss':>12}{'time (s)':>11}{'extra mem':>12}{'vs naive':>10}{'speedup':>9}")
     for r in rows:
         if "error" in r:
