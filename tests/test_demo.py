@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,19 @@ def test_quick_demo_runs_every_stage(tmp_path):
     scores = json.loads((out / "scores.json").read_text())
     assert scores["off"]["n_single"] == 4 and scores["off"]["n_two"] == 4
     assert "single-object" in r.stdout and "two-object" in r.stdout
+    from megamdm.shapes import parse_caption
+
+    captions = [t.extractfile(m).read().decode() for p in sorted((out / "data/wds").glob("*.tar"))
+                for t in [tarfile.open(p)] for m in t.getmembers() if m.name.endswith(".txt")]
+    assert len(captions) == 1500  # --quick's image count, 80% of them two-object scenes (--two-prob)
+    assert abs(sum(parse_caption(c)[1] is not None for c in captions) / len(captions) - 0.8) < 0.04
+
+
+def test_demo_rejects_a_two_object_share_outside_0_1(tmp_path):
+    r = subprocess.run([sys.executable, ROOT / "tools/demo.py", "--two-prob", "1.5", "--out", tmp_path],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "--two-prob 1.5 must be in [0, 1]" in r.stderr
+    assert not any(tmp_path.iterdir())
 
 
 def test_demo_refuses_to_clear_a_directory_it_did_not_write(tmp_path):
