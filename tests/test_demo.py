@@ -46,8 +46,10 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert "single-object" in r.stdout and "two-object" in r.stdout
     from megamdm.shapes import parse_caption
 
-    captions = [t.extractfile(m).read().decode() for p in sorted((out / "data/wds").glob("*.tar"))
-                for t in [tarfile.open(p)] for m in t.getmembers() if m.name.endswith(".txt")]
+    captions = []
+    for p in sorted((out / "data/wds").glob("*.tar")):
+        with tarfile.open(p) as t:
+            captions += [t.extractfile(m).read().decode() for m in t.getmembers() if m.name.endswith(".txt")]
     assert len(captions) == 1500  # --quick's image count, 80% of them two-object scenes (--two-prob)
     assert abs(sum(parse_caption(c)[1] is not None for c in captions) / len(captions) - 0.8) < 0.04
 

@@ -7,17 +7,17 @@ pixels, print one JSON line. Runs are small, so a dozen share one GPU as separat
     python tools/shapes_study.py --demo demo_q --name base --steps 2400 &
     python tools/shapes_study.py --demo demo_q --name seed1 --steps 2400 --seed 1 &
 
-It uses megamdm's model, GCE loss, sampler and evaluator with the CPU pipeline's corruption,
-optimizer settings and warmup-stable-decay schedule, but draws batches and corruption on the GPU
-(no megatron-core, no data loader): a recipe question answered in minutes, not a replacement for
-the pipeline. The README's study table was made with its prototype (the same computation).
+It uses megamdm's model, corruption, GCE loss, sampler and evaluator with the CPU pipeline's
+optimizer settings and warmup-stable-decay schedule, but no megatron-core and no data loader: a
+recipe question answered in minutes, not a replacement for the pipeline. The README's study table
+was made with its prototype, which drew the same corruption distribution vectorised on the GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -59,13 +59,14 @@ def parse_args(argv):
 
 def load_demo(directory: Path, groups, text_tokenizer, max_len: int):
     """Every sample of the demo's token shards: model-order image ids, prompt ids and padding."""
-    from megamdm.data.shards import TokenShards
+    from megamdm.data.shards import TokenShards, parse_res
     from megamdm.text import format_prompt, tokenize_prompts
 
     shards = TokenShards(directory / "data" / "shapes.zarr")
     rk = shards.resolutions[0]
+    h, w = parse_res(rk)
     got = shards.read(rk, np.arange(shards.counts[rk]), ("tokens", "captions"))
-    texts = [format_prompt(c, width=64, height=64, micro_conditioning=False) for c in got["captions"]]
+    texts = [format_prompt(c, width=w, height=h, micro_conditioning=False) for c in got["captions"]]
     ids, pad = tokenize_prompts(text_tokenizer, texts, max_len)
     tokens = groups.to_model(torch.from_numpy(np.stack(got["tokens"]).astype(np.int64)))
     return tokens, ids, pad
@@ -75,6 +76,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     from megamdm import shapes
     from megamdm.config import ModelConfig
+    from megamdm.diffusion import corrupt_batch
     from megamdm.models.standalone import MDMTransformer
     from megamdm.objective import LossSpec, loss_parts, select_supervised
     from megamdm.pretrained import load_single
@@ -89,8 +91,10 @@ def main(argv=None) -> int:
     model = MDMTransformer(mc)
     model.reset_parameters(seed=a.seed)
     model.to(dev)
-    tokens, text_ids, text_pad = (t.to(dev) for t in load_demo(demo, pre.groups, pre.text_tokenizer, cfg.text.max_len))
-    n_samples, vocab, mask_id = tokens.shape[0], mc.image_vocab_size, mc.image_vocab_size
+    tokens, text_ids, text_pad = load_demo(demo, pre.groups, pre.text_tokenizer, cfg.text.max_len)
+    n_samples = tokens.shape[0]
+    diffusion = dataclasses.replace(cfg.diffusion, t_schedule=a.t_schedule, flip_ratio=a.flip_ratio,
+                                    prompt_drop=a.prompt_drop)
     spec = LossSpec(list(pre.groups.group_sizes), [a.group_weight] * len(pre.groups.group_sizes), "torch")
 
     params = list(model.parameters())
@@ -105,38 +109,27 @@ def main(argv=None) -> int:
             return a.lr * (step + 1) / a.warmup
         return a.lr - (a.lr - min_lr) * max(0, step - (a.steps - n_decay)) / n_decay
 
-    g = torch.Generator(device=dev).manual_seed(1000 + a.seed)
+    g = torch.Generator().manual_seed(1000 + a.seed)
 
-    def corrupt(idx):
-        """megamdm.diffusion.corrupt_sample for a whole batch on the device: the same distribution."""
-        img = tokens[idx]
-        b, n = img.shape[0], img[0].numel()
-        flat = img.view(b, n)
-        u = torch.rand(b, device=dev, generator=g)
-        t = torch.cos(math.pi / 2 * u) if a.t_schedule == "cosine" else u
-        k = (((1 - cfg.diffusion.eps) * t + cfg.diffusion.eps) * n).round().clamp(1, n).long()
-        rank = torch.rand(b, n, device=dev, generator=g).argsort(1).argsort(1)  # position in a random order
-        masked = rank < k[:, None]
-        flipped = ~masked & (rank < (k + (a.flip_ratio * (n - k)).round().long())[:, None])
-        r = torch.randint(0, vocab - 1, (b, n), device=dev, generator=g)
-        inp = torch.where(masked, torch.full_like(flat, mask_id), torch.where(flipped, r + (r >= flat).long(), flat))
-        weight = masked.float() + flipped.float() * cfg.diffusion.edit_loss_weight
-        drop = (torch.rand(b, device=dev, generator=g) < a.prompt_drop)[:, None]
-        ti = torch.where(drop, torch.full_like(text_ids[idx], pre.text_tokenizer.mask_id), text_ids[idx])
-        tp = text_pad[idx] & ~drop
-        return ti, tp, inp.view_as(img), img, weight.view_as(img), flipped.view_as(img)
+    def corrupt(step, idx):
+        """The pipeline's per-sample corruption (one generator per sample, seeded by its position)."""
+        c = corrupt_batch(tokens[idx], text_ids[idx], text_pad[idx], diffusion, vocab_size=mc.image_vocab_size,
+                          text_mask_id=pre.text_tokenizer.mask_id,
+                          flip_group_size=spec.group_sizes[0] if spec.group_sizes else 1,
+                          seeds=[((a.seed * a.steps + step) * a.batch + i) for i in range(len(idx))])
+        return c.to(dev)
 
     t0, ce_log, pos = time.time(), [], n_samples
     for step in range(a.steps):
         if pos + a.batch > n_samples:
-            perm, pos = torch.randperm(n_samples, device=dev, generator=g), 0
-        ti, tp, inp, tgt, w, fl = corrupt(perm[pos : pos + a.batch])
+            perm, pos = torch.randperm(n_samples, generator=g), 0
+        c = corrupt(step, perm[pos : pos + a.batch])
         pos += a.batch
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=a.bf16):
-            hidden = model(ti, tp, inp)
-        hs, ts, ws, fs = select_supervised(hidden, tgt, w, fl)
+            hidden = model(c.text_ids, c.text_pad_mask, c.image_input)
+        hs, ts, ws, fs = select_supervised(hidden, c.target, c.loss_weight, c.is_flipped)
         stats = model.head(hs, ts, ws, group_sizes=spec.group_sizes, group_weights=spec.group_weights, impl="torch")
         parts = loss_parts(stats, fs, spec)
         opt.zero_grad(set_to_none=True)
