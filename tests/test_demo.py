@@ -21,10 +21,15 @@ def test_quick_demo_runs_every_stage(tmp_path):
     (out / "run").mkdir(parents=True)  # a previous demo's run: a fresh demo must not resume it
     (out / "run/latest_checkpointed_iteration.txt").write_text("999\n")
     (out / ".megamdm-demo").touch()
-    r = subprocess.run([sys.executable, ROOT / "tools/demo.py", "--quick", "--out", out], capture_output=True,
-                       text=True, cwd=ROOT)
+    # more codes than the 1500 images have distinct patches: each patch gets its own (in whole GCE groups)
+    r = subprocess.run([sys.executable, ROOT / "tools/demo.py", "--quick", "--vocab", "100000", "--out", out],
+                       capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "starting fresh" in r.stdout
+    distinct = int(r.stdout.split(" distinct patches)")[0].rsplit(" ", 1)[1])
+    from megamdm.vq import KMeansPatchTokenizer
+
+    assert KMeansPatchTokenizer.load(out / "tokenizer").vocab_size == distinct // 8 * 8 < 100000
     for k in range(1, 9):
         assert f"[{k}/8]" in r.stdout
     # data, tokenizer, groups and token shards on disk

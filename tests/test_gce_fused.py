@@ -55,6 +55,17 @@ def test_torch_impl_matches_naive(case, dtype, tol):
         assert rel(a, b) < tol
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]])
+def test_torch_impl_keeps_bf16_logits_in_fp32(case):
+    """bf16 operands give the loss of their exact fp32 products: a CPU bf16 ``mm`` would round the
+    logits to bf16 (~1e-4 relative here), which cost the demo's training (docs/gce.md)."""
+    n, v, d, sizes, lams, bv, bn = case
+    h, w, y, tw, ign = problem(n, v, d, torch.bfloat16)
+    ref = run("naive", h, w, y, tw, ign, sizes, lams)  # logits from the upcast operands, in fp32
+    got = run("torch", h, w, y, tw, ign, sizes, lams, block_v=bv, block_n=bn)
+    assert rel(got[0], ref[0]) < 1e-6 and rel(got[3], ref[3]) < 1e-6
+
+
 @pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("case", [CASES[0], CASES[2]])

@@ -78,11 +78,11 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true",
                     help="continue an interrupted demo in --out (default: start fresh, replacing its outputs)")
     args = ap.parse_args(argv)
+    if args.quick:  # --quick's sizes are defaults: flags given with it still win
+        ap.set_defaults(**QUICK)
+        args = ap.parse_args(argv)
     if not 0.0 <= args.two_prob <= 1.0:
         ap.error(f"--two-prob {args.two_prob} must be in [0, 1]")
-    if args.quick:
-        for k, v in QUICK.items():
-            setattr(args, k, v)
 
     from megamdm import shapes
     from megamdm.config import load_config
@@ -121,9 +121,15 @@ def main(argv=None) -> int:
                                    exclude=frozenset(doubles), progress=bar)
     st.done(t, f"{len(tars)} tar shards")
 
-    t = st.start(f"fitting the k-means tokenizer: {args.vocab} codes of 4x4 patches; word-level text tokenizer")
     fit_images = pil_to_tensor([shapes.render(o) for o in shapes.scenes(args.seed + 1, min(args.images, 8000))])
-    tok = KMeansPatchTokenizer.fit([fit_images], args.vocab, 4, iters=15)
+    # ShapesWorld has ~1600 distinct 4x4 patches; some seeds' fitting images hold fewer than --vocab:
+    # then every distinct patch gets its own code (rounded down to whole GCE groups)
+    gmax = max(cfg.gce.group_sizes, default=1)
+    distinct = len(KMeansPatchTokenizer.distinct_patches([fit_images], 4))
+    vocab = min(args.vocab, distinct // gmax * gmax)
+    note = f" (the fitting images hold {distinct} distinct patches)" if vocab < args.vocab else ""
+    t = st.start(f"fitting the k-means tokenizer: {vocab} codes of 4x4 patches{note}; word-level text tokenizer")
+    tok = KMeansPatchTokenizer.fit([fit_images], vocab, 4, iters=15)
     tok.save(out / "tokenizer")
     shapes.write_text_tokenizer(out / "text_tokenizer")
     err = (tok.decode(tok.encode(fit_images[:500])) - fit_images[:500]).abs().mean().item()

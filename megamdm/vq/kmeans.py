@@ -93,6 +93,22 @@ class KMeansPatchTokenizer:
 
     # ---- fitting -------------------------------------------------------------------------------
     @classmethod
+    def distinct_patches(cls, images: Iterable[torch.Tensor], patch_size: int,
+                         max_patches: int = 400_000) -> torch.Tensor:
+        """The distinct ``patch_size`` x ``patch_size`` patches (8-bit values) of ``images`` (``[B, 3, H, W]``
+        batches in [0, 1]), flattened to ``[P, 3 p p]``; reading stops after ``4 * max_patches`` patches."""
+        dummy = cls(torch.zeros(1, 3 * patch_size * patch_size), patch_size)
+        chunks, n = [], 0
+        for batch in images:
+            p = dummy.patches(batch.float()).reshape(-1, 3 * patch_size * patch_size)
+            chunks.append(p)
+            n += p.shape[0]
+            if n >= 4 * max_patches:
+                break
+        x = torch.cat(chunks)
+        return torch.unique((x * 255).round().to(torch.uint8), dim=0).float() / 255.0
+
+    @classmethod
     def fit(
         cls,
         images: Iterable[torch.Tensor],
@@ -109,16 +125,7 @@ class KMeansPatchTokenizer:
         ``images`` yields ``[B, 3, H, W]`` batches in [0, 1]. At most ``max_patches`` distinct
         patches are kept (duplicates are frequent in flat images and would only add weight)."""
         gen = torch.Generator().manual_seed(seed)
-        dummy = cls(torch.zeros(1, 3 * patch_size * patch_size), patch_size)
-        chunks, n = [], 0
-        for batch in images:
-            p = dummy.patches(batch.float()).reshape(-1, 3 * patch_size * patch_size)
-            chunks.append(p)
-            n += p.shape[0]
-            if n >= 4 * max_patches:
-                break
-        x = torch.cat(chunks)
-        x = torch.unique((x * 255).round().to(torch.uint8), dim=0).float() / 255.0
+        x = cls.distinct_patches(images, patch_size, max_patches)
         if x.shape[0] > max_patches:
             x = x[torch.randperm(x.shape[0], generator=gen)[:max_patches]]
         if x.shape[0] < vocab_size:
