@@ -121,19 +121,19 @@ def main(argv=None) -> int:
                                    exclude=frozenset(doubles), progress=bar)
     st.done(t, f"{len(tars)} tar shards")
 
+    t = st.start("fitting the k-means tokenizer on 4x4 patches; word-level text tokenizer")
     fit_images = pil_to_tensor([shapes.render(o) for o in shapes.scenes(args.seed + 1, min(args.images, 8000))])
     # ShapesWorld has ~1600 distinct 4x4 patches; some seeds' fitting images hold fewer than --vocab:
     # then every distinct patch gets its own code (rounded down to whole GCE groups)
+    patches = KMeansPatchTokenizer.distinct_patches([fit_images], 4)
     gmax = max(cfg.gce.group_sizes, default=1)
-    distinct = len(KMeansPatchTokenizer.distinct_patches([fit_images], 4))
-    vocab = min(args.vocab, distinct // gmax * gmax)
-    note = f" (the fitting images hold {distinct} distinct patches)" if vocab < args.vocab else ""
-    t = st.start(f"fitting the k-means tokenizer: {vocab} codes of 4x4 patches{note}; word-level text tokenizer")
-    tok = KMeansPatchTokenizer.fit([fit_images], vocab, 4, iters=15)
+    vocab = min(args.vocab, len(patches) // gmax * gmax)
+    note = f" (the fitting images hold {len(patches)} distinct patches)" if vocab < args.vocab else ""
+    tok = KMeansPatchTokenizer.fit_patches(patches, vocab, 4, iters=15)
     tok.save(out / "tokenizer")
     shapes.write_text_tokenizer(out / "text_tokenizer")
     err = (tok.decode(tok.encode(fit_images[:500])) - fit_images[:500]).abs().mean().item()
-    st.done(t, f"mean reconstruction error {err:.4f}")
+    st.done(t, f"{vocab} codes{note}, mean reconstruction error {err:.4f}")
 
     t = st.start("building the GCE groups (balanced hierarchical k-means over codebook pixels + ink colour)")
     codebook = tok.codebook()

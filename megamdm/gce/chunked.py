@@ -36,7 +36,7 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` accumulated in fp32, returned in fp32. On CUDA half-precision operands go through
     tensor cores with an fp32 output. On CPU every operand is upcast to fp32: torch has no
     fp32-output ``mm`` for half operands there, and a bf16 ``mm`` rounds the logits to bf16, which
-    cost the demo 0.05-0.09 nats of masked CE after 800 steps (docs/gce.md). A transposed right
+    trained the demo worse (final masked CE +0.005-0.013, docs/gce.md). A transposed right
     operand (the weight block, small) is made contiguous, since CPU BLAS runs ``h @ w.t()`` at half
     the speed of ``h @ w.t().contiguous()``."""
     low = a.dtype if a.dtype in _HALF else b.dtype if b.dtype in _HALF else None

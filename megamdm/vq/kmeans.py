@@ -120,12 +120,28 @@ class KMeansPatchTokenizer:
         seed: int = 0,
         progress: bool = True,
     ) -> "KMeansPatchTokenizer":
-        """Fit the codebook by Lloyd's k-means (k-means++ seeding) on patches of ``images``.
+        """Fit the codebook by Lloyd's k-means (k-means++ seeding) on the distinct patches of ``images``
+        (``[B, 3, H, W]`` batches in [0, 1]; duplicates are frequent in flat images and would only add
+        weight): :meth:`fit_patches` on :meth:`distinct_patches`."""
+        return cls.fit_patches(cls.distinct_patches(images, patch_size, max_patches), vocab_size, patch_size,
+                               iters=iters, max_patches=max_patches, seed=seed, progress=progress)
 
-        ``images`` yields ``[B, 3, H, W]`` batches in [0, 1]. At most ``max_patches`` distinct
-        patches are kept (duplicates are frequent in flat images and would only add weight)."""
+    @classmethod
+    def fit_patches(
+        cls,
+        patches: torch.Tensor,
+        vocab_size: int,
+        patch_size: int,
+        *,
+        iters: int = 20,
+        max_patches: int = 400_000,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> "KMeansPatchTokenizer":
+        """Fit the codebook on distinct flattened patches ``[P, 3 p p]`` (:meth:`distinct_patches`);
+        at most ``max_patches`` of them, drawn at random, are used."""
         gen = torch.Generator().manual_seed(seed)
-        x = cls.distinct_patches(images, patch_size, max_patches)
+        x = patches
         if x.shape[0] > max_patches:
             x = x[torch.randperm(x.shape[0], generator=gen)[:max_patches]]
         if x.shape[0] < vocab_size:
