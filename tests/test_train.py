@@ -155,14 +155,16 @@ def _logged_losses(text: str) -> dict[int, float]:
 
 
 def test_sigkill_then_resume_follows_the_uninterrupted_run(toy_dataset, tmp_path):
-    """The real entry point under torchrun (DP 2): SIGKILL the job after a checkpoint, resume it."""
+    """The real entry point under torchrun (DP 2, bf16 layers, distributed optimizer): SIGKILL the job
+    after a checkpoint, resume it."""
     steps = 16
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text("_base_: [" + str(ROOT / "configs/model/tiny.yaml") + "]\n")
 
     def launch(run_dir, **extra):
         ov = overrides(toy_dataset, **{"train.steps": steps, "train.save_interval": 2, "train.save_dir": run_dir,
-                               "data.micro_batch_size": 4, **extra})
+                               "data.micro_batch_size": 4, "train.precision": "bf16",
+                               "train.use_distributed_optimizer": True, **extra})
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                str(free_port()), "-m", "megamdm.train", "--config", str(cfg_file), *ov]
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
