@@ -7,9 +7,11 @@
 #   CONTAINER_IMAGE  run inside this image with pyxis/enroot (e.g. the one from docker/Dockerfile)
 #   CONTAINER_MOUNTS pyxis --container-mounts (default: the repo at the same path)
 #   PYTHON           the interpreter (default: python)
+#   LOG_DIR          wandb runs and the preemption marker (default: logs/, where #SBATCH --output writes)
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$PWD}"
-mkdir -p logs
+LOG_DIR=${LOG_DIR:-$PWD/logs}
+mkdir -p "${LOG_DIR}"
 
 : "${CONFIG:?set CONFIG to a megamdm config file}"
 NNODES=${SLURM_JOB_NUM_NODES:-1}
@@ -33,10 +35,10 @@ export NVTE_BWD_LAYERNORM_SM_MARGIN=${NVTE_BWD_LAYERNORM_SM_MARGIN:-16}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache_${SLURM_JOB_ID:-0}}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
-export WANDB_DIR=${WANDB_DIR:-$PWD/logs}
+export WANDB_DIR=${WANDB_DIR:-$LOG_DIR}
 
 # preemption: the trainer saves on SIGUSR1 (sbatch --signal=USR1@120) and leaves this marker
-export MEGAMDM_PREEMPT_MARKER=${MEGAMDM_PREEMPT_MARKER:-$PWD/logs/preempted-${SLURM_JOB_ID:-local}}
+export MEGAMDM_PREEMPT_MARKER=${MEGAMDM_PREEMPT_MARKER:-$LOG_DIR/preempted-${SLURM_JOB_ID:-local}}
 
 CONTAINER_ARGS=()
 if [[ -n "${CONTAINER_IMAGE:-}" ]]; then

@@ -13,14 +13,34 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import MegamdmError
 
-class ConfigError(ValueError):
+
+class ConfigError(MegamdmError):
     """A config file or override is invalid. The message names the key and its source."""
+
+
+def choice(default: str, *allowed: str) -> Any:
+    """A string field that must be one of ``allowed``: checked for every section at load time."""
+    return field(default=default, metadata={"choices": (default, *allowed)})
+
+
+def choices(cls: type, name: str) -> tuple[str, ...]:
+    """The allowed values of a :func:`choice` field."""
+    return next(f.metadata["choices"] for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _check_choices(section: Any, prefix: str) -> None:
+    for f in dataclasses.fields(section):
+        allowed = f.metadata.get("choices")
+        value = getattr(section, f.name)
+        if allowed and value not in allowed:
+            raise ConfigError(f"{prefix}.{f.name}={value!r} is not one of {', '.join(allowed)}")
 
 
 @dataclass
@@ -68,51 +88,42 @@ class TextConfig:
     max_len: int = 64  # L_text: prompts are padded / truncated to this many tokens
     micro_conditioning: bool = True  # append "| size WxH | crop T,L | score S" to the caption
     default_score: float = 6.5
-    mask_token: Optional[str] = None  # HF tokenizers: the token used as the text MASK
+    mask_token: str | None = None  # HF tokenizers: the token used as the text MASK
 
 
 @dataclass
 class ImageTokenizerConfig:
-    kind: str = "kmeans"  # kmeans | diffusers
-    path: Optional[str] = None
+    kind: str = choice("kmeans", "diffusers")
+    path: str | None = None
 
 
 @dataclass
 class GCEConfig:
-    groups_file: Optional[str] = None  # built by tools/build_gce_groups.py; None: identity order
+    groups_file: str | None = None  # built by tools/build_gce_groups.py; None: identity order
     group_sizes: list[int] = field(default_factory=lambda: [8])
     group_weights: list[float] = field(default_factory=lambda: [0.2])
-    impl: str = "torch"  # naive | torch | triton
+    impl: str = choice("torch", "naive", "triton")
     z_loss_weight: float = 0.0
 
     def validate(self) -> None:
         if len(self.group_sizes) != len(self.group_weights):
             raise ConfigError(
-                f"gce.group_sizes has {len(self.group_sizes)} levels but gce.group_weights has "
-                f"{len(self.group_weights)}"
+                f"gce.group_sizes has {len(self.group_sizes)} levels but gce.group_weights has {len(self.group_weights)}"
             )
-        if self.impl not in ("naive", "torch", "triton"):
-            raise ConfigError(f"gce.impl={self.impl!r} is not one of naive, torch, triton")
 
 
 @dataclass
 class DiffusionConfig:
-    t_schedule: str = "uniform"  # uniform | cosine | logit_normal
+    t_schedule: str = choice("uniform", "cosine", "logit_normal")
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
     eps: float = 1e-3
     prompt_drop: float = 0.1
     flip_ratio: float = 0.2
-    flip_mode: str = "uniform"  # uniform | group
+    flip_mode: str = choice("uniform", "group")
     edit_loss_weight: float = 0.2
 
     def validate(self) -> None:
-        if self.t_schedule not in ("uniform", "cosine", "logit_normal"):
-            raise ConfigError(
-                f"diffusion.t_schedule={self.t_schedule!r} is not one of uniform, cosine, logit_normal"
-            )
-        if self.flip_mode not in ("uniform", "group"):
-            raise ConfigError(f"diffusion.flip_mode={self.flip_mode!r} is not one of uniform, group")
         for name in ("prompt_drop", "flip_ratio", "eps"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
@@ -127,72 +138,195 @@ class DataConfig:
     global_batch_size: int = 64
     num_workers: int = 2  # background processes building batches (spawned: tensorstore forbids fork)
     prefetch: int = 4  # batches in flight per worker
-    reader: str = "auto"  # auto (tensorstore when installed) | tensorstore | zarr
+    reader: str = choice("auto", "tensorstore", "zarr")  # auto: tensorstore when installed
     seed: int = 1234
 
 
 @dataclass
 class TrainConfig:
-    device: str = "auto"  # auto | cuda | cpu
+    """What is trained, on what, for how long."""
+
+    device: str = choice("auto", "cuda", "cpu")
+    transformer_impl: str = choice("auto", "transformer_engine", "local")
+    # auto: bf16 on GPUs; on CPUs whichever of bf16 / fp32 the CPU multiplies faster (measured at start-up)
+    precision: str = choice("auto", "bf16", "fp32", "fp8")
+    fp8_recipe: str = "delayed"
+    recompute: str | None = None  # None | full | selective
+    steps: int = 1000
+    seed: int = 1234
+    exit_after_steps: int = 0  # stop (with a checkpoint) after this many steps in this process; 0: off
+
+
+@dataclass
+class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
-    transformer_impl: str = "auto"  # auto | transformer_engine | local
-    precision: str = "bf16"  # fp32 | bf16 | fp8
-    fp8_recipe: str = "delayed"
-    recompute: Optional[str] = None  # None | full | selective
-    steps: int = 1000
+
+
+@dataclass
+class OptimConfig:
+    """Adam and its LR schedule (megatron-core's OptimizerParamScheduler)."""
+
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 100
-    lr_decay_style: str = "cosine"  # cosine | linear | constant | inverse-square-root | WSD
+    lr_decay_style: str = choice("cosine", "linear", "constant", "inverse-square-root", "WSD")
     lr_wsd_decay_fraction: float = 0.2  # WSD: the last fraction of the steps anneals to min_lr
-    lr_wsd_decay_style: str = "linear"  # WSD anneal shape: linear | cosine | exponential | minus_sqrt
+    lr_wsd_decay_style: str = choice("linear", "cosine", "exponential", "minus_sqrt")  # the WSD anneal
     weight_decay: float = 0.05
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     clip_grad: float = 1.0
-    seed: int = 1234
-    save_dir: Optional[str] = None
+
+    def validate(self) -> None:
+        if not 0.0 < self.lr_wsd_decay_fraction <= 1.0:
+            raise ConfigError(f"optim.lr_wsd_decay_fraction={self.lr_wsd_decay_fraction} must be in (0, 1]")
+
+
+@dataclass
+class CheckpointConfig:
+    save_dir: str | None = None
     save_interval: int = 1000
     keep_last: int = 3
     async_save: bool = False
     resume: str = "auto"  # auto | none | <path to an iter_NNNNNNN directory>
-    init_from: Optional[str] = None  # model weights to start from: a single-GPU-format dir or a torch_dist checkpoint
+    init_from: str | None = None  # model weights to start from: a single-GPU-format dir or a torch_dist checkpoint
+
+
+@dataclass
+class LoggingConfig:
     log_interval: int = 10
     sample_interval: int = 0  # 0: off
     sample_prompts: list[str] = field(default_factory=list)
     peak_tflops: float = 0.0  # per device; 0: detect (H100/H200 bf16 989, fp8 1979)
-    wandb_mode: str = "disabled"  # online | offline | disabled
+    wandb_mode: str = choice("disabled", "online", "offline")
     wandb_project: str = "megamdm"
-    wandb_name: Optional[str] = None
-    wandb_dir: Optional[str] = None
-    exit_after_steps: int = 0  # stop (with a checkpoint) after this many steps in this process; 0: off
+    wandb_name: str | None = None
+    wandb_dir: str | None = None
 
-    def validate(self) -> None:
-        styles = ("cosine", "linear", "constant", "inverse-square-root", "WSD")
-        if self.lr_decay_style not in styles:
-            raise ConfigError(f"train.lr_decay_style={self.lr_decay_style!r} is not one of {', '.join(styles)}")
-        wsd = ("linear", "cosine", "exponential", "minus_sqrt")
-        if self.lr_wsd_decay_style not in wsd:
-            raise ConfigError(f"train.lr_wsd_decay_style={self.lr_wsd_decay_style!r} is not one of {', '.join(wsd)}")
-        if not 0.0 < self.lr_wsd_decay_fraction <= 1.0:
-            raise ConfigError(f"train.lr_wsd_decay_fraction={self.lr_wsd_decay_fraction} must be in (0, 1]")
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
-class SampleConfig:
+class FinetuneConfig:
+    """DeepSpeed fine-tuning of a single-GPU-format checkpoint (``megamdm-finetune``)."""
+
+    deepspeed_config: str = "configs/deepspeed/zero2.json"
+    out: str = "finetune_out"  # DeepSpeed checkpoints and the exported single-GPU checkpoint
+    steps: int = 1000
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    precision: str = choice("bf16", "fp32")
+    save_interval: int = 500
+    log_interval: int = 10
+    offload_optimizer: bool = False
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    export: bool = True
+    seed: int = 1234
+
+
+@dataclass
+class PreprocessConfig:
+    """Image shards -> token shards (``megamdm-preprocess``)."""
+
+    resolution: int = 256
+    aspect_buckets: bool = False
+    crop: str = choice("center", "random")
+    batch_size: int = 64
+    device: str = choice("cpu", "cuda")  # cuda: DALI mixed decoding, tokenizer on the GPU
+    device_id: int | None = None
+    num_threads: int = 2
+
+    def __post_init__(self) -> None:
+        _check_choices(self, "preprocess")
+
+
+# keys that lived under ``train:`` before megamdm 0.2, and the section they moved to
+MOVED_FROM_TRAIN = {
+    **{k: "parallel" for k in ("tensor_parallel", "pipeline_parallel", "sequence_parallel", "use_distributed_optimizer")},
+    **{
+        k: "optim"
+        for k in (
+            "lr",
+            "min_lr",
+            "warmup_steps",
+            "lr_decay_style",
+            "lr_wsd_decay_fraction",
+            "lr_wsd_decay_style",
+            "weight_decay",
+            "adam_beta1",
+            "adam_beta2",
+            "clip_grad",
+        )
+    },
+    **{k: "checkpoint" for k in ("save_dir", "save_interval", "keep_last", "async_save", "resume", "init_from")},
+    **{
+        k: "logging"
+        for k in (
+            "log_interval",
+            "sample_interval",
+            "sample_prompts",
+            "peak_tflops",
+            "wandb_mode",
+            "wandb_project",
+            "wandb_name",
+            "wandb_dir",
+        )
+    },
+}
+
+
+@dataclass
+class SampleSettings:
+    """What one sampling call needs (docs/design.md §1.3); :class:`SampleConfig` adds canvas and seed."""
+
     steps: int = 20
     cfg: float = 5.0
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    schedule: str = "shift"  # shift | cosine
+    schedule: str = choice("shift", "cosine")
     shift: float = 3.0
-    policy: str = "gumbel"  # gumbel | maskgit | stratified
+    policy: str = choice("gumbel", "maskgit", "stratified")
     gumbel_temperature: float = 1.0
     edit_threshold: float = 0.0  # <= 0 disables token editing
+
+    def validate(self) -> SampleSettings:
+        """ValueError naming the setting and what is allowed (sampler calls pass settings directly)."""
+        for name in ("policy", "schedule"):
+            allowed = choices(SampleSettings, name)
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; allowed: {', '.join(allowed)}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        return self
+
+    @property
+    def editing(self) -> bool:
+        return self.edit_threshold > 0
+
+    def settings(self) -> SampleSettings:
+        """Just the sampling-call fields (a :class:`SampleConfig` without canvas and seed)."""
+        return SampleSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SampleSettings)})
+
+
+@dataclass
+class SampleConfig(SampleSettings):
     height: int = 256
     width: int = 256
     seed: int = 0
@@ -207,13 +341,24 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
+        for f in dataclasses.fields(self):
+            _check_choices(getattr(self, f.name), f.name)
         self.model.validate()
         self.gce.validate()
         self.diffusion.validate()
-        self.train.validate()
+        self.optim.validate()
+        try:
+            self.sample.validate()
+        except ValueError as e:
+            raise ConfigError(f"sample: {e}") from None
         return self
 
 
@@ -240,6 +385,27 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     return OmegaConf.merge(merged, raw)
 
 
+def _moved_keys(layer: DictConfig, source: str, migrate: bool) -> DictConfig:
+    """Keys of the pre-0.2 ``train:`` section: moved to their sections (``migrate``, for configs that
+    older checkpoints saved) or refused with the new name (anything a user writes today)."""
+    train = layer.get("train") if isinstance(layer, DictConfig) else None
+    if not isinstance(train, DictConfig):
+        return layer
+    moved = [k for k in list(train.keys()) if k in MOVED_FROM_TRAIN]
+    if moved and not migrate:
+        k = moved[0]
+        raise ConfigError(
+            f"{source}: train.{k} is now {MOVED_FROM_TRAIN[k]}.{k}"
+            + (f" (and {len(moved) - 1} more train.* keys moved likewise)" if len(moved) > 1 else "")
+        )
+    for k in moved:
+        section = MOVED_FROM_TRAIN[k]
+        if section not in layer:
+            layer[section] = {}
+        layer[section][k] = train.pop(k)
+    return layer
+
+
 def _merge_checked(schema: Any, layer: DictConfig, source: str) -> Any:
     try:
         return OmegaConf.merge(schema, layer)
@@ -249,17 +415,18 @@ def _merge_checked(schema: Any, layer: DictConfig, source: str) -> Any:
         raise ConfigError(f"{source}: {key}: {msg}") from None
 
 
-def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Load a :class:`Config` from a YAML file (or the defaults) plus dotted overrides."""
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, *, migrate: bool = False) -> Config:
+    """Load a :class:`Config` from a YAML file (or the defaults) plus dotted overrides. ``migrate``
+    accepts the layout of configs saved by megamdm < 0.2 (``train.lr`` for ``optim.lr``, ...)."""
     cfg = OmegaConf.structured(Config)
     if path is not None:
-        cfg = _merge_checked(cfg, _read_yaml(Path(path)), str(path))
+        cfg = _merge_checked(cfg, _moved_keys(_read_yaml(Path(path)), str(path), migrate), str(path))
     if overrides:
         try:
             layer = OmegaConf.from_dotlist(list(overrides))
         except OmegaConfBaseException as e:
             raise ConfigError(f"command line: cannot parse overrides {overrides}: {e}") from None
-        cfg = _merge_checked(cfg, layer, "command line")
+        cfg = _merge_checked(cfg, _moved_keys(layer, "command line", False), "command line")
     obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     return obj.validate()
 
@@ -289,8 +456,9 @@ def add_config_args(parser) -> None:
         metavar="KEY=VALUE",
         help="dotted override, repeatable: --set model.num_layers=4",
     )
-    parser.add_argument("overrides_positional", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="dotted overrides without --set")
+    parser.add_argument(
+        "overrides_positional", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides without --set"
+    )
 
 
 def parse_config_args(parser, argv=None) -> tuple[Any, Config]:

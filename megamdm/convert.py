@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 
 from .config import Config, ModelConfig
+from .errors import MegamdmError
 
 LAYER_PREFIX = "decoder.layers."
 # per-layer megatron suffix (TE or local spec name) -> canonical slot
@@ -55,7 +56,7 @@ GLOBAL_KEYS = {  # megatron key -> standalone name
 }
 
 
-class ConversionError(ValueError):
+class ConversionError(MegamdmError):
     """The inputs of a conversion do not fit together."""
 
 
@@ -70,8 +71,7 @@ def qkv_split(qkv: torch.Tensor, m: ModelConfig):
     ng, r, hd = m.num_query_groups, m.num_attention_heads // m.num_query_groups, m.head_dim
     d = qkv.shape[1]
     g = qkv.view(ng, (r + 2) * hd, d)
-    return (g[:, : r * hd].reshape(-1, d), g[:, r * hd : (r + 1) * hd].reshape(-1, d),
-            g[:, (r + 1) * hd :].reshape(-1, d))
+    return (g[:, : r * hd].reshape(-1, d), g[:, r * hd : (r + 1) * hd].reshape(-1, d), g[:, (r + 1) * hd :].reshape(-1, d))
 
 
 def _layer_to_standalone(i: int, slot: str, t: torch.Tensor, m: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -102,8 +102,9 @@ def _layer_from_standalone(i: int, slot: str, get: Callable[[str], torch.Tensor]
     if slot == "mlp_norm":
         return get(p + "post_attention_layernorm.weight")
     if slot == "qkv":
-        return qkv_interleave(get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"),
-                              get(p + "self_attn.v_proj.weight"), m)
+        return qkv_interleave(
+            get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"), get(p + "self_attn.v_proj.weight"), m
+        )
     if slot == "proj":
         return get(p + "self_attn.o_proj.weight")
     if slot == "fc1":
@@ -111,8 +112,9 @@ def _layer_from_standalone(i: int, slot: str, get: Callable[[str], torch.Tensor]
     return get(p + "mlp.down_proj.weight")
 
 
-def mcore_to_standalone(keys: Iterable[str], load: Callable[[str], torch.Tensor], m: ModelConfig,
-                        expected_shapes: Optional[Mapping[str, tuple]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+def mcore_to_standalone(
+    keys: Iterable[str], load: Callable[[str], torch.Tensor], m: ModelConfig, expected_shapes: Mapping[str, tuple] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream standalone ``(name, tensor)`` pairs from megatron keys (stacked checkpoint keys
     ``decoder.layers.<suffix>`` or per-layer ``decoder.layers.<i>.<suffix>``, TE or local names).
     Keys that are not model weights (``_extra_state``, optimizer state, ...) are skipped."""
@@ -127,7 +129,7 @@ def mcore_to_standalone(keys: Iterable[str], load: Callable[[str], torch.Tensor]
             continue
         if not key.startswith(LAYER_PREFIX):
             continue
-        rest = key[len(LAYER_PREFIX):]
+        rest = key[len(LAYER_PREFIX) :]
         mt = re.match(r"(\d+)\.(.*)$", rest)
         if mt:
             idx, suffix = int(mt.group(1)), mt.group(2)
@@ -196,7 +198,7 @@ class TorchDistReader:
     def keys(self) -> list[str]:
         return list(self.meta)
 
-    def load(self, key: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def load(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         import warnings
 
         import torch.distributed.checkpoint as dcp
@@ -219,12 +221,14 @@ def resolve_iteration_dir(path) -> Path:
         return p / f"iter_{it:07d}"
     if (p / ".metadata").is_file():
         return p
-    raise ConversionError(f"{p}: neither a training run directory (no latest_checkpointed_iteration.txt) "
-                          "nor a torch_dist iteration directory")
+    raise ConversionError(
+        f"{p}: neither a training run directory (no latest_checkpointed_iteration.txt) nor a torch_dist iteration directory"
+    )
 
 
-def to_single(checkpoint, out, *, dtype: Optional[torch.dtype] = None, config: Optional[Config] = None,
-              overwrite: bool = False) -> Path:
+def to_single(
+    checkpoint, out, *, dtype: torch.dtype | None = None, config: Config | None = None, overwrite: bool = False
+) -> Path:
     """torch_dist checkpoint (any TP/PP, TE or local spec) -> single-GPU-format directory."""
     from .config import load_config
     from .gce import GCEGroups
@@ -237,7 +241,7 @@ def to_single(checkpoint, out, *, dtype: Optional[torch.dtype] = None, config: O
         cfg_file = it_dir / "config.yaml"
         if not cfg_file.is_file():
             raise ConversionError(f"{it_dir}: no config.yaml; pass the training config explicitly")
-        config = load_config(cfg_file)
+        config = load_config(cfg_file, migrate=True)  # as saved, by this or an older megamdm
     m = config.model
     reader = TorchDistReader(it_dir)
     shapes = expected_standalone_shapes(m)
@@ -247,23 +251,28 @@ def to_single(checkpoint, out, *, dtype: Optional[torch.dtype] = None, config: O
     image_tok = load_image_tokenizer(config.image_tokenizer.kind, config.image_tokenizer.path)
     text_tok = load_text_tokenizer(config.text.tokenizer, config.text.mask_token)
     pairs = mcore_to_standalone(reader.keys(), lambda k: reader.load(k, dtype), m, expected_shapes=shapes)
-    return write_single(out, _check_shapes(pairs, shapes, str(it_dir)), config, groups, image_tok, text_tok,
-                        overwrite=overwrite)
+    return write_single(
+        out, _check_shapes(pairs, shapes, str(it_dir)), config, groups, image_tok, text_tok, overwrite=overwrite
+    )
 
 
-def from_single(single, out, *, iteration: int = 0, dtype: Optional[torch.dtype] = None) -> Path:
+def from_single(single, out, *, iteration: int = 0, dtype: torch.dtype | None = None) -> Path:
     """Single-GPU-format directory -> a model-only torch_dist checkpoint run directory
     (``iter_NNNNNNN/`` + tracker + ``config.yaml``), loadable by training at any TP/PP.
 
     Runs in one process; needs an initialised (world size 1) process group only inside."""
+    import contextlib
+
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from safetensors import safe_open
 
+    from .compat.dist_ckpt import writer_queue
+    from .compat.megatron_cpu import megatron_on_cpu
     from .config import to_yaml
     from .pretrained import read_config, weight_files
-    from .training.checkpoint import ensure_writer_queue, finalize_tracker
+    from .run_layout import finalize_tracker
 
     cfg, _ = read_config(single)
     files = weight_files(single)
@@ -279,23 +288,19 @@ def from_single(single, out, *, iteration: int = 0, dtype: Optional[torch.dtype]
     out = Path(out)
     it_dir = out / f"iter_{iteration:07d}"
     it_dir.mkdir(parents=True, exist_ok=False)
-    sharded = {key: ShardedTensor.from_rank_offsets(key, t.contiguous(), replica_id=0)
-               for key, t in standalone_to_mcore(get, cfg.model)}
-    if not torch.cuda.is_available():
-        from .training import cpu_backend
-
-        cpu_backend.enable()
+    sharded = {
+        key: ShardedTensor.from_rank_offsets(key, t.contiguous(), replica_id=0)
+        for key, t in standalone_to_mcore(get, cfg.model)
+    }
     own_pg = not dist.is_initialized()
-    if own_pg:
-        from .training.parallel import single_process_group
-
-        single_process_group()
-    try:
-        ensure_writer_queue()
+    with contextlib.ExitStack() as stack:
+        if not torch.cuda.is_available():
+            stack.enter_context(megatron_on_cpu())
+        if own_pg:  # a world-size-1 gloo group without networking, for this call only
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            stack.callback(dist.destroy_process_group)
+        stack.enter_context(writer_queue())
         dist_checkpointing.save(sharded, str(it_dir))
-    finally:
-        if own_pg:
-            dist.destroy_process_group()
     (it_dir / "config.yaml").write_text(to_yaml(cfg))
     finalize_tracker(out, iteration)
     return out
@@ -317,12 +322,19 @@ def model_config_from_hf(hf: dict, image_vocab_size: int, pad_multiple: int = 12
     nh = hf["num_attention_heads"]
     d = hf["hidden_size"]
     m = ModelConfig(
-        num_layers=hf["num_hidden_layers"], hidden_size=d, num_attention_heads=nh,
-        num_query_groups=hf.get("num_key_value_heads") or nh, head_dim=hf.get("head_dim") or d // nh,
-        ffn_hidden_size=hf["intermediate_size"], image_vocab_size=image_vocab_size,
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=d,
+        num_attention_heads=nh,
+        num_query_groups=hf.get("num_key_value_heads") or nh,
+        head_dim=hf.get("head_dim") or d // nh,
+        ffn_hidden_size=hf["intermediate_size"],
+        image_vocab_size=image_vocab_size,
         text_vocab_size=(hf["vocab_size"] + pad_multiple - 1) // pad_multiple * pad_multiple,
-        rope_theta=float(theta), norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-        init_std=float(hf.get("initializer_range", 0.02)), vocab_pad_multiple=pad_multiple)
+        rope_theta=float(theta),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+        vocab_pad_multiple=pad_multiple,
+    )
     m.validate()
     return m
 
@@ -340,8 +352,18 @@ def _hf_files(hf_dir: Path) -> dict[str, Path]:
     raise ConversionError(f"{hf_dir}: no model.safetensors(.index.json); only safetensors checkpoints are read")
 
 
-def from_hf(hf_dir, out, *, image_tokenizer, groups, config: Optional[Config] = None, text_mask_token: Optional[str]
-            = None, dtype: Optional[torch.dtype] = None, seed: int = 0, overwrite: bool = False) -> Path:
+def from_hf(
+    hf_dir,
+    out,
+    *,
+    image_tokenizer,
+    groups,
+    config: Config | None = None,
+    text_mask_token: str | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
     """A Llama/Mistral-style HF checkpoint -> single-GPU-format MDM: backbone and text embeddings
     from the LLM, image embedding / merge / unmerge / head freshly initialised."""
     from safetensors import safe_open
@@ -377,10 +399,12 @@ def from_hf(hf_dir, out, *, image_tokenizer, groups, config: Optional[Config] = 
 
     shapes = expected_standalone_shapes(m)
     with torch.device("meta"):
-        fresh_names = [k for k in MDMTransformer(m).state_dict() if not k.startswith("layers.")
-                       and k not in ("text_embed.weight", "norm.weight")]
-    wanted = [prefix + k for k in shapes if k.startswith("layers.")] + [prefix + "embed_tokens.weight",
-                                                                       prefix + "norm.weight"]
+        fresh_names = [
+            k
+            for k in MDMTransformer(m).state_dict()
+            if not k.startswith("layers.") and k not in ("text_embed.weight", "norm.weight")
+        ]
+    wanted = [prefix + k for k in shapes if k.startswith("layers.")] + [prefix + "embed_tokens.weight", prefix + "norm.weight"]
     missing = [k for k in wanted if k not in files]
     if missing:
         raise ConversionError(f"{hf_dir}: missing {len(missing)} backbone tensors, e.g. {missing[:3]}")
@@ -399,5 +423,6 @@ def from_hf(hf_dir, out, *, image_tokenizer, groups, config: Optional[Config] = 
         for k in fresh_names:
             yield k, (torch.randn(shapes[k], generator=gen) * m.init_std).to(ref_dtype)
 
-    return write_single(out, _check_shapes(stream(), shapes, str(hf_dir)), config, groups, image_tokenizer,
-                        text_tok, overwrite=overwrite)
+    return write_single(
+        out, _check_shapes(stream(), shapes, str(hf_dir)), config, groups, image_tokenizer, text_tok, overwrite=overwrite
+    )

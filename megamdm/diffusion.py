@@ -1,6 +1,6 @@
 """Masked-diffusion corruption for training and the unmask-count schedules for sampling.
 
-Training (DESIGN.md §1.2), per sample:
+Training (docs/design.md §1.2), per sample:
   * draw ``t`` from a schedule, ``p = (1 - eps) t + eps``, mask exactly ``max(1, round(p N))`` tokens;
   * flip a fraction ``flip_ratio`` of the *visible* tokens to another token (``uniform`` over the
     vocabulary or ``group``: a neighbour in the same level-0 GCE group); they are what teaches
@@ -16,8 +16,8 @@ at another parallel layout sees the same inputs.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -37,7 +37,7 @@ class Corrupted:
     is_flipped: torch.Tensor  # [B, h, w] bool
     mask_ratio: torch.Tensor  # [B] float, the drawn t
 
-    def to(self, device) -> "Corrupted":
+    def to(self, device) -> Corrupted:
         return Corrupted(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
 
 
@@ -104,8 +104,7 @@ def corrupt_sample(
         text_ids = torch.full_like(text_ids, text_mask_id)
         text_pad_mask = torch.zeros_like(text_pad_mask)
     shape = image_ids.shape
-    return (text_ids, text_pad_mask, inp.view(shape), weight.view(shape), masked.view(shape),
-            flipped.view(shape), t)
+    return (text_ids, text_pad_mask, inp.view(shape), weight.view(shape), masked.view(shape), flipped.view(shape), t)
 
 
 def corrupt_batch(
@@ -127,8 +126,18 @@ def corrupt_batch(
     outs = []
     for i, s in enumerate(seeds):
         g = torch.Generator().manual_seed(int(s))
-        outs.append(corrupt_sample(image_ids[i], text_ids[i], text_pad_mask[i], cfg, vocab_size=vocab_size,
-                                   text_mask_id=text_mask_id, flip_group_size=flip_group_size, generator=g))
+        outs.append(
+            corrupt_sample(
+                image_ids[i],
+                text_ids[i],
+                text_pad_mask[i],
+                cfg,
+                vocab_size=vocab_size,
+                text_mask_id=text_mask_id,
+                flip_group_size=flip_group_size,
+                generator=g,
+            )
+        )
     cols = list(zip(*outs))
     return Corrupted(
         text_ids=torch.stack(cols[0]),

@@ -16,42 +16,15 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import Config
+from .config import LORA_TARGETS, Config, FinetuneConfig
 from .objective import LossSpec, loss_parts, reduce_metrics, select_supervised
 from .pretrained import Pretrained, load_single, write_single
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class FinetuneOptions:
-    deepspeed_config: str = "configs/deepspeed/zero2.json"
-    out: str = "finetune_out"  # DeepSpeed checkpoints and the exported single-GPU checkpoint
-    steps: int = 1000
-    lr: float = 1e-5
-    min_lr: float = 1e-6
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
-    precision: str = "bf16"  # bf16 | fp32
-    save_interval: int = 500
-    log_interval: int = 10
-    offload_optimizer: bool = False
-    gradient_checkpointing: bool = False  # recompute each block's activations in backward
-    lora_rank: int = 0  # 0: full fine-tuning
-    lora_alpha: float = 16.0
-    lora_targets: tuple = LORA_TARGETS
-    export: bool = True
-    seed: int = 1234
-    losses: list = field(default_factory=list)
 
 
 class TrainStep(nn.Module):
@@ -65,8 +38,9 @@ class TrainStep(nn.Module):
     def forward(self, text_ids, text_pad_mask, image_input, target, loss_weight, is_flipped):
         hidden = self.model(text_ids, text_pad_mask, image_input)
         hs, ts, ws, fl = select_supervised(hidden, target, loss_weight, is_flipped)
-        stats = self.model.head(hs, ts, ws, group_sizes=self.spec.group_sizes, group_weights=self.spec.group_weights,
-                                impl=self.spec.impl)
+        stats = self.model.head(
+            hs, ts, ws, group_sizes=self.spec.group_sizes, group_weights=self.spec.group_weights, impl=self.spec.impl
+        )
         parts = loss_parts(stats, fl, self.spec)
         return parts.loss_sum, parts.num_tokens, parts.metrics
 
@@ -80,25 +54,25 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets=LORA_TARGETS):
     return LoraModel(model, cfg, "default")
 
 
-def merged_state_dict(state: dict, pretrained: Pretrained, opts: FinetuneOptions) -> dict:
+def merged_state_dict(state: dict, pretrained: Pretrained, opts: FinetuneConfig) -> dict:
     """Plain model weights from a full (possibly LoRA-wrapped) state dict, LoRA merged in."""
     if not opts.lora_rank:
-        return {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+        return {k[len("model.") :] if k.startswith("model.") else k: v for k, v in state.items()}
     from .models.standalone import MDMTransformer
 
     base = MDMTransformer(pretrained.config.model)
     lora = add_lora(base, opts.lora_rank, opts.lora_alpha, opts.lora_targets)
     prefix = "model."
-    lora.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+    lora.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
     return {k: v.detach() for k, v in lora.merge_and_unload().state_dict().items()}
 
 
-def save_lora_adapter(state: dict, opts: FinetuneOptions, path: Path) -> Path:
+def save_lora_adapter(state: dict, opts: FinetuneConfig, path: Path) -> Path:
     """The LoRA weights alone (safetensors, with rank/alpha/targets in the metadata): a few MB to
     share instead of the merged model; :func:`apply_lora_adapter` merges them into a base model."""
     from safetensors.torch import save_file
 
-    lora = {k[len("model."):]: v.contiguous() for k, v in state.items() if "lora_" in k}
+    lora = {k[len("model.") :]: v.contiguous() for k, v in state.items() if "lora_" in k}
     meta = {"rank": str(opts.lora_rank), "alpha": str(opts.lora_alpha), "targets": ",".join(opts.lora_targets)}
     save_file(lora, str(path), metadata=meta)
     return path
@@ -119,28 +93,36 @@ def apply_lora_adapter(model: nn.Module, path) -> nn.Module:
     return wrapped.merge_and_unload()
 
 
-def deepspeed_config(opts: FinetuneOptions, cfg: Config, world: int) -> dict:
+def deepspeed_config(opts: FinetuneConfig, cfg: Config, world: int) -> dict:
     path = Path(opts.deepspeed_config)
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config not found: {path}")
     ds = json.loads(path.read_text())
     d = cfg.data
     if d.global_batch_size % (world * d.micro_batch_size):
-        raise ValueError(f"data.global_batch_size={d.global_batch_size} is not a multiple of "
-                         f"{world} ranks x micro_batch_size {d.micro_batch_size}")
+        raise ValueError(
+            f"data.global_batch_size={d.global_batch_size} is not a multiple of "
+            f"{world} ranks x micro_batch_size {d.micro_batch_size}"
+        )
     ds["train_micro_batch_size_per_gpu"] = d.micro_batch_size
     ds["gradient_accumulation_steps"] = d.global_batch_size // (world * d.micro_batch_size)
     ds["train_batch_size"] = d.global_batch_size
     ds["gradient_clipping"] = opts.clip_grad
     ds["bf16"] = {"enabled": opts.precision == "bf16"}
     ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
-    ds["optimizer"]["params"].update(lr=opts.lr, weight_decay=opts.weight_decay, betas=[cfg.train.adam_beta1,
-                                                                                         cfg.train.adam_beta2])
+    ds["optimizer"]["params"].update(
+        lr=opts.lr, weight_decay=opts.weight_decay, betas=[cfg.optim.adam_beta1, cfg.optim.adam_beta2]
+    )
     if not torch.cuda.is_available():  # DeepSpeed's fused Adam needs CUDA; torch's AdamW is exact on CPU
         ds["optimizer"]["params"]["torch_adam"] = True
-    ds["scheduler"] = {"type": "WarmupCosineLR", "params": {"total_num_steps": max(opts.steps, 1),
-                                                            "warmup_num_steps": opts.warmup_steps,
-                                                            "cos_min_ratio": opts.min_lr / opts.lr}}
+    ds["scheduler"] = {
+        "type": "WarmupCosineLR",
+        "params": {
+            "total_num_steps": max(opts.steps, 1),
+            "warmup_num_steps": opts.warmup_steps,
+            "cos_min_ratio": opts.min_lr / opts.lr,
+        },
+    }
     if opts.offload_optimizer:
         ds.setdefault("zero_optimization", {})["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     ds["steps_per_print"] = 10**9  # megamdm logs itself
@@ -150,25 +132,39 @@ def deepspeed_config(opts: FinetuneOptions, cfg: Config, world: int) -> dict:
 def _init_distributed(device: str) -> tuple[int, int]:
     import deepspeed
 
-    if device == "cpu":
-        # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU-only training (35-80 s per fresh
-        # environment); gloo does the same collectives, so that op is declared unavailable here.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                 ("MASTER_PORT", "29517")):
+    for k, v in (
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29517"),
+    ):
         os.environ.setdefault(k, v)
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
-def finetune(checkpoint, cfg: Config, opts: FinetuneOptions) -> dict:
-    """Run fine-tuning; returns per-step losses (identical on every rank) and the export path."""
+def finetune(checkpoint, cfg: Config, opts: FinetuneConfig | None = None) -> dict:
+    """Run fine-tuning (``opts``: ``cfg.finetune`` unless given); returns per-step losses (identical on
+    every rank, including those of the run this one resumed) and the export path."""
+    import contextlib
+
+    opts = opts or cfg.finetune
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with contextlib.ExitStack() as stack:
+        if device == "cpu":
+            from .compat.deepspeed_cpu import no_shm_comm
+
+            stack.enter_context(no_shm_comm())
+        return _finetune(checkpoint, cfg, opts, device)
+
+
+def _finetune(checkpoint, cfg: Config, opts: FinetuneConfig, device: str) -> dict:
     import deepspeed
 
     from .data.loader import TrainLoader
     from .vq import codebook_hash
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     rank, world = _init_distributed(device)
     if device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -176,10 +172,17 @@ def finetune(checkpoint, cfg: Config, opts: FinetuneOptions) -> dict:
     pre = load_single(checkpoint)
     cfg.model, cfg.text = pre.config.model, pre.config.text
     groups = pre.groups.with_weights(cfg.gce.group_weights)
-    spec = LossSpec(list(groups.group_sizes), list(cfg.gce.group_weights), impl=cfg.gce.impl,
-                    z_loss_weight=cfg.gce.z_loss_weight)
-    loader = TrainLoader(cfg, groups, pre.text_tokenizer, dp_rank=rank, dp_size=world,
-                         codebook_hash=codebook_hash(pre.image_tokenizer.codebook()))
+    spec = LossSpec(
+        list(groups.group_sizes), list(cfg.gce.group_weights), impl=cfg.gce.impl, z_loss_weight=cfg.gce.z_loss_weight
+    )
+    loader = TrainLoader(
+        cfg,
+        groups,
+        pre.text_tokenizer,
+        dp_rank=rank,
+        dp_size=world,
+        codebook_hash=codebook_hash(pre.image_tokenizer.codebook()),
+    )
     export_dtype = next(pre.model.parameters()).dtype
     model = pre.model.float().train()
     model.gradient_checkpointing = opts.gradient_checkpointing
@@ -187,24 +190,28 @@ def finetune(checkpoint, cfg: Config, opts: FinetuneOptions) -> dict:
         model = add_lora(model, opts.lora_rank, opts.lora_alpha, opts.lora_targets)
     step_module = TrainStep(model, spec)
     params = [p for p in step_module.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=step_module, model_parameters=params,
-                                           config=deepspeed_config(opts, cfg, world))
+    engine, _, _, _ = deepspeed.initialize(
+        model=step_module, model_parameters=params, config=deepspeed_config(opts, cfg, world)
+    )
     out = Path(opts.out)
     ckpt_dir = out / "deepspeed"
-    start = 0
+    start, losses = 0, []
     if (ckpt_dir / "latest").is_file():
         _, client = engine.load_checkpoint(str(ckpt_dir))
         start = int(client["step"])
         loader.load_state_dict(client["loader"])
-        opts.losses[:] = client.get("losses", [])
+        losses = list(client.get("losses", []))
         if rank == 0:
             print(f"resumed from {ckpt_dir} at step {start}", flush=True)
     dev = engine.device
     n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3 leaves numel() == 0
     if rank == 0:
-        print(f"megamdm finetune: {world} ranks, ZeRO stage {engine.zero_optimization_stage()}, {device}, "
-              f"{opts.precision}, {n_trainable / 1e6:.2f}M trainable parameters"
-              + (f" (LoRA r={opts.lora_rank})" if opts.lora_rank else ""), flush=True)
+        print(
+            f"megamdm finetune: {world} ranks, ZeRO stage {engine.zero_optimization_stage()}, {device}, "
+            f"{opts.precision}, {n_trainable / 1e6:.2f}M trainable parameters"
+            + (f" (LoRA r={opts.lora_rank})" if opts.lora_rank else ""),
+            flush=True,
+        )
     t0 = time.perf_counter()
     for step in range(start, opts.steps):
         micro = next(loader)
@@ -217,8 +224,7 @@ def finetune(checkpoint, cfg: Config, opts: FinetuneOptions) -> dict:
         scale = engine.gradient_accumulation_steps() * world / total.clamp_min(1.0)
         sums = {"loss": torch.zeros((), device=dev)}
         for b in batches:
-            loss_sum, _, metrics = engine(b.text_ids, b.text_pad_mask, b.image_input, b.target, b.loss_weight,
-                                          b.is_flipped)
+            loss_sum, _, metrics = engine(b.text_ids, b.text_pad_mask, b.image_input, b.target, b.loss_weight, b.is_flipped)
             engine.backward(loss_sum * scale)
             engine.step()
             sums["loss"] += loss_sum.detach()
@@ -228,26 +234,30 @@ def finetune(checkpoint, cfg: Config, opts: FinetuneOptions) -> dict:
         dist.all_reduce(stacked)
         agg = dict(zip(sorted(sums), stacked.tolist()))
         loss = agg["loss"] / max(total.item(), 1.0)
-        opts.losses.append(loss)
+        losses.append(loss)
         if rank == 0 and ((step + 1) % opts.log_interval == 0 or step + 1 == opts.steps):
             dt = time.perf_counter() - t0
             m = reduce_metrics(agg)
-            print(f"step {step + 1:>6d}/{opts.steps} | loss {loss:.4f} | ce {m.get('ce', float('nan')):.4f} | "
-                  f"edit {m.get('edit', float('nan')):.4f} | lr {engine.get_lr()[0]:.3e} | "
-                  f"{cfg.data.global_batch_size * opts.log_interval / dt:.1f} samples/s", flush=True)
+            print(
+                f"step {step + 1:>6d}/{opts.steps} | loss {loss:.4f} | ce {m.get('ce', float('nan')):.4f} | "
+                f"edit {m.get('edit', float('nan')):.4f} | lr {engine.get_lr()[0]:.3e} | "
+                f"{cfg.data.global_batch_size * opts.log_interval / dt:.1f} samples/s",
+                flush=True,
+            )
             t0 = time.perf_counter()
         if (step + 1) % opts.save_interval == 0 or step + 1 == opts.steps:
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step_{step + 1:07d}",
-                                   client_state={"step": step + 1, "loader": loader.state_dict(),
-                                                 "losses": list(opts.losses)})
+            engine.save_checkpoint(
+                str(ckpt_dir),
+                tag=f"step_{step + 1:07d}",
+                client_state={"step": step + 1, "loader": loader.state_dict(), "losses": list(losses)},
+            )
     export = None
     if opts.export:
         export = export_single(engine, pre, opts, out / "single", rank, export_dtype)
-    return {"losses": list(opts.losses), "export": export, "rank": rank}
+    return {"losses": losses, "export": export, "rank": rank}
 
 
-def export_single(engine, pre: Pretrained, opts: FinetuneOptions, out: Path, rank: int,
-                  dtype: torch.dtype) -> Optional[Path]:
+def export_single(engine, pre: Pretrained, opts: FinetuneConfig, out: Path, rank: int, dtype: torch.dtype) -> Path | None:
     """Gather the full weights (ZeRO-3 partitions them) and write the single-GPU format on rank 0."""
     import deepspeed
 
@@ -267,8 +277,15 @@ def export_single(engine, pre: Pretrained, opts: FinetuneOptions, out: Path, ran
         save_lora_adapter(state, opts, out.parent / "lora_adapter.safetensors")
     if rank == 0:
         weights = merged_state_dict(state, pre, opts)
-        path = write_single(out, ((k, v.to(dtype)) for k, v in weights.items()), pre.config, pre.groups,
-                            pre.image_tokenizer, pre.text_tokenizer, overwrite=True)
+        path = write_single(
+            out,
+            ((k, v.to(dtype)) for k, v in weights.items()),
+            pre.config,
+            pre.groups,
+            pre.image_tokenizer,
+            pre.text_tokenizer,
+            overwrite=True,
+        )
         print(f"exported {path}", flush=True)
     dist.barrier()
     return path

@@ -1,17 +1,25 @@
-"""Image grids with captions: training samples, the demo's picture, DPG-style grids."""
+"""The one image-grid helper: training samples, the demo's picture, DPG-Bench 2x2 grids, shard previews."""
 
 from __future__ import annotations
 
 import math
 import textwrap
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
 
-def image_grid(images: Sequence[Image.Image], captions: Optional[Sequence[str]] = None, cols: Optional[int] = None,
-               scale: int = 1, caption_chars: int = 22, title: Optional[str] = None) -> Image.Image:
-    """Tile images row-major; with captions, each tile gets its (wrapped) caption underneath."""
+def image_grid(
+    images: Sequence[Image.Image],
+    captions: Sequence[str] | None = None,
+    cols: int | None = None,
+    scale: int = 1,
+    caption_chars: int = 22,
+    title: str | None = None,
+    pad: int = 4,
+) -> Image.Image:
+    """Tile images row-major, ``pad`` pixels apart; with captions, each tile gets its (wrapped)
+    caption underneath. ``pad=0`` without captions or title is a plain mosaic (a DPG-Bench grid)."""
     n = len(images)
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -21,7 +29,6 @@ def image_grid(images: Sequence[Image.Image], captions: Optional[Sequence[str]] 
     lines = [textwrap.wrap(c, caption_chars) or [""] for c in captions] if captions else [[] for _ in images]
     text_h = (max(len(x) for x in lines) * 11 + 4) if captions else 0
     top = 16 if title else 0
-    pad = 4
     grid = Image.new("RGB", (cols * (w + pad) + pad, top + rows * (h + text_h + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
     if title:

@@ -9,8 +9,8 @@ result does not depend on how the batch is split.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -25,12 +25,10 @@ class LossSpec:
     z_loss_weight: float = 0.0
 
     @classmethod
-    def from_config(cls, gce_cfg, groups=None) -> "LossSpec":
+    def from_config(cls, gce_cfg, groups=None) -> LossSpec:
         sizes = list(groups.group_sizes) if groups is not None else list(gce_cfg.group_sizes)
         if list(gce_cfg.group_sizes) != sizes:
-            raise ValueError(
-                f"gce.group_sizes={list(gce_cfg.group_sizes)} does not match the groups file ({sizes})"
-            )
+            raise ValueError(f"gce.group_sizes={list(gce_cfg.group_sizes)} does not match the groups file ({sizes})")
         return cls(sizes, list(gce_cfg.group_weights), gce_cfg.impl, gce_cfg.z_loss_weight)
 
 
@@ -52,13 +50,11 @@ METRICS = {
 }
 
 
-def select_supervised(hidden: torch.Tensor, target: torch.Tensor, loss_weight: torch.Tensor,
-                      is_flipped: torch.Tensor):
+def select_supervised(hidden: torch.Tensor, target: torch.Tensor, loss_weight: torch.Tensor, is_flipped: torch.Tensor):
     """Flatten ``[..., d]`` hidden states and keep only positions with a positive loss weight."""
     d = hidden.shape[-1]
     keep = loss_weight.reshape(-1) > 0
-    return (hidden.reshape(-1, d)[keep], target.reshape(-1)[keep], loss_weight.reshape(-1)[keep],
-            is_flipped.reshape(-1)[keep])
+    return (hidden.reshape(-1, d)[keep], target.reshape(-1)[keep], loss_weight.reshape(-1)[keep], is_flipped.reshape(-1)[keep])
 
 
 def loss_parts(stats: GCEStats, flipped: torch.Tensor, spec: LossSpec) -> LossParts:
@@ -78,6 +74,26 @@ def loss_parts(stats: GCEStats, flipped: torch.Tensor, spec: LossSpec) -> LossPa
         "n_flipped": flipped.sum().detach().float(),
     }
     return LossParts(loss_sum, torch.tensor(stats.ce.numel(), device=stats.ce.device), metrics)
+
+
+# The one metric schema: the sums a training step reduces over micro-batches and ranks, in this
+# order, as one float vector (``pack_sums`` / ``unpack_sums``); METRICS turns them into means.
+METRIC_SUMS = ("ce_sum", "group_sum", "n_masked", "edit_sum", "n_flipped")
+STEP_SUMS = ("loss_sum", "n_tokens", *METRIC_SUMS)
+
+
+def pack_metric_sums(parts: LossParts) -> torch.Tensor:
+    """``parts.metrics`` as a float vector in METRIC_SUMS order (what a pipeline stage hands on)."""
+    return torch.stack([parts.metrics[k].float() for k in METRIC_SUMS])
+
+
+def pack_step_sums(loss_sum: torch.Tensor, num_tokens: torch.Tensor, metric_sums: torch.Tensor) -> torch.Tensor:
+    """One micro-batch's sums in STEP_SUMS order, detached."""
+    return torch.cat([loss_sum.detach().float().view(1), num_tokens.float().view(1), metric_sums.float()])
+
+
+def unpack_sums(values, names=STEP_SUMS) -> dict[str, float]:
+    return dict(zip(names, [float(v) for v in values]))
 
 
 def reduce_metrics(sums: dict[str, float]) -> dict[str, float]:

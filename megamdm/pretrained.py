@@ -1,4 +1,4 @@
-"""The single-GPU format (DESIGN.md §3): one directory that samples and fine-tunes without Megatron.
+"""The single-GPU format (docs/design.md §3): one directory that samples and fine-tunes without Megatron.
 
     config.json                   format version, model / text / image-tokenizer / GCE settings
     model.safetensors             weights (above 5 GiB: model-0000K-of-0000N.safetensors + index json)
@@ -19,15 +19,17 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import Config, GCEConfig, ModelConfig, SampleConfig, TextConfig, section_from_dict
+from .errors import MegamdmError
 from .gce import GCEGroups
 from .models.standalone import MDMTransformer
 from .text import load_text_tokenizer
@@ -45,7 +47,7 @@ MAX_SHARD_BYTES = 5 * 2**30
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MegamdmError):
     """A single-GPU-format directory is missing, incomplete or inconsistent."""
 
 
@@ -111,8 +113,11 @@ def _config_json(cfg: Config, groups: GCEGroups, text_tok_rel: str, image_kind: 
         "model": dataclasses.asdict(cfg.model),
         "text": text,
         "image_tokenizer": {"kind": image_kind, "path": IMAGE_TOKENIZER_DIR},
-        "gce": {"groups_file": GROUPS_FILE, "group_sizes": list(groups.group_sizes),
-                "group_weights": list(groups.group_weights)},
+        "gce": {
+            "groups_file": GROUPS_FILE,
+            "group_sizes": list(groups.group_sizes),
+            "group_weights": list(groups.group_weights),
+        },
         "sample": dataclasses.asdict(cfg.sample),
     }
 
@@ -133,8 +138,9 @@ def write_single(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
     if groups.vocab_size != cfg.model.image_vocab_size:
-        raise CheckpointError(f"GCE groups cover {groups.vocab_size} ids but the model's image vocabulary "
-                              f"is {cfg.model.image_vocab_size}")
+        raise CheckpointError(
+            f"GCE groups cover {groups.vocab_size} ids but the model's image vocabulary is {cfg.model.image_vocab_size}"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -160,8 +166,9 @@ def write_single(
     return out
 
 
-def save_single(directory, model: MDMTransformer, cfg: Config, groups: GCEGroups, image_tokenizer,
-                text_tokenizer, **kw) -> Path:
+def save_single(
+    directory, model: MDMTransformer, cfg: Config, groups: GCEGroups, image_tokenizer, text_tokenizer, **kw
+) -> Path:
     return write_single(directory, model.state_dict().items(), cfg, groups, image_tokenizer, text_tokenizer, **kw)
 
 
@@ -180,14 +187,14 @@ def read_config(directory) -> tuple[Config, dict]:
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{cpath}: format is {raw.get('format')!r}, expected {FORMAT!r}")
     if int(raw.get("format_version", -1)) > FORMAT_VERSION:
-        raise CheckpointError(f"{cpath}: format_version {raw['format_version']} is newer than this megamdm "
-                              f"({FORMAT_VERSION}); upgrade megamdm")
+        raise CheckpointError(
+            f"{cpath}: format_version {raw['format_version']} is newer than this megamdm ({FORMAT_VERSION}); upgrade megamdm"
+        )
     try:
         cfg = Config(
             model=section_from_dict(ModelConfig, raw["model"], f"{cpath} [model]"),
             text=section_from_dict(TextConfig, raw["text"], f"{cpath} [text]"),
-            gce=section_from_dict(GCEConfig, {k: raw["gce"][k] for k in ("group_sizes", "group_weights")},
-                                  f"{cpath} [gce]"),
+            gce=section_from_dict(GCEConfig, {k: raw["gce"][k] for k in ("group_sizes", "group_weights")}, f"{cpath} [gce]"),
             sample=section_from_dict(SampleConfig, raw.get("sample", {}), f"{cpath} [sample]"),
         )
     except KeyError as e:
@@ -249,8 +256,9 @@ def _check_weights(files: dict[str, Path], model: MDMTransformer, where) -> None
         raise CheckpointError(f"{where}: weights do not match config.json: {shown}")
 
 
-def load_single(directory, *, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
-                load_tokenizers: bool = True) -> Pretrained:
+def load_single(
+    directory, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, load_tokenizers: bool = True
+) -> Pretrained:
     """Load a single-GPU-format directory; everything is checked before weights are read."""
     d = Path(directory)
     cfg, _ = read_config(d)
@@ -263,21 +271,26 @@ def load_single(directory, *, device: str | torch.device = "cpu", dtype: Optiona
         raise CheckpointError(f"{d}: missing {GROUPS_FILE}")
     groups = GCEGroups.load(groups_path).with_weights(cfg.gce.group_weights)
     if groups.vocab_size != cfg.model.image_vocab_size:
-        raise CheckpointError(f"{groups_path}: {groups.vocab_size} ids, but model.image_vocab_size is "
-                              f"{cfg.model.image_vocab_size}")
+        raise CheckpointError(
+            f"{groups_path}: {groups.vocab_size} ids, but model.image_vocab_size is {cfg.model.image_vocab_size}"
+        )
     image_tok = text_tok = None
     if load_tokenizers:
         image_tok = load_image_tokenizer(cfg.image_tokenizer.kind, cfg.image_tokenizer.path)
         if image_tok.vocab_size != cfg.model.image_vocab_size:
-            raise CheckpointError(f"{d}: image tokenizer has {image_tok.vocab_size} codes, model expects "
-                                  f"{cfg.model.image_vocab_size}")
+            raise CheckpointError(
+                f"{d}: image tokenizer has {image_tok.vocab_size} codes, model expects {cfg.model.image_vocab_size}"
+            )
         if groups.codebook_hash and groups.codebook_hash not in image_tok.name:
-            raise CheckpointError(f"{d}: {GROUPS_FILE} was built for codebook {groups.codebook_hash}, not for "
-                                  f"the image tokenizer {image_tok.name}")
+            raise CheckpointError(
+                f"{d}: {GROUPS_FILE} was built for codebook {groups.codebook_hash}, not for "
+                f"the image tokenizer {image_tok.name}"
+            )
         text_tok = load_text_tokenizer(cfg.text.tokenizer, cfg.text.mask_token)
         if text_tok.vocab_size > cfg.model.text_vocab_size:
-            raise CheckpointError(f"{d}: text tokenizer has {text_tok.vocab_size} ids, model.text_vocab_size is "
-                                  f"{cfg.model.text_vocab_size}")
+            raise CheckpointError(
+                f"{d}: text tokenizer has {text_tok.vocab_size} ids, model.text_vocab_size is {cfg.model.text_vocab_size}"
+            )
     state = {}
     by_file: dict[Path, list[str]] = {}
     for name, p in files.items():

@@ -1,4 +1,4 @@
-"""Sampling with token editing (DESIGN.md §1.3) and the diffusers-style :class:`MDMSampler`.
+"""Sampling with token editing (docs/design.md §1.3) and the diffusers-style :class:`MDMSampler`.
 
 Each step: one forward pass predicts every image position (cond and uncond in one batch,
 ``z = (1 + s) z_cond - s z_uncond``, uncond = the masked prompt); a token ``x0`` is sampled per
@@ -17,51 +17,19 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .config import SampleSettings, choices
 from .diffusion import unmask_counts
 
-POLICIES = ("gumbel", "maskgit", "stratified")
-SCHEDULES = ("shift", "cosine")
-
-
-@dataclass
-class SampleSettings:
-    steps: int = 20
-    cfg: float = 5.0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    schedule: str = "shift"
-    shift: float = 3.0
-    policy: str = "gumbel"
-    gumbel_temperature: float = 1.0
-    edit_threshold: float = 0.0
-
-    def validate(self) -> "SampleSettings":
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; allowed: {', '.join(POLICIES)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        return self
-
-    @property
-    def editing(self) -> bool:
-        return self.edit_threshold > 0
+POLICIES = choices(SampleSettings, "policy")
+SCHEDULES = choices(SampleSettings, "schedule")
 
 
 @dataclass
@@ -131,7 +99,7 @@ def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
-def _editable_rows(logits: torch.Tensor, unmasked: torch.Tensor, st: "SampleSettings") -> torch.Tensor:
+def _editable_rows(logits: torch.Tensor, unmasked: torch.Tensor, st: SampleSettings) -> torch.Tensor:
     """Already-unmasked positions that *could* be edited: their top probability exceeds the
     threshold. Elsewhere no sampled token can pass it, so sampling there is skipped."""
     idx = unmasked.nonzero().squeeze(1)
@@ -142,8 +110,15 @@ def _editable_rows(logits: torch.Tensor, unmasked: torch.Tensor, st: "SampleSett
     return idx[top_p > st.edit_threshold]
 
 
-def _choose(policy: str, conf: torch.Tensor, masked: torch.Tensor, n: int, rank: torch.Tensor,
-            gumbel_temperature: float, gen: torch.Generator) -> torch.Tensor:
+def _choose(
+    policy: str,
+    conf: torch.Tensor,
+    masked: torch.Tensor,
+    n: int,
+    rank: torch.Tensor,
+    gumbel_temperature: float,
+    gen: torch.Generator,
+) -> torch.Tensor:
     """Indices of ``n`` masked positions to commit (one image; ``conf``/``masked`` are ``[N]``)."""
     if n <= 0:
         return torch.empty(0, dtype=torch.long, device=conf.device)
@@ -168,8 +143,8 @@ def sample_tokens(
     settings: SampleSettings,
     generators: Sequence[torch.Generator],
     *,
-    progress: Optional[tqdm] = None,
-    on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
+    progress: tqdm | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> SampleResult:
     """Run the sampling loop from ``init [B, h, w]`` (MASK where to generate).
 
@@ -179,8 +154,9 @@ def sample_tokens(
     b, h, w = x.shape
     flat = x.view(b, h * w)
     rank = stratified_order(h, w) if settings.policy == "stratified" else None
-    schedules = [unmask_counts(int((flat[i] == mask_id).sum()), settings.steps, settings.schedule, settings.shift)
-                 for i in range(b)]
+    schedules = [
+        unmask_counts(int((flat[i] == mask_id).sum()), settings.steps, settings.schedule, settings.shift) for i in range(b)
+    ]
     result = SampleResult(flat.view(b, h, w), [[] for _ in range(b)], [[] for _ in range(b)])
     for k in range(settings.steps):
         logits = logits_fn(flat.view(b, h, w)).reshape(b, h * w, -1)
@@ -197,8 +173,7 @@ def sample_tokens(
                 pick = _draw(probs, generators[i]) if settings.temperature > 0 else probs.argmax(-1)
                 x0[rows] = pick
                 conf[rows] = probs.gather(1, pick[:, None]).squeeze(1)
-            chosen = _choose(settings.policy, conf, masked, schedules[i][k], rank,
-                             settings.gumbel_temperature, generators[i])
+            chosen = _choose(settings.policy, conf, masked, schedules[i][k], rank, settings.gumbel_temperature, generators[i])
             committed = torch.zeros_like(masked)
             committed[chosen] = True
             edits = 0
@@ -231,8 +206,14 @@ class SamplerOutput:
 def _dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
     if dtype not in table:
         raise ValueError(f"unknown dtype {dtype!r}; allowed: bf16, fp16, fp32")
     return table[dtype]
@@ -241,9 +222,9 @@ def _dtype(dtype) -> torch.dtype:
 class MDMSampler:
     """Prompts in, PIL images out, in the style of a diffusers pipeline.
 
-        sampler = MDMSampler.from_pretrained("ckpt/", device="cuda", dtype="bf16")
-        out = sampler(["a red circle"], steps=20, cfg=5.0, edit_threshold=0.9, seed=0)
-        out.images[0].save("x.png")
+    sampler = MDMSampler.from_pretrained("ckpt/", device="cuda", dtype="bf16")
+    out = sampler(["a red circle"], steps=20, cfg=5.0, edit_threshold=0.9, seed=0)
+    out.images[0].save("x.png")
     """
 
     def __init__(self, pretrained, device="cpu", dtype="fp32", compile: bool = False):
@@ -260,17 +241,14 @@ class MDMSampler:
         self._forward = torch.compile(self.model.logits, dynamic=False) if compile else self.model.logits
 
     @classmethod
-    def from_pretrained(cls, path, device: Optional[str] = None, dtype="bf16", compile: bool = False) -> "MDMSampler":
+    def from_pretrained(cls, path, device: str | None = None, dtype="bf16", compile: bool = False) -> MDMSampler:
         from .pretrained import load_single
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return cls(load_single(path), device=device, dtype=dtype, compile=compile)
 
     def default_settings(self, **overrides) -> SampleSettings:
-        s = self.cfg.sample
-        base = SampleSettings(steps=s.steps, cfg=s.cfg, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                              schedule=s.schedule, shift=s.shift, policy=s.policy,
-                              gumbel_temperature=s.gumbel_temperature, edit_threshold=s.edit_threshold)
+        base = self.cfg.sample.settings()
         for k, v in overrides.items():
             if v is not None:
                 setattr(base, k, v)
@@ -280,8 +258,10 @@ class MDMSampler:
         from .text import format_prompt, tokenize_prompts
 
         t = self.cfg.text
-        texts = [format_prompt(p, width=width, height=height, score=t.default_score,
-                               micro_conditioning=t.micro_conditioning) for p in prompts]
+        texts = [
+            format_prompt(p, width=width, height=height, score=t.default_score, micro_conditioning=t.micro_conditioning)
+            for p in prompts
+        ]
         return tokenize_prompts(self.text_tokenizer, texts, t.max_len)
 
     def logits_fn(self, text_ids, text_pad, guidance: float):
@@ -316,11 +296,14 @@ class MDMSampler:
         if mask is None:
             raise ValueError("--init-image needs --mask (white = regenerate)")
         if init_image.size != mask.size:
-            raise ValueError(f"mask size {mask.size[0]}x{mask.size[1]} does not match the image size "
-                             f"{init_image.size[0]}x{init_image.size[1]}")
+            raise ValueError(
+                f"mask size {mask.size[0]}x{mask.size[1]} does not match the image size "
+                f"{init_image.size[0]}x{init_image.size[1]}"
+            )
         if (init_image.size[1], init_image.size[0]) != (height, width):
-            raise ValueError(f"init image is {init_image.size[0]}x{init_image.size[1]}, but the requested size is "
-                             f"{width}x{height}")
+            raise ValueError(
+                f"init image is {init_image.size[0]}x{init_image.size[1]}, but the requested size is {width}x{height}"
+            )
         f = self.image_tokenizer.downsample
         ids = self.image_tokenizer.encode(pil_to_tensor([init_image]).to(self.device))
         m = torch.from_numpy(np.asarray(mask.convert("L")) > 127)
@@ -329,10 +312,21 @@ class MDMSampler:
         start[tm] = self.cfg.model.image_mask_id
         return start
 
-    def __call__(self, prompts, *, height: Optional[int] = None, width: Optional[int] = None,
-                 num_images_per_prompt: int = 1, seed: Optional[int] = None, seeds: Optional[Sequence[int]] = None,
-                 batch_size: Optional[int] = None, init_image=None, mask=None, progress: bool = True,
-                 **settings) -> SamplerOutput:
+    def __call__(
+        self,
+        prompts,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int | None = None,
+        seeds: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        init_image=None,
+        mask=None,
+        progress: bool = True,
+        **settings,
+    ) -> SamplerOutput:
         """Generate ``num_images_per_prompt`` images per prompt. Image ``j`` of prompt ``i`` is drawn
         with seed ``seeds[i] + j`` (default ``seeds[i] = seed + i * num_images_per_prompt``), so it
         does not depend on batching. Keyword settings override the checkpoint's sampling defaults."""
@@ -360,8 +354,7 @@ class MDMSampler:
         start = self.prepare_inpainting(init_image, mask, height, width) if init_image is not None else None
         images, tokens, edits = [], [], []
         t0 = time.time()
-        bar = tqdm(total=math.ceil(len(jobs) / bs) * st.steps, desc="sampling", unit="step", disable=not progress,
-                   leave=False)
+        bar = tqdm(total=math.ceil(len(jobs) / bs) * st.steps, desc="sampling", unit="step", disable=not progress, leave=False)
         for s in range(0, len(jobs), bs):
             chunk = jobs[s : s + bs]
             ids, pad = self.encode_prompts([p for p, _ in chunk], height, width)
@@ -369,14 +362,18 @@ class MDMSampler:
             if start is not None:
                 init[:] = start
             gens = [torch.Generator(self.device).manual_seed(sd) for _, sd in chunk]
-            res = sample_tokens(self.logits_fn(ids, pad, st.cfg), init.to(self.device), mask_id, st, gens,
-                                progress=bar)
+            res = sample_tokens(self.logits_fn(ids, pad, st.cfg), init.to(self.device), mask_id, st, gens, progress=bar)
             tok = self.groups.to_tokenizer(res.tokens.cpu())
             pix = self.image_tokenizer.decode(tok.to(self.device))
             images += tensor_to_pil(pix.float().cpu())
             tokens.append(tok)
             edits += res.edits_per_step
         bar.close()
-        settings_out = {**st.__dict__, "height": height, "width": width, "seeds": [sd for _, sd in jobs],
-                        "dtype": str(self.dtype).replace("torch.", "")}
+        settings_out = {
+            **st.__dict__,
+            "height": height,
+            "width": width,
+            "seeds": [sd for _, sd in jobs],
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
         return SamplerOutput(images, torch.cat(tokens), edits, settings_out, time.time() - t0)

@@ -10,8 +10,9 @@ unconditional branch of classifier-free guidance.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -22,7 +23,7 @@ def format_prompt(
     width: int,
     height: int,
     crop: tuple[int, int] = (0, 0),
-    score: Optional[float] = 6.5,
+    score: float | None = 6.5,
     micro_conditioning: bool = True,
 ) -> str:
     """``"<caption> | size WxH | crop T,L | score S"``: SDXL-style micro-conditioning as plain text."""
@@ -62,7 +63,7 @@ class ByteTokenizer:
 class HFTokenizer:
     """A Hugging Face fast tokenizer (``tokenizer.json``) from a local directory; no download."""
 
-    def __init__(self, directory: str | Path, mask_token: Optional[str] = None):
+    def __init__(self, directory: str | Path, mask_token: str | None = None):
         try:
             from tokenizers import Tokenizer
         except ImportError as e:
@@ -99,21 +100,19 @@ class HFTokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
 
-def _token_str(tok) -> Optional[str]:
+def _token_str(tok) -> str | None:
     if isinstance(tok, dict):
         return tok.get("content")
     return tok
 
 
-def load_text_tokenizer(spec: str, mask_token: Optional[str] = None) -> TextTokenizer:
+def load_text_tokenizer(spec: str, mask_token: str | None = None) -> TextTokenizer:
     if spec == "byte":
         return ByteTokenizer()
     return HFTokenizer(spec, mask_token=mask_token)
 
 
-def tokenize_prompts(
-    tokenizer: TextTokenizer, prompts: Sequence[str], max_len: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_prompts(tokenizer: TextTokenizer, prompts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids ``[B, max_len]`` (long) and the padding mask ``[B, max_len]`` (True = padding).
 
     Prompts longer than ``max_len`` are truncated at the end (the micro-conditioning suffix would

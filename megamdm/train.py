@@ -1,6 +1,6 @@
 """Pretraining entry point, launched by torchrun or srun (one task per GPU):
 
-    torchrun --nproc-per-node 8 -m megamdm.train --config configs/pretrain_256.yaml [key=value ...]
+torchrun --nproc-per-node 8 -m megamdm.train --config configs/pretrain_256.yaml [key=value ...]
 """
 
 from __future__ import annotations
@@ -12,17 +12,20 @@ from .config import add_config_args, parse_config_args
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m megamdm.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m megamdm.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_config_args(ap)
     _, cfg = parse_config_args(ap, argv)
-    from .training.loop import pretrain
+    from .compat.quiet import library_notices_hidden
     from .training.parallel import teardown
+    from .training.trainer import pretrain
 
-    try:
-        pretrain(cfg)
-    finally:
-        teardown()
+    with library_notices_hidden():
+        try:
+            pretrain(cfg)
+        finally:
+            teardown()
     return 0
 
 

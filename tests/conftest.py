@@ -25,8 +25,16 @@ from megamdm.vq import KMeansPatchTokenizer, codebook_hash
 @pytest.fixture
 def tiny_model_cfg():
     """A very small model: fast enough for many forward passes on CPU."""
-    return ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, head_dim=16,
-                       ffn_hidden_size=128, image_vocab_size=64, text_vocab_size=384)
+    return ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        head_dim=16,
+        ffn_hidden_size=128,
+        image_vocab_size=64,
+        text_vocab_size=384,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -51,3 +59,13 @@ def toy_dataset(tmp_path_factory):
     write_part(root / "ds.zarr", "00000", {"32x32": b}, {"codebook_hash": h})
     consolidate(root / "ds.zarr", tokenizer=tok.name, codebook_hash=h)
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where CUDA is available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="marked gpu: needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -8,8 +8,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_defaults_files_and_overrides(tmp_path):
-    cfg = load_config(CONFIGS / "model/tiny.yaml", ["model.num_layers=6", "gce.group_sizes=[4,16]",
-                                                  "gce.group_weights=[0.1,0.05]"])
+    cfg = load_config(
+        CONFIGS / "model/tiny.yaml", ["model.num_layers=6", "gce.group_sizes=[4,16]", "gce.group_weights=[0.1,0.05]"]
+    )
     assert cfg.model.num_layers == 6
     assert cfg.model.hidden_size == 128  # from the file
     assert cfg.gce.group_sizes == [4, 16]
@@ -33,7 +34,7 @@ def test_unknown_key_names_key_and_file(tmp_path):
 def test_wrong_type_names_key_and_source(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("train:\n  lr: fast\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml.*train.lr"):
+    with pytest.raises(ConfigError, match=r"bad.yaml.*optim.lr"):
         load_config(p)
     with pytest.raises(ConfigError, match=r"command line.*model.hidden_size"):
         load_config(None, ["model.hidden_size=big"])
@@ -44,10 +45,22 @@ def test_semantic_validation():
         load_config(None, ["gce.group_sizes=[8,64]", "gce.group_weights=[0.2]"])
     with pytest.raises(ConfigError, match="num_query_groups"):
         load_config(None, ["model.num_attention_heads=6", "model.num_query_groups=4"])
-    with pytest.raises(ConfigError, match=r"train.lr_decay_style='wsd' is not one of cosine, .*WSD"):
-        load_config(None, ["train.lr_decay_style=wsd"])
+    with pytest.raises(ConfigError, match=r"optim.lr_decay_style='wsd' is not one of cosine, .*WSD"):
+        load_config(None, ["optim.lr_decay_style=wsd"])
     with pytest.raises(ConfigError, match=r"lr_wsd_decay_fraction=0.0 must be in \(0, 1\]"):
-        load_config(None, ["train.lr_decay_style=WSD", "train.lr_wsd_decay_fraction=0"])
+        load_config(None, ["optim.lr_decay_style=WSD", "optim.lr_wsd_decay_fraction=0"])
+
+
+def test_keys_moved_out_of_train_are_named_and_old_saved_configs_migrate(tmp_path):
+    with pytest.raises(ConfigError, match=r"command line: train.lr is now optim.lr$"):
+        load_config(None, ["train.lr=1e-3"])
+    old = tmp_path / "config.yaml"  # what a checkpoint of megamdm < 0.2 holds
+    old.write_text("train: {steps: 7, lr: 0.002, tensor_parallel: 2, save_dir: runs/x, log_interval: 5}\n")
+    with pytest.raises(ConfigError, match=r"train.lr is now optim.lr \(and 3 more train.\* keys moved likewise\)"):
+        load_config(old)
+    cfg = load_config(old, migrate=True)
+    assert (cfg.train.steps, cfg.optim.lr, cfg.parallel.tensor_parallel) == (7, 0.002, 2)
+    assert (cfg.checkpoint.save_dir, cfg.logging.log_interval) == ("runs/x", 5)
 
 
 @pytest.mark.parametrize("style", ["cosine", "WSD"])
@@ -55,15 +68,15 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr(style):
     pytest.importorskip("megatron.core")
     import torch
 
-    from megamdm.config import TrainConfig
+    from megamdm.config import OptimConfig
     from megamdm.training.optim import build_scheduler
 
-    train = TrainConfig(steps=1000, warmup_steps=100, lr=1e-3, min_lr=1e-4, lr_decay_style=style,
-                        lr_wsd_decay_fraction=0.25)
+    optim = OptimConfig(warmup_steps=100, lr=1e-3, min_lr=1e-4, lr_decay_style=style, lr_wsd_decay_fraction=0.25)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
-    sched = build_scheduler(opt, train)
+    steps = 1000
+    sched = build_scheduler(opt, optim, steps)
     lrs = []
-    for _ in range(train.steps):
+    for _ in range(steps):
         sched.step(1)
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs[49] == pytest.approx(0.5e-3) and lrs[99] == pytest.approx(1e-3)  # linear warmup

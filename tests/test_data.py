@@ -56,8 +56,9 @@ def shards_dir(tmp_path_factory):
         img = smooth(i, h, w)
         fmt, ext = ("PNG", "png") if i % 4 == 1 else ("JPEG", "jpg")
         key = f"{i:09d}"
-        samples.append((key, encode(img, fmt), ext, f"caption number {i}", {"width": w, "height": h,
-                                                                            "aesthetic_score": 5.0 + i / 10}))
+        samples.append(
+            (key, encode(img, fmt), ext, f"caption number {i}", {"width": w, "height": h, "aesthetic_score": 5.0 + i / 10})
+        )
         if (h, w) == (64, 64) and fmt == "PNG":
             exact[key] = img
     good_jpeg = encode(smooth(99, 64, 64), "JPEG")
@@ -66,8 +67,7 @@ def shards_dir(tmp_path_factory):
     samples.append(("000000102", encode(smooth(5, 64, 64), "JPEG"), "jpg", None, {}))  # no caption
     samples.append(("000000103", encode(smooth(6, 32, 48), "JPEG"), "jpg", "too small", {}))
     write_shard(d / "00000.tar", samples)
-    second = [(f"{1000 + i:09d}", encode(smooth(200 + i, 64, 64), "PNG"), "png", f"second {i}", {})
-              for i in range(6)]
+    second = [(f"{1000 + i:09d}", encode(smooth(200 + i, 64, 64), "PNG"), "png", f"second {i}", {}) for i in range(6)]
     write_shard(d / "00001.tar", second)
     raw = (d / "00001.tar").read_bytes()
     (d / "00001.tar").write_bytes(raw[: int(len(raw) * 0.7)])  # a truncated tar
@@ -75,10 +75,27 @@ def shards_dir(tmp_path_factory):
 
 
 def preprocess(shards_dir, out, tokenizer_dir, *extra):
-    r = subprocess.run([sys.executable, str(ROOT / "tools/preprocess.py"), "--input", str(shards_dir / "*.tar"),
-                        "--out", str(out), "--tokenizer", str(tokenizer_dir), "--resolution", "64", "--quiet",
-                        "--batch-size", "4", *extra], capture_output=True, text=True, env={**os.environ, "RANK": "0",
-                                                                                         "WORLD_SIZE": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/preprocess.py"),
+            "--input",
+            str(shards_dir / "*.tar"),
+            "--out",
+            str(out),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--resolution",
+            "64",
+            "--quiet",
+            "--batch-size",
+            "4",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RANK": "0", "WORLD_SIZE": "1"},
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -114,8 +131,14 @@ def _bucket(n, h, w, seed):
     g = np.random.default_rng(seed)
     b = BucketBuffer()
     for i in range(n):
-        b.add(g.integers(0, V, (h, w)), f"cap é {seed}-{i}", f"k{seed}-{i}", (w * 4, h * 4), (i, 2 * i),
-              None if i % 2 else 0.5 * i)
+        b.add(
+            g.integers(0, V, (h, w)),
+            f"cap é {seed}-{i}",
+            f"k{seed}-{i}",
+            (w * 4, h * 4),
+            (i, 2 * i),
+            None if i % 2 else 0.5 * i,
+        )
     return b
 
 
@@ -123,8 +146,12 @@ def _bucket(n, h, w, seed):
 def toy_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("ds") / "toy.zarr"
     for p in range(3):
-        write_part(root, f"{p:05d}", {"8x8": _bucket(40 + p, 8, 8, p), "8x16": _bucket(20, 8, 16, 10 + p)},
-                   {"codebook_hash": "abc", "skipped": {"corrupt_image": p}})
+        write_part(
+            root,
+            f"{p:05d}",
+            {"8x8": _bucket(40 + p, 8, 8, p), "8x16": _bucket(20, 8, 16, 10 + p)},
+            {"codebook_hash": "abc", "skipped": {"corrupt_image": p}},
+        )
     consolidate(root, tokenizer="toy", codebook_hash="abc")
     return root
 
@@ -156,15 +183,16 @@ def test_zarr_round_trip_and_backends_agree(toy_dataset):
 
 
 def loader_cfg(root, dp_batch=8, mbs=2, workers=0, seed=5):
-    return Config(model=ModelConfig(image_vocab_size=V), data=DataConfig(
-        shards=[str(root)], micro_batch_size=mbs, global_batch_size=dp_batch, num_workers=workers, seed=seed),
-        diffusion=DiffusionConfig(prompt_drop=0.1))
+    return Config(
+        model=ModelConfig(image_vocab_size=V),
+        data=DataConfig(shards=[str(root)], micro_batch_size=mbs, global_batch_size=dp_batch, num_workers=workers, seed=seed),
+        diffusion=DiffusionConfig(prompt_drop=0.1),
+    )
 
 
 def _loader(root, rank, size, **kw):
     cfg = loader_cfg(root, **kw)
-    return TrainLoader(cfg, GCEGroups.identity(V, [8], [0.2]), ByteTokenizer(), dp_rank=rank, dp_size=size,
-                       codebook_hash="abc")
+    return TrainLoader(cfg, GCEGroups.identity(V, [8], [0.2]), ByteTokenizer(), dp_rank=rank, dp_size=size, codebook_hash="abc")
 
 
 def test_two_ranks_see_disjoint_samples_covering_the_epoch(toy_dataset):
@@ -242,12 +270,19 @@ def test_codebook_hash_helper(tokenizer_dir):
 
 @pytest.mark.timeout(120)
 def test_preprocess_stops_when_a_worker_dies(shards_dir, tmp_path):
-    from megamdm.data.preprocess import PreprocessOptions, run
+    from megamdm.config import PreprocessConfig
+    from megamdm.data.preprocess import run
 
     # the workers cannot load the tokenizer: they die before sending their end-of-work marker
     with pytest.raises(RuntimeError, match="a preprocessing worker failed with exit code 1"):
-        run(sorted(shards_dir.glob("*.tar")), tmp_path / "ds.zarr", tmp_path / "no_tokenizer",
-            PreprocessOptions(resolution=64, batch_size=4), workers=2, progress=False)
+        run(
+            sorted(shards_dir.glob("*.tar")),
+            tmp_path / "ds.zarr",
+            tmp_path / "no_tokenizer",
+            PreprocessConfig(resolution=64, batch_size=4),
+            workers=2,
+            progress=False,
+        )
 
 
 def _racing_writer(root, i, barrier, results):

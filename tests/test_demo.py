@@ -1,4 +1,4 @@
-"""The README's main job, shortened: every stage of tools/demo.py runs end to end (a few training steps)."""
+"""The README's main job, shortened: every stage of the demo (megamdm/demo/run.py) runs end to end (a few training steps)."""
 
 import json
 import subprocess
@@ -15,6 +15,7 @@ pytest.importorskip("nvidia.dali")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_quick_demo_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
@@ -22,8 +23,12 @@ def test_quick_demo_runs_every_stage(tmp_path):
     (out / "run/latest_checkpointed_iteration.txt").write_text("999\n")
     (out / ".megamdm-demo").touch()
     # more codes than the 1500 images have distinct patches: each patch gets its own (in whole GCE groups)
-    r = subprocess.run([sys.executable, ROOT / "tools/demo.py", "--quick", "--vocab", "100000", "--out", out],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, ROOT / "tools/demo.py", "--quick", "--vocab", "100000", "--out", out],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "starting fresh" in r.stdout
     distinct = int(r.stdout.split(" distinct patches)")[0].rsplit(" ", 1)[1])
@@ -49,7 +54,7 @@ def test_quick_demo_runs_every_stage(tmp_path):
     scores = json.loads((out / "scores.json").read_text())
     assert scores["off"]["n_single"] == 4 and scores["off"]["n_two"] == 4
     assert "single-object" in r.stdout and "two-object" in r.stdout
-    from megamdm.shapes import parse_caption
+    from megamdm.demo.shapesworld import parse_caption
 
     captions = []
     for p in sorted((out / "data/wds").glob("*.tar")):
@@ -60,8 +65,12 @@ def test_quick_demo_runs_every_stage(tmp_path):
 
 
 def test_demo_rejects_a_two_object_share_outside_0_1(tmp_path):
-    r = subprocess.run([sys.executable, ROOT / "tools/demo.py", "--two-prob", "1.5", "--out", tmp_path],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, ROOT / "tools/demo.py", "--two-prob", "1.5", "--out", tmp_path],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 2 and "--two-prob 1.5 must be in [0, 1]" in r.stderr
     assert not any(tmp_path.iterdir())
 
@@ -69,8 +78,9 @@ def test_demo_rejects_a_two_object_share_outside_0_1(tmp_path):
 def test_demo_refuses_to_clear_a_directory_it_did_not_write(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data/mine.txt").write_text("keep me")
-    r = subprocess.run([sys.executable, ROOT / "tools/demo.py", "--quick", "--out", tmp_path], capture_output=True,
-                       text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, ROOT / "tools/demo.py", "--quick", "--out", tmp_path], capture_output=True, text=True, cwd=ROOT
+    )
     assert r.returncode == 2
     assert "not written by the demo" in r.stderr and "[1/8]" not in r.stdout
     assert (tmp_path / "data/mine.txt").read_text() == "keep me"

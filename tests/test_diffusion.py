@@ -11,14 +11,16 @@ V, MASK_TEXT = 64, 257
 
 def make(b=8, h=8, w=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, V, (b, h, w), generator=g), torch.randint(0, 256, (b, 12), generator=g),
-            torch.zeros(b, 12, dtype=torch.bool))
+    return (
+        torch.randint(0, V, (b, h, w), generator=g),
+        torch.randint(0, 256, (b, 12), generator=g),
+        torch.zeros(b, 12, dtype=torch.bool),
+    )
 
 
 def run(cfg, seeds, group=8, **kw):
     img, txt, pad = make(b=len(seeds), **kw)
-    return img, corrupt_batch(img, txt, pad, cfg, vocab_size=V, text_mask_id=MASK_TEXT, flip_group_size=group,
-                              seeds=seeds)
+    return img, corrupt_batch(img, txt, pad, cfg, vocab_size=V, text_mask_id=MASK_TEXT, flip_group_size=group, seeds=seeds)
 
 
 @pytest.mark.parametrize("schedule", ["uniform", "cosine", "logit_normal"])
@@ -60,8 +62,7 @@ def test_prompt_drop_rate_within_bounds():
     cfg = DiffusionConfig(prompt_drop=0.1)
     n = 4000
     img, txt, pad = torch.zeros(n, 2, 2, dtype=torch.long), torch.randint(0, 256, (n, 5)), torch.rand(n, 5) < 0.3
-    c = corrupt_batch(img, txt, pad, cfg, vocab_size=V, text_mask_id=MASK_TEXT, flip_group_size=8,
-                      seeds=range(n))
+    c = corrupt_batch(img, txt, pad, cfg, vocab_size=V, text_mask_id=MASK_TEXT, flip_group_size=8, seeds=range(n))
     dropped = (c.text_ids == MASK_TEXT).all(1)
     assert not c.text_pad_mask[dropped].any()  # a dropped prompt has no padding
     rate = dropped.float().mean().item()
@@ -75,8 +76,7 @@ def test_corruption_is_a_function_of_the_sample_seed():
     cfg = DiffusionConfig()
     img, txt, pad = make(b=4)
     a = corrupt_batch(img, txt, pad, cfg, vocab_size=V, text_mask_id=MASK_TEXT, flip_group_size=8, seeds=[5, 6, 7, 8])
-    b = corrupt_batch(img[2:], txt[2:], pad[2:], cfg, vocab_size=V, text_mask_id=MASK_TEXT, flip_group_size=8,
-                      seeds=[7, 8])
+    b = corrupt_batch(img[2:], txt[2:], pad[2:], cfg, vocab_size=V, text_mask_id=MASK_TEXT, flip_group_size=8, seeds=[7, 8])
     assert torch.equal(a.image_input[2:], b.image_input)
 
 

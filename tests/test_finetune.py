@@ -10,9 +10,13 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from megamdm.config import Config, DataConfig, DiffusionConfig  # noqa: E402
+from megamdm.config import (  # noqa: E402
+    Config,
+    DataConfig,
+    DiffusionConfig,
+    FinetuneConfig,  # noqa: E402
+)
 from megamdm.data.loader import TrainLoader  # noqa: E402
-from megamdm.finetune import FinetuneOptions  # noqa: E402
 from megamdm.objective import LossSpec, loss_parts, select_supervised  # noqa: E402
 from megamdm.pretrained import load_single  # noqa: E402
 
@@ -22,9 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def config(toy_dataset) -> Config:
-    return Config(data=DataConfig(shards=[str(toy_dataset / "ds.zarr")], micro_batch_size=2, global_batch_size=8,
-                                  num_workers=0, reader="zarr", seed=3),
-                  diffusion=DiffusionConfig(prompt_drop=0.1))
+    return Config(
+        data=DataConfig(
+            shards=[str(toy_dataset / "ds.zarr")], micro_batch_size=2, global_batch_size=8, num_workers=0, reader="zarr", seed=3
+        ),
+        diffusion=DiffusionConfig(prompt_drop=0.1),
+    )
 
 
 def zero3_partitioning_everything(tmp_path) -> str:
@@ -37,11 +44,20 @@ def zero3_partitioning_everything(tmp_path) -> str:
     return str(path)
 
 
-def options(out, **kw) -> FinetuneOptions:
-    base = dict(out=str(out), steps=4, lr=3e-3, min_lr=3e-4, warmup_steps=1, precision="fp32", save_interval=2,
-                log_interval=1, deepspeed_config=str(ROOT / "configs/deepspeed/zero2.json"))
+def options(out, **kw) -> FinetuneConfig:
+    base = dict(
+        out=str(out),
+        steps=4,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=1,
+        precision="fp32",
+        save_interval=2,
+        log_interval=1,
+        deepspeed_config=str(ROOT / "configs/deepspeed/zero2.json"),
+    )
     base.update(kw)
-    return FinetuneOptions(**base)
+    return FinetuneConfig(**base)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +74,14 @@ def base_ckpt(toy_dataset):
     cfg = tiny_config(64)
     cfg.text.max_len = 24
     torch.manual_seed(5)
-    return save_single(toy_dataset / "ft_base", MDMTransformer(cfg.model), cfg,
-                       GCEGroups.load(toy_dataset / "groups.safetensors"), KMeansPatchTokenizer.load(toy_dataset / "tok"),
-                       ByteTokenizer())
+    return save_single(
+        toy_dataset / "ft_base",
+        MDMTransformer(cfg.model),
+        cfg,
+        GCEGroups.load(toy_dataset / "groups.safetensors"),
+        KMeansPatchTokenizer.load(toy_dataset / "tok"),
+        ByteTokenizer(),
+    )
 
 
 def _finetune(ckpt, cfg, opts):
@@ -76,11 +97,12 @@ def fixed_batch_loss(ckpt, cfg) -> float:
     loader = TrainLoader(cfg, pre.groups, pre.text_tokenizer)
     total, n = 0.0, 0
     with torch.no_grad():
-        for step in range(3):
+        for _ in range(3):
             for m in next(loader):
                 c = m.corrupted
-                hs, ts, ws, fl = select_supervised(pre.model(c.text_ids, c.text_pad_mask, c.image_input), c.target,
-                                                   c.loss_weight, c.is_flipped)
+                hs, ts, ws, fl = select_supervised(
+                    pre.model(c.text_ids, c.text_pad_mask, c.image_input), c.target, c.loss_weight, c.is_flipped
+                )
                 p = loss_parts(pre.model.head(hs, ts, ws, group_sizes=[8], group_weights=[0.2]), fl, LossSpec([8], [0.2]))
                 total, n = total + p.loss_sum.item(), n + int(p.num_tokens)
     return total / n
@@ -98,14 +120,15 @@ def plain_losses(ckpt, cfg, steps, lr, lr_fn):
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_fn(step)
-        total, n = 0.0, 0
+        total = 0.0
         opt.zero_grad()
         micro = next(loader)
         tokens = sum(int((m.corrupted.loss_weight > 0).sum()) for m in micro)
         for m in micro:
             c = m.corrupted
-            hs, ts, ws, fl = select_supervised(model(c.text_ids, c.text_pad_mask, c.image_input), c.target,
-                                               c.loss_weight, c.is_flipped)
+            hs, ts, ws, fl = select_supervised(
+                model(c.text_ids, c.text_pad_mask, c.image_input), c.target, c.loss_weight, c.is_flipped
+            )
             p = loss_parts(model.head(hs, ts, ws, group_sizes=[8], group_weights=[0.2]), fl, spec)
             (p.loss_sum / tokens).backward()
             total += p.loss_sum.item()
@@ -119,8 +142,9 @@ def plain_losses(ckpt, cfg, steps, lr, lr_fn):
 def test_zero_matches_the_plain_run_and_learns(toy_dataset, base_ckpt, tmp_path, stage, recompute):
     cfg = config(toy_dataset)
     ds = zero3_partitioning_everything(tmp_path) if stage == 3 else str(ROOT / "configs/deepspeed/zero2.json")
-    opts = options(tmp_path / "ft", deepspeed_config=ds, steps=8, lr=1e-2, min_lr=1e-3, save_interval=100,
-                   gradient_checkpointing=recompute)
+    opts = options(
+        tmp_path / "ft", deepspeed_config=ds, steps=8, lr=1e-2, min_lr=1e-3, save_interval=100, gradient_checkpointing=recompute
+    )
     res = run_distributed(_finetune, 2, base_ckpt, cfg, opts)
     losses = res[0]["losses"]
     assert res[1]["losses"] == losses
@@ -142,9 +166,27 @@ def test_zero_matches_the_plain_run_and_learns(toy_dataset, base_ckpt, tmp_path,
     assert export is not None and (export / "model.safetensors").is_file()
     before, after = fixed_batch_loss(base_ckpt, config(toy_dataset)), fixed_batch_loss(export, config(toy_dataset))
     assert after < 0.97 * before, (before, after)  # it learned: the same batches score better
-    r = subprocess.run([sys.executable, str(ROOT / "tools/sample.py"), "--checkpoint", str(export), "--prompt",
-                        "pattern 3", "--out", str(tmp_path / "samples"), "--steps", "3", "--height", "32", "--width",
-                        "32", "--quiet"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/sample.py"),
+            "--checkpoint",
+            str(export),
+            "--prompt",
+            "pattern 3",
+            "--out",
+            str(tmp_path / "samples"),
+            "--steps",
+            "3",
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "samples" / "00000_00.png").is_file()
 
@@ -163,8 +205,15 @@ def test_lora_trains_adapters_only_and_exports_merged(toy_dataset, base_ckpt, tm
     pytest.importorskip("peft")
     cfg = config(toy_dataset)
     # ZeRO-3 + recompute + frozen base weights: the combination DeepSpeed issue #4332 breaks
-    opts = options(tmp_path / "lora", lora_rank=4, lora_alpha=8.0, lr=1e-2, steps=4, gradient_checkpointing=True,
-                   deepspeed_config=zero3_partitioning_everything(tmp_path))
+    opts = options(
+        tmp_path / "lora",
+        lora_rank=4,
+        lora_alpha=8.0,
+        lr=1e-2,
+        steps=4,
+        gradient_checkpointing=True,
+        deepspeed_config=zero3_partitioning_everything(tmp_path),
+    )
     res = run_distributed(_finetune, 2, base_ckpt, cfg, opts)
     export = res[0]["export"]
     before, after = load_single(base_ckpt).model.state_dict(), load_single(export).model.state_dict()

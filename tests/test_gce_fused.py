@@ -25,8 +25,19 @@ def problem(n, v, d, dtype, seed=0, weights=True, ignore=True):
 def run(impl, h, w, y, tw, ign, sizes, lams, device="cpu", **kw):
     h = h.detach().clone().to(device).requires_grad_(True)
     w = w.detach().clone().to(device).requires_grad_(True)
-    st = gce_loss(h, w, y.to(device), sizes, lams, impl=impl, token_weight=None if tw is None else tw.to(device),
-                  ignore_mask=None if ign is None else ign.to(device), return_stats=True, reduction="sum", **kw)
+    st = gce_loss(
+        h,
+        w,
+        y.to(device),
+        sizes,
+        lams,
+        impl=impl,
+        token_weight=None if tw is None else tw.to(device),
+        ignore_mask=None if ign is None else ign.to(device),
+        return_stats=True,
+        reduction="sum",
+        **kw,
+    )
     (st.loss + 1e-2 * (st.lse**2).sum()).backward()  # a z-loss exercises the gradient through lse
     return st.loss.detach().float().cpu(), h.grad.float().cpu(), w.grad.float().cpu(), st.lse.detach().float().cpu()
 
@@ -97,8 +108,7 @@ def _tp_worker(impl, sizes, lams):
     full = run("naive", h, w, y, tw, ign, sizes, lams)
     shard = w.chunk(world, 0)[rank]
     dev = "cuda" if impl == "triton" and HAS_CUDA else "cpu"  # gloo reduces CUDA tensors too
-    loss, dh, dw, lse = run(impl, h, shard, y, tw, ign, sizes, lams, device=dev, tp_group=dist.group.WORLD,
-                            block_v=32)
+    loss, dh, dw, lse = run(impl, h, shard, y, tw, ign, sizes, lams, device=dev, tp_group=dist.group.WORLD, block_v=32)
     dh_sum = dh.clone()
     dist.all_reduce(dh_sum)  # dH is each rank's partial sum: the caller reduces it
     return {

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from megamdm.config import Config, DiffusionConfig, ModelConfig, TrainConfig  # noqa: E402
+from megamdm.config import Config, DiffusionConfig, ParallelConfig, TrainConfig  # noqa: E402
 from megamdm.convert import (  # noqa: E402
     TorchDistReader,
     expected_standalone_shapes,
@@ -33,8 +33,16 @@ def batch(cfg, b=2, grid=4, seed=0):
     ids, pad = tokenize_prompts(ByteTokenizer(), ["a red circle", "the blue square left of it"][:b], 24)
     img = torch.randint(0, cfg.image_vocab_size, (b, grid, grid), generator=g)
     dcfg = DiffusionConfig(prompt_drop=0.0, flip_ratio=0.3)
-    return corrupt_batch(img, ids, pad, dcfg, vocab_size=cfg.image_vocab_size, text_mask_id=257, flip_group_size=8,
-                         seeds=[seed * 10 + i for i in range(b)])
+    return corrupt_batch(
+        img,
+        ids,
+        pad,
+        dcfg,
+        vocab_size=cfg.image_vocab_size,
+        text_mask_id=257,
+        flip_group_size=8,
+        seeds=[seed * 10 + i for i in range(b)],
+    )
 
 
 def standalone_reference(single_dir, c):
@@ -51,19 +59,28 @@ def standalone_reference(single_dir, c):
 
 def _worker(ckpt, tp, pp, sp, micro_batches):
     """Build the model at (TP, PP, SP), load the checkpoint, run forward/backward via megatron's schedule."""
+    from megamdm.compat.megatron_cpu import megatron_on_cpu
+
+    with megatron_on_cpu():
+        return _run_layout(ckpt, tp, pp, sp, micro_batches)
+
+
+def _run_layout(ckpt, tp, pp, sp, micro_batches):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megamdm.models.mcore.model import build_model
-    from megamdm.training import cpu_backend, parallel
+    from megamdm.training import parallel
     from megamdm.training.checkpoint import load_model_weights
 
-    cpu_backend.enable()
     parallel.init_model_parallel(tp, pp)
     parallel.seed_model_parallel(1234, "cpu")
     single = load_single(ckpt.parent / "single", load_tokenizers=False)
-    cfg = Config(model=single.config.model, train=TrainConfig(tensor_parallel=tp, pipeline_parallel=pp,
-                                                              sequence_parallel=sp, precision="fp32"))
+    cfg = Config(
+        model=single.config.model,
+        train=TrainConfig(precision="fp32"),
+        parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=sp),
+    )
     model = build_model(cfg, SPEC, device="cpu", use_te=False)
     load_model_weights(model, ckpt / "iter_0000000")
     c = batch(cfg.model)
@@ -71,8 +88,9 @@ def _worker(ckpt, tp, pp, sp, micro_batches):
 
     def step(it, mdl):
         b = next(it)
-        out = mdl(b.text_ids, b.text_pad_mask, b.image_input, target=b.target, loss_weight=b.loss_weight,
-                  is_flipped=b.is_flipped)
+        out = mdl(
+            b.text_ids, b.text_pad_mask, b.image_input, target=b.target, loss_weight=b.loss_weight, is_flipped=b.is_flipped
+        )
 
         def loss_func(o):
             loss_sum, n, _ = o
@@ -81,15 +99,25 @@ def _worker(ckpt, tp, pp, sp, micro_batches):
         return out, loss_func
 
     fb = get_forward_backward_func()
-    out = fb(forward_step_func=step, data_iterator=iter([c] * micro_batches), model=[model],
-             num_microbatches=micro_batches, seq_length=seq, micro_batch_size=c.text_ids.shape[0], forward_only=False)
+    out = fb(
+        forward_step_func=step,
+        data_iterator=iter([c] * micro_batches),
+        model=[model],
+        num_microbatches=micro_batches,
+        seq_length=seq,
+        micro_batch_size=c.text_ids.shape[0],
+        forward_only=False,
+    )
     res = {"losses": [o["loss"][0].item() for o in out]}
     if ps.is_pipeline_last_stage() and pp == 1:
         with torch.no_grad():
             hid = model(c.text_ids, c.text_pad_mask, c.image_input)
             res["logits"] = model.logits(hid)
-    res["grads"] = {k: p.grad.clone() if p.grad is not None else None for k, p in model.named_parameters()
-                    if any(s in k for s in ("merge", "unmerge", "head", "final_layernorm", "linear_qkv.weight"))}
+    res["grads"] = {
+        k: p.grad.clone() if p.grad is not None else None
+        for k, p in model.named_parameters()
+        if any(s in k for s in ("merge", "unmerge", "head", "final_layernorm", "linear_qkv.weight"))
+    }
     res["tp_rank"] = ps.get_tensor_model_parallel_rank()
     res["pp_rank"] = ps.get_pipeline_model_parallel_rank()
     return res
@@ -113,8 +141,9 @@ def test_from_single_round_trip_is_bit_identical(checkpoints, tmp_path):
 
 @pytest.mark.parametrize("tp,pp,sp", [(1, 1, False), (2, 1, False), (2, 1, True), (1, 2, False)])
 def test_parallel_layouts_match_the_standalone_model(checkpoints, tp, pp, sp):
-    ref_loss, ref_logits, ref_grads = standalone_reference(checkpoints / "single", batch(
-        load_single(checkpoints / "single").config.model))
+    ref_loss, ref_logits, ref_grads = standalone_reference(
+        checkpoints / "single", batch(load_single(checkpoints / "single").config.model)
+    )
     results = run_distributed(_worker, tp * pp, checkpoints / "dist", tp, pp, sp, 2)
     last = [r for r in results if r["pp_rank"] == pp - 1]
     for r in last:
@@ -128,8 +157,7 @@ def test_parallel_layouts_match_the_standalone_model(checkpoints, tp, pp, sp):
         g = r["grads"]
         assert torch.allclose(g["unmerge.weight"], 2 * ref_grads["unmerge.weight"], rtol=1e-4, atol=1e-6)
         # with sequence parallelism a norm's gradient is partial per TP rank (finalize_model_grads sums it)
-        norm = sum(x["grads"]["decoder.final_layernorm.weight"] for x in last) if sp else g[
-            "decoder.final_layernorm.weight"]
+        norm = sum(x["grads"]["decoder.final_layernorm.weight"] for x in last) if sp else g["decoder.final_layernorm.weight"]
         assert torch.allclose(norm, 2 * ref_grads["norm.weight"], rtol=1e-4, atol=1e-6)
         head = 2 * ref_grads["head.weight"].chunk(tp, 0)[r["tp_rank"]]
         assert torch.allclose(g["head.weight"], head, rtol=1e-4, atol=1e-6)
@@ -146,18 +174,27 @@ def test_key_mapping_of_te_and_local_names(tiny_model_cfg):
     g = torch.Generator().manual_seed(0)
     ref = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
     te, local = {}, {}
-    for key, name in [("text_embedding.weight", "text_embed.weight"), ("image_embedding.weight", "image_embed.weight"),
-                      ("merge.weight", "merge.weight"), ("decoder.final_layernorm.weight", "norm.weight"),
-                      ("unmerge.weight", "unmerge.weight"), ("head.weight", "head.weight")]:
+    for key, name in [
+        ("text_embedding.weight", "text_embed.weight"),
+        ("image_embedding.weight", "image_embed.weight"),
+        ("merge.weight", "merge.weight"),
+        ("decoder.final_layernorm.weight", "norm.weight"),
+        ("unmerge.weight", "unmerge.weight"),
+        ("head.weight", "head.weight"),
+    ]:
         te[key] = local[key] = ref[name]
     for i in range(m.num_layers):
         p, s = f"decoder.layers.{i}.", f"layers.{i}."
-        qkv = qkv_interleave(ref[s + "self_attn.q_proj.weight"], ref[s + "self_attn.k_proj.weight"],
-                             ref[s + "self_attn.v_proj.weight"], m)
+        qkv = qkv_interleave(
+            ref[s + "self_attn.q_proj.weight"], ref[s + "self_attn.k_proj.weight"], ref[s + "self_attn.v_proj.weight"], m
+        )
         fc1 = torch.cat([ref[s + "mlp.gate_proj.weight"], ref[s + "mlp.up_proj.weight"]])
-        common = {"self_attention.linear_qkv.weight": qkv, "self_attention.linear_proj.weight":
-                  ref[s + "self_attn.o_proj.weight"], "mlp.linear_fc1.weight": fc1,
-                  "mlp.linear_fc2.weight": ref[s + "mlp.down_proj.weight"]}
+        common = {
+            "self_attention.linear_qkv.weight": qkv,
+            "self_attention.linear_proj.weight": ref[s + "self_attn.o_proj.weight"],
+            "mlp.linear_fc1.weight": fc1,
+            "mlp.linear_fc2.weight": ref[s + "mlp.down_proj.weight"],
+        }
         for k, v in common.items():
             te[p + k] = local[p + k] = v
         te[p + "self_attention.linear_qkv.layer_norm_weight"] = ref[s + "input_layernorm.weight"]
@@ -170,8 +207,15 @@ def test_key_mapping_of_te_and_local_names(tiny_model_cfg):
         got = dict(mcore_to_standalone(sd.keys(), sd.__getitem__, m, expected_shapes=shapes))
         assert set(got) == set(shapes)
         assert all(torch.equal(got[k], ref[k]) for k in shapes)
-    q, k, v = qkv_split(qkv_interleave(ref["layers.0.self_attn.q_proj.weight"], ref["layers.0.self_attn.k_proj.weight"],
-                                       ref["layers.0.self_attn.v_proj.weight"], m), m)
+    q, k, v = qkv_split(
+        qkv_interleave(
+            ref["layers.0.self_attn.q_proj.weight"],
+            ref["layers.0.self_attn.k_proj.weight"],
+            ref["layers.0.self_attn.v_proj.weight"],
+            m,
+        ),
+        m,
+    )
     assert torch.equal(q, ref["layers.0.self_attn.q_proj.weight"])
 
 
@@ -196,9 +240,18 @@ def test_from_hf_llama_backbone_matches_transformers(tmp_path):
     from megamdm.gce import GCEGroups
     from megamdm.vq import KMeansPatchTokenizer
 
-    hf_cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=5000.0,
-                                      rms_norm_eps=1e-6, tie_word_embeddings=False)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     llama = transformers.LlamaForCausalLM(hf_cfg).eval()
     hf_dir = tmp_path / "llama"
@@ -245,13 +298,14 @@ def _te_worker(ckpt):
         model = build_model(cfg, SPEC, device="cuda", use_te=use_te)
         load_model_weights(model, ckpt / "iter_0000000")
         with torch.no_grad():
-            loss_sum, n, _ = model(c.text_ids, c.text_pad_mask, c.image_input, target=c.target,
-                                   loss_weight=c.loss_weight, is_flipped=c.is_flipped)
+            loss_sum, n, _ = model(
+                c.text_ids, c.text_pad_mask, c.image_input, target=c.target, loss_weight=c.loss_weight, is_flipped=c.is_flipped
+            )
         out[name] = (loss_sum / n).item()
     return out
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="Transformer Engine path needs CUDA")
+@pytest.mark.gpu
 def test_te_spec_matches_local_spec_on_gpu(checkpoints):
     pytest.importorskip("transformer_engine")
     r = run_distributed(_te_worker, 1, checkpoints / "dist")[0]

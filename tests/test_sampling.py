@@ -72,8 +72,14 @@ def test_exact_unmask_counts_per_step(policy):
     stub = Stub([torch.zeros(64, dtype=torch.long)], [torch.full((64,), 0.5)])
     st = SampleSettings(steps=5, cfg=0, temperature=1.0, policy=policy)
     seen = []
-    sample_tokens(stub, torch.full((2, 8, 8), MASK), MASK, st, [torch.Generator().manual_seed(i) for i in range(2)],
-                  on_step=lambda k, x: seen.append(int((x[0] == MASK).sum())))
+    sample_tokens(
+        stub,
+        torch.full((2, 8, 8), MASK),
+        MASK,
+        st,
+        [torch.Generator().manual_seed(i) for i in range(2)],
+        on_step=lambda k, x: seen.append(int((x[0] == MASK).sum())),
+    )
     from megamdm.diffusion import unmask_counts
 
     counts = unmask_counts(64, 5, "shift", 3.0)
@@ -137,14 +143,32 @@ def test_inpainting_keeps_unmasked_tokens_when_editing_is_off(ckpt, tmp_path):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "tools/sample.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools/sample.py"), *map(str, args)], capture_output=True, text=True, cwd=ROOT
+    )
 
 
 def test_cli_plain_is_deterministic_and_records_settings(ckpt, tmp_path):
     for out in ("a", "b"):
-        r = cli("--checkpoint", ckpt, "--prompt", "a red circle", "--prompt", "a blue square", "--out", tmp_path / out,
-                "--steps", 3, "--edit-threshold", 0.5, "--num-images-per-prompt", 2, "--seed", 3, "--quiet")
+        r = cli(
+            "--checkpoint",
+            ckpt,
+            "--prompt",
+            "a red circle",
+            "--prompt",
+            "a blue square",
+            "--out",
+            tmp_path / out,
+            "--steps",
+            3,
+            "--edit-threshold",
+            0.5,
+            "--num-images-per-prompt",
+            2,
+            "--seed",
+            3,
+            "--quiet",
+        )
         assert r.returncode == 0, r.stderr
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files == ["00000_00.png", "00000_01.png", "00001_00.png", "00001_01.png"]
@@ -158,11 +182,24 @@ def test_cli_plain_is_deterministic_and_records_settings(ckpt, tmp_path):
 
 def test_cli_geneval_and_dpg_layouts(ckpt, tmp_path):
     md = tmp_path / "evaluation_metadata.jsonl"
-    rows = [{"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
-            {"tag": "colors", "include": [{"class": "cup", "count": 1, "color": "red"}], "prompt": "a red cup"}]
+    rows = [
+        {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
+        {"tag": "colors", "include": [{"class": "cup", "count": 1, "color": "red"}], "prompt": "a red cup"},
+    ]
     md.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = cli("--checkpoint", ckpt, "--geneval-metadata", md, "--out", tmp_path / "ge", "--steps", 2,
-            "--num-images-per-prompt", 3, "--quiet")
+    r = cli(
+        "--checkpoint",
+        ckpt,
+        "--geneval-metadata",
+        md,
+        "--out",
+        tmp_path / "ge",
+        "--steps",
+        2,
+        "--num-images-per-prompt",
+        3,
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "ge").iterdir()) == ["00000", "00001"]
     for i, row in enumerate(rows):
@@ -180,12 +217,15 @@ def test_cli_geneval_and_dpg_layouts(ckpt, tmp_path):
     assert Image.open(tmp_path / "dpg/whoops3.png").size == (64, 64)  # 2x2 grid of 32 px samples
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--checkpoint", "/nonexistent"], "checkpoint directory not found"),
-    (["--policy", "greedy"], "unknown policy 'greedy'"),
-    (["--steps", "0"], "steps must be >= 1"),
-    (["--height", "36"], "not allowed: height and width must be positive multiples of 2*f = 8"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--checkpoint", "/nonexistent"], "checkpoint directory not found"),
+        (["--policy", "greedy"], "unknown policy 'greedy'"),
+        (["--steps", "0"], "steps must be >= 1"),
+        (["--height", "36"], "not allowed: height and width must be positive multiples of 2*f = 8"),
+    ],
+)
 def test_cli_bad_input(ckpt, tmp_path, args, message):
     argv = ["--checkpoint", str(ckpt), "--prompt", "x", "--out", str(tmp_path / "o")]
     for k, v in zip(args[::2], args[1::2]):
@@ -206,7 +246,17 @@ def test_cli_empty_prompt_file_and_bad_mask(ckpt, tmp_path):
     assert r.returncode == 2 and "prompt file is empty" in r.stderr
     Image.new("RGB", (32, 32)).save(tmp_path / "i.png")
     Image.new("L", (16, 32)).save(tmp_path / "m.png")
-    r = cli("--checkpoint", ckpt, "--prompt", "x", "--init-image", tmp_path / "i.png", "--mask", tmp_path / "m.png",
-            "--out", tmp_path / "o")
+    r = cli(
+        "--checkpoint",
+        ckpt,
+        "--prompt",
+        "x",
+        "--init-image",
+        tmp_path / "i.png",
+        "--mask",
+        tmp_path / "m.png",
+        "--out",
+        tmp_path / "o",
+    )
     assert r.returncode == 2 and "does not match the image size" in r.stderr
     assert not (tmp_path / "o").exists()

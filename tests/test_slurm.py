@@ -22,6 +22,7 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
+@pytest.mark.slow
 def test_sbatch_pretrain_script_trains_checkpoints_survives_preemption(cluster, toy_dataset, tmp_path):
     """sbatch launch/pretrain_256.sh with a tiny CPU config: srun starts 2 ranks, the job is
     preempted with SIGUSR1 after its first checkpoint, saves, requeues itself, resumes and finishes."""
@@ -33,21 +34,41 @@ text: {{max_len: 24}}
 data: {{shards: [{toy_dataset}/ds.zarr], micro_batch_size: 2, global_batch_size: 8, num_workers: 0}}
 gce: {{groups_file: {toy_dataset}/groups.safetensors}}
 image_tokenizer: {{path: {toy_dataset}/tok}}
-train: {{device: cpu, precision: fp32, steps: 40, save_interval: 10, save_dir: {run}, log_interval: 10,
-        use_distributed_optimizer: false}}
+train: {{device: cpu, precision: fp32, steps: 40}}
+checkpoint: {{save_interval: 10, save_dir: {run}}}
+logging: {{log_interval: 10}}
+parallel: {{use_distributed_optimizer: false}}
 """)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(CONFIG=str(cfg), PYTHON=sys.executable, GPUS_PER_NODE="2", SLURM_CONF=cluster.env["SLURM_CONF"])
-    sub = cluster.run("sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
-                      "--gpus-per-node=0", "--time=15", "launch/pretrain_256.sh", cwd=ROOT, env=env)
+    env.update(
+        CONFIG=str(cfg),
+        PYTHON=sys.executable,
+        GPUS_PER_NODE="2",
+        SLURM_CONF=cluster.env["SLURM_CONF"],
+        LOG_DIR=str(tmp_path / "logs"),
+    )
+    sub = cluster.run(
+        "sbatch",
+        "--parsable",
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        "--gpus-per-node=0",
+        "--time=15",
+        f"--output={tmp_path}/%x-%j.out",
+        "launch/pretrain_256.sh",
+        cwd=ROOT,
+        env=env,
+    )
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().split(";")[0]
-    log = ROOT / "logs" / f"megamdm-256-{job}.out"
+    log = tmp_path / f"megamdm-256-{job}.out"  # nothing is written into the repository
     tracker = run / "latest_checkpointed_iteration.txt"
     deadline = time.time() + 300
     while not tracker.exists():
-        assert time.time() < deadline and cluster.job_field(job, "JobState") in ("PENDING", "RUNNING"), \
+        assert time.time() < deadline and cluster.job_field(job, "JobState") in ("PENDING", "RUNNING"), (
             log.read_text()[-3000:] if log.exists() else cluster.job_field(job, "Reason")
+        )
         time.sleep(0.2)
     assert cluster.run("scancel", "--signal=USR1", job).returncode == 0  # what --signal=USR1@120 sends
     state = ""
@@ -57,11 +78,8 @@ train: {{device: cpu, precision: fp32, steps: 40, save_interval: 10, save_dir: {
             break
         time.sleep(1)
     text = log.read_text()
-    try:
-        assert state == "COMPLETED", text[-3000:] + "\nslurmctld:\n" + cluster.log_tail()
-        assert "(preemption)" in text and "requeueing job" in text and "resumed from" in text, text[-3000:]
-        assert tracker.read_text().strip() == "40"
-        assert (run / "iter_0000040" / "config.yaml").is_file()
-        assert cluster.job_field(job, "Restarts") == "1"
-    finally:
-        log.unlink(missing_ok=True)
+    assert state == "COMPLETED", text[-3000:] + "\nslurmctld:\n" + cluster.log_tail()
+    assert "(preemption)" in text and "requeueing job" in text and "resumed from" in text, text[-3000:]
+    assert tracker.read_text().strip() == "40"
+    assert (run / "iter_0000040" / "config.yaml").is_file()
+    assert cluster.job_field(job, "Restarts") == "1"

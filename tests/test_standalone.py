@@ -128,12 +128,21 @@ def test_tiny_model_overfits_a_few_token_grids(tiny_model_cfg):
     spec = LossSpec([8], [0.2], impl="torch")
     losses = []
     for step in range(300):
-        c = corrupt_batch(grids, ids, pad, dcfg, vocab_size=cfg.image_vocab_size, text_mask_id=257,
-                          flip_group_size=8, seeds=[step * 4 + i for i in range(4)])
+        c = corrupt_batch(
+            grids,
+            ids,
+            pad,
+            dcfg,
+            vocab_size=cfg.image_vocab_size,
+            text_mask_id=257,
+            flip_group_size=8,
+            seeds=[step * 4 + i for i in range(4)],
+        )
         hid = m(c.text_ids, c.text_pad_mask, c.image_input)
         hs, ts, ws, fl = select_supervised(hid, c.target, c.loss_weight, c.is_flipped)
-        parts = loss_parts(m.head(hs, ts, ws, group_sizes=spec.group_sizes, group_weights=spec.group_weights,
-                                  impl=spec.impl), fl, spec)
+        parts = loss_parts(
+            m.head(hs, ts, ws, group_sizes=spec.group_sizes, group_weights=spec.group_weights, impl=spec.impl), fl, spec
+        )
         loss = parts.mean()
         opt.zero_grad()
         loss.backward()

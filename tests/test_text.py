@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from megamdm.text import ByteTokenizer, HFTokenizer, format_prompt, masked_prompt, tokenize_prompts
 

@@ -15,8 +15,12 @@ TOOLS = sorted((ROOT / "tools").glob("*.py"))
 def test_every_tool_prints_its_help():
     assert len(TOOLS) >= 10
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = {t.name: subprocess.Popen([sys.executable, str(t), "--help"], cwd=ROOT, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for t in TOOLS}
+    procs = {
+        t.name: subprocess.Popen(
+            [sys.executable, str(t), "--help"], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for t in TOOLS
+    }
     failed = {}
     for name, p in procs.items():
         out, err = p.communicate(timeout=300)

@@ -23,19 +23,35 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def overrides(root, **extra):
-    base = {"model.image_vocab_size": 64, "model.num_layers": 2, "model.hidden_size": 64, "model.head_dim": 16,
-            "model.ffn_hidden_size": 128, "data.shards": f"[{root}/ds.zarr]", "data.micro_batch_size": 2,
-            "data.global_batch_size": 8, "data.num_workers": 0, "data.reader": "zarr",
-            "gce.groups_file": f"{root}/groups.safetensors", "image_tokenizer.path": f"{root}/tok",
-            "train.device": "cpu", "train.steps": 4, "train.log_interval": 1, "train.precision": "fp32",
-            "text.max_len": 24, "train.warmup_steps": 1, "train.lr": 2e-3, "train.use_distributed_optimizer": False,
-            "train.save_interval": 1000}
+    base = {
+        "model.image_vocab_size": 64,
+        "model.num_layers": 2,
+        "model.hidden_size": 64,
+        "model.head_dim": 16,
+        "model.ffn_hidden_size": 128,
+        "data.shards": f"[{root}/ds.zarr]",
+        "data.micro_batch_size": 2,
+        "data.global_batch_size": 8,
+        "data.num_workers": 0,
+        "data.reader": "zarr",
+        "gce.groups_file": f"{root}/groups.safetensors",
+        "image_tokenizer.path": f"{root}/tok",
+        "train.device": "cpu",
+        "train.steps": 4,
+        "logging.log_interval": 1,
+        "train.precision": "fp32",
+        "text.max_len": 24,
+        "optim.warmup_steps": 1,
+        "optim.lr": 2e-3,
+        "parallel.use_distributed_optimizer": False,
+        "checkpoint.save_interval": 1000,
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
 
 def _train(ov, patch_nan_calls=()):
-    from megamdm.training.loop import pretrain
+    from megamdm.training.trainer import pretrain
 
     if patch_nan_calls:
         from megamdm.models.mcore.model import MDMModel
@@ -74,17 +90,20 @@ def init_ckpt(toy_dataset):
 
 @pytest.fixture(scope="module")
 def reference(toy_dataset, init_ckpt):
-    return train(1, overrides(toy_dataset, **{"train.init_from": init_ckpt}))
+    return train(1, overrides(toy_dataset, **{"checkpoint.init_from": init_ckpt}))
 
 
-@pytest.mark.parametrize("layout", [
-    {"train.tensor_parallel": 2},
-    {"train.pipeline_parallel": 2},
-    {"train.tensor_parallel": 2, "train.sequence_parallel": True},
-    {"train.use_distributed_optimizer": True},  # DP 2 with the distributed optimizer
-])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"parallel.tensor_parallel": 2},
+        {"parallel.pipeline_parallel": 2},
+        {"parallel.tensor_parallel": 2, "parallel.sequence_parallel": True},
+        {"parallel.use_distributed_optimizer": True},  # DP 2 with the distributed optimizer
+    ],
+)
 def test_layouts_follow_the_single_process_trajectory(toy_dataset, init_ckpt, reference, layout):
-    got = train(2, overrides(toy_dataset, **{"train.init_from": init_ckpt, **layout}))
+    got = train(2, overrides(toy_dataset, **{"checkpoint.init_from": init_ckpt, **layout}))
     ref = reference["losses"]
     assert len(got["losses"]) == len(ref) == 4
     assert ref[-1] < ref[0]  # it learns
@@ -94,11 +113,26 @@ def test_layouts_follow_the_single_process_trajectory(toy_dataset, init_ckpt, re
 
 def test_resume_at_another_tensor_parallel_size(toy_dataset, init_ckpt, reference, tmp_path):
     run = tmp_path / "run"
-    first = train(1, overrides(toy_dataset, **{"train.save_dir": run, "train.exit_after_steps": 2,
-                                       "train.use_distributed_optimizer": True, "train.init_from": init_ckpt}))
+    first = train(
+        1,
+        overrides(
+            toy_dataset,
+            **{
+                "checkpoint.save_dir": run,
+                "train.exit_after_steps": 2,
+                "parallel.use_distributed_optimizer": True,
+                "checkpoint.init_from": init_ckpt,
+            },
+        ),
+    )
     assert len(first["losses"]) == 2 and (run / "iter_0000002").is_dir()
-    rest = train(2, overrides(toy_dataset, **{"train.save_dir": run, "train.tensor_parallel": 2,
-                                      "train.use_distributed_optimizer": True}))
+    rest = train(
+        2,
+        overrides(
+            toy_dataset,
+            **{"checkpoint.save_dir": run, "parallel.tensor_parallel": 2, "parallel.use_distributed_optimizer": True},
+        ),
+    )
     assert rest["step"] == 4
     for a, b in zip(first["losses"] + rest["losses"], reference["losses"]):
         assert abs(a - b) / b < 2e-5, (first["losses"] + rest["losses"], reference["losses"])
@@ -106,7 +140,7 @@ def test_resume_at_another_tensor_parallel_size(toy_dataset, init_ckpt, referenc
 
 def test_injected_nan_is_skipped_and_counted(toy_dataset, init_ckpt, reference):
     # one of step 2's four micro-batches (forward calls 5-8) returns a NaN loss
-    got = train(1, overrides(toy_dataset, **{"train.init_from": init_ckpt}), patch_nan_calls=(6,))
+    got = train(1, overrides(toy_dataset, **{"checkpoint.init_from": init_ckpt}), patch_nan_calls=(6,))
     assert got["skipped"] == 1
     assert np.isnan(got["losses"][1])
     assert got["losses"][0] == pytest.approx(reference["losses"][0], rel=1e-6)
@@ -116,7 +150,7 @@ def test_injected_nan_is_skipped_and_counted(toy_dataset, init_ckpt, reference):
 
 def test_wandb_offline_writes_a_run_directory(toy_dataset, tmp_path):
     pytest.importorskip("wandb")
-    train(1, overrides(toy_dataset, **{"train.steps": 2, "train.wandb_mode": "offline", "train.wandb_dir": tmp_path}))
+    train(1, overrides(toy_dataset, **{"train.steps": 2, "logging.wandb_mode": "offline", "logging.wandb_dir": tmp_path}))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
@@ -130,8 +164,15 @@ def test_init_from_single_gpu_checkpoint(toy_dataset, tmp_path):
     from .support.checkpoints import make_tiny_checkpoint
 
     single = make_tiny_checkpoint(tmp_path / "single", seed=4)
-    ov = overrides(toy_dataset, **{"train.init_from": single, "train.save_dir": tmp_path / "run", "train.steps": 1,
-                           "train.tensor_parallel": 2})
+    ov = overrides(
+        toy_dataset,
+        **{
+            "checkpoint.init_from": single,
+            "checkpoint.save_dir": tmp_path / "run",
+            "train.steps": 1,
+            "parallel.tensor_parallel": 2,
+        },
+    )
     got = train(2, ov)
     cfg = load_config(ROOT / "configs/model/tiny.yaml", ov)
     groups = GCEGroups.load(cfg.gce.groups_file)
@@ -143,8 +184,9 @@ def test_init_from_single_gpu_checkpoint(toy_dataset, tmp_path):
     with torch.no_grad():
         for mb in next(loader):
             c = mb.corrupted
-            hs, ts, ws, fl = select_supervised(m(c.text_ids, c.text_pad_mask, c.image_input), c.target,
-                                               c.loss_weight, c.is_flipped)
+            hs, ts, ws, fl = select_supervised(
+                m(c.text_ids, c.text_pad_mask, c.image_input), c.target, c.loss_weight, c.is_flipped
+            )
             p = loss_parts(m.head(hs, ts, ws, group_sizes=[8], group_weights=[0.2]), fl, LossSpec([8], [0.2]))
             total, n = total + p.loss_sum.item(), n + int(p.num_tokens)
     assert got["losses"][0] == pytest.approx(total / n, rel=1e-5)
@@ -154,21 +196,50 @@ def _logged_losses(text: str) -> dict[int, float]:
     return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"step\s+(\d+)/\d+ \| loss ([0-9.]+)", text)}
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_follows_the_uninterrupted_run(toy_dataset, tmp_path):
-    """The real entry point under torchrun (DP 2, bf16 layers, distributed optimizer): SIGKILL the job
+    """The real entry point under torchrun (DP 2, precision auto as in the demo, distributed optimizer): SIGKILL the job
     after a checkpoint, resume it."""
     steps = 16
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text("_base_: [" + str(ROOT / "configs/model/tiny.yaml") + "]\n")
 
     def launch(run_dir, **extra):
-        ov = overrides(toy_dataset, **{"train.steps": steps, "train.save_interval": 2, "train.save_dir": run_dir,
-                               "data.micro_batch_size": 4, "train.precision": "bf16",
-                               "train.use_distributed_optimizer": True, **extra})
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(free_port()), "-m", "megamdm.train", "--config", str(cfg_file), *ov]
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        ov = overrides(
+            toy_dataset,
+            **{
+                "train.steps": steps,
+                "checkpoint.save_interval": 2,
+                "checkpoint.save_dir": run_dir,
+                "data.micro_batch_size": 4,
+                "train.precision": "auto",
+                "parallel.use_distributed_optimizer": True,
+                **extra,
+            },
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "megamdm.train",
+            "--config",
+            str(cfg_file),
+            *ov,
+        ]
+        return subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
 
     straight = launch(tmp_path / "straight")
     ref = _logged_losses(straight.communicate(timeout=300)[0])

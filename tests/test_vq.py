@@ -41,9 +41,17 @@ def test_image_size_must_be_a_multiple_of_2f():
 def test_diffusers_vq_adapter_round_trips_shapes(tmp_path, lookup):
     diffusers = pytest.importorskip("diffusers")
     vq = diffusers.VQModel(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
-        latent_channels=4, num_vq_embeddings=32, norm_num_groups=4, vq_embed_dim=4, lookup_from_codebook=lookup,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        num_vq_embeddings=32,
+        norm_num_groups=4,
+        vq_embed_dim=4,
+        lookup_from_codebook=lookup,
     )
     vq.save_pretrained(tmp_path / "vq", safe_serialization=True)
     tok = load_image_tokenizer(tokenizer_kind(tmp_path / "vq"), tmp_path / "vq")

@@ -100,8 +100,13 @@ def measure(impl, n, v, d, dtype, device, sizes, lams, repeat, block_v=None, blo
         _rss_peak_reset()
         step()
         extra = _rss("VmHWM") - base - (n * d + v * d) * esize
-    return {"impl": impl, "loss": float(loss.detach()), "time_s": statistics.median(times), "extra_bytes": max(extra, 0),
-            "inputs_and_grads_bytes": must_hold}
+    return {
+        "impl": impl,
+        "loss": float(loss.detach()),
+        "time_s": statistics.median(times),
+        "extra_bytes": max(extra, 0),
+        "inputs_and_grads_bytes": must_hold,
+    }
 
 
 def _child(q, *args):
@@ -166,30 +171,43 @@ def main(argv=None) -> int:
     rows = []
     for impl in impls:
         sizes, lams = (args.group_sizes, args.group_weights) if impl in ("naive", "torch", "triton") else ([], [])
-        rows.append(run_isolated(impl, args.n, args.v, args.d, dtype, args.device, sizes, lams, args.repeat,
-                                 args.block_v, args.block_n))
+        rows.append(
+            run_isolated(impl, args.n, args.v, args.d, dtype, args.device, sizes, lams, args.repeat, args.block_v, args.block_n)
+        )
     naive = next((r for r in rows if r["impl"] == "naive" and "error" not in r), None)
     for r in rows:
         if naive and "error" not in r:
             r["extra_vs_naive"] = r["extra_bytes"] / max(naive["extra_bytes"], 1)
             r["speed_vs_naive"] = naive["time_s"] / r["time_s"]
-    shape = {"n": args.n, "v": args.v, "d": args.d, "dtype": args.dtype, "device": args.device,
-             "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-             "group_sizes": args.group_sizes, "group_weights": args.group_weights, "block_v": args.block_v,
-             "block_n": args.block_n}
+    shape = {
+        "n": args.n,
+        "v": args.v,
+        "d": args.d,
+        "dtype": args.dtype,
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "group_sizes": args.group_sizes,
+        "group_weights": args.group_weights,
+        "block_v": args.block_v,
+        "block_n": args.block_n,
+    }
     if args.json:
         print(json.dumps({"shape": shape, "results": rows}, indent=2))
         return 0
-    print(f"GCE fwd+bwd  N={args.n} V={args.v} d={args.d} {args.dtype} on {shape['device_name']} "
-          f"groups={args.group_sizes} weights={args.group_weights} block_v={args.block_v or 'default'} "
-          f"block_n={args.block_n or 'default'}")
+    print(
+        f"GCE fwd+bwd  N={args.n} V={args.v} d={args.d} {args.dtype} on {shape['device_name']} "
+        f"groups={args.group_sizes} weights={args.group_weights} block_v={args.block_v or 'default'} "
+        f"block_n={args.block_n or 'default'}"
+    )
     print(f"{'impl':<8}{'loss':>12}{'time (s)':>11}{'extra mem':>12}{'vs naive':>10}{'speedup':>9}")
     for r in rows:
         if "error" in r:
             print(f"{r['impl']:<8}  {r['error']}")
             continue
-        print(f"{r['impl']:<8}{r['loss']:>12.5f}{r['time_s']:>11.3f}{r['extra_bytes'] / 2**20:>10.1f}MB"
-              f"{r.get('extra_vs_naive', float('nan')):>10.1%}{r.get('speed_vs_naive', float('nan')):>8.2f}x")
+        print(
+            f"{r['impl']:<8}{r['loss']:>12.5f}{r['time_s']:>11.3f}{r['extra_bytes'] / 2**20:>10.1f}MB"
+            f"{r.get('extra_vs_naive', float('nan')):>10.1%}{r.get('speed_vs_naive', float('nan')):>8.2f}x"
+        )
     return 0
 
 

@@ -39,10 +39,14 @@ def main(argv=None) -> int:
     from megamdm.text import load_text_tokenizer
     from megamdm.training.flops import flops_per_sample
 
-    groups = GCEGroups.load(cfg.gce.groups_file) if cfg.gce.groups_file else GCEGroups.identity(
-        cfg.model.image_vocab_size, cfg.gce.group_sizes, cfg.gce.group_weights)
-    loader = TrainLoader(cfg, groups, load_text_tokenizer(cfg.text.tokenizer, cfg.text.mask_token),
-                         dp_rank=0, dp_size=args.dp_size)
+    groups = (
+        GCEGroups.load(cfg.gce.groups_file)
+        if cfg.gce.groups_file
+        else GCEGroups.identity(cfg.model.image_vocab_size, cfg.gce.group_sizes, cfg.gce.group_weights)
+    )
+    loader = TrainLoader(
+        cfg, groups, load_text_tokenizer(cfg.text.tokenizer, cfg.text.mask_token), dp_rank=0, dp_size=args.dp_size
+    )
     per_step = cfg.data.global_batch_size // args.dp_size
     t0 = time.perf_counter()
     first = next(loader)
@@ -61,10 +65,14 @@ def main(argv=None) -> int:
     down = load_image_tokenizer(tokenizer_kind(cfg.image_tokenizer.path), cfg.image_tokenizer.path).downsample
     fl = flops_per_sample(cfg.model, cfg.text.max_len, h // down, w // down, supervised_fraction=0.6)
     need = args.peak_tflops * 1e12 * args.mfu / fl
-    print(f"loader: {rate:,.0f} samples/s per rank ({cfg.data.num_workers} workers, {per_step} samples/step, "
-          f"bucket {res}, first batch after {t1 - t0:.1f}s)")
-    print(f"training consumes: {need:,.1f} samples/s per GPU ({fl / 1e12:.2f} TFLOP/sample at "
-          f"{args.mfu:.0%} of {args.peak_tflops:.0f} TFLOP/s)")
+    print(
+        f"loader: {rate:,.0f} samples/s per rank ({cfg.data.num_workers} workers, {per_step} samples/step, "
+        f"bucket {res}, first batch after {t1 - t0:.1f}s)"
+    )
+    print(
+        f"training consumes: {need:,.1f} samples/s per GPU ({fl / 1e12:.2f} TFLOP/sample at "
+        f"{args.mfu:.0%} of {args.peak_tflops:.0f} TFLOP/s)"
+    )
     print(f"headroom: {rate / need:,.1f}x" + ("" if rate >= need else "  << the loader would stall training"))
     return 0
 

@@ -65,14 +65,17 @@ def main(argv=None) -> int:
         label = args.checkpoint
     else:
         tdt = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype]
-        sampler = MDMSampler(random_pretrained(args.model, args.patch_size, args.device, tdt), device=args.device,
-                             dtype=dtype, compile=args.compile)
+        sampler = MDMSampler(
+            random_pretrained(args.model, args.patch_size, args.device, tdt),
+            device=args.device,
+            dtype=dtype,
+            compile=args.compile,
+        )
         label = f"random {Path(args.model).name}"
     prompts = ["a red circle left of a blue square"] * args.batch
     rows = {}
     for name, thr in (("no editing", 0.0), ("editing", args.edit_threshold)):
-        kw = dict(height=args.size, width=args.size, steps=args.steps, cfg=args.cfg, edit_threshold=thr, seed=0,
-                  progress=False)
+        kw = dict(height=args.size, width=args.size, steps=args.steps, cfg=args.cfg, edit_threshold=thr, seed=0, progress=False)
         sampler(prompts, **kw)  # warm-up (and compilation)
         times, edits = [], []
         for _ in range(args.repeat):
@@ -87,8 +90,17 @@ def main(argv=None) -> int:
         rows[name] = {"s_per_image": statistics.median(times) / args.batch, "edits_per_step": statistics.mean(edits)}
     overhead = rows["editing"]["s_per_image"] / rows["no editing"]["s_per_image"] - 1
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    result = {"model": label, "device": dev, "dtype": dtype, "size": args.size, "steps": args.steps, "cfg": args.cfg,
-              "batch": args.batch, "results": rows, "editing_overhead": overhead}
+    result = {
+        "model": label,
+        "device": dev,
+        "dtype": dtype,
+        "size": args.size,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "batch": args.batch,
+        "results": rows,
+        "editing_overhead": overhead,
+    }
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -1,90 +1,9 @@
 #!/usr/bin/env python
-"""Tokenise img2dataset webdataset shards into a zarr token-shard dataset.
+"""``python tools/preprocess.py ...`` is ``megamdm-preprocess ...`` (megamdm/cli/preprocess.py)."""
 
-    python tools/preprocess.py --input 'laion/*.tar' --out data/laion_256.zarr --tokenizer tok/ --resolution 256
-    torchrun --nproc-per-node 8 tools/preprocess.py --input ... --device cuda     # one GPU per rank
-    srun ... python tools/preprocess.py --input ...; python tools/preprocess.py --out ... --tokenizer tok/ --consolidate
-
-Each rank takes a slice of the input shards (RANK/WORLD_SIZE from torchrun or srun, or --rank/--world)
-and writes its own parts; --workers runs several local processes. Finished parts are skipped on a
-rerun. Corrupt, uncaptioned and too-small samples are skipped and counted in the part attrs.
-"""
-
-from __future__ import annotations
-
-import argparse
-import glob
-import json
-import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", nargs="*", default=[], help="tar files or glob patterns")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--tokenizer", required=True, help="image tokenizer directory")
-    ap.add_argument("--resolution", type=int, default=256)
-    ap.add_argument("--aspect-buckets", action="store_true", help="aspect-ratio buckets of about the same area")
-    ap.add_argument("--crop", choices=["center", "random"], default="center")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--workers", type=int, default=1, help="local worker processes")
-    ap.add_argument("--rank", type=int, default=None)
-    ap.add_argument("--world", type=int, default=None)
-    ap.add_argument("--consolidate", action="store_true", help="only write the index of finished parts")
-    ap.add_argument("--quiet", action="store_true")
-    args = ap.parse_args(argv)
-
-    import torch
-
-    from megamdm.data.preprocess import PreprocessOptions, env_rank, finalize, rank_slice, run
-    from megamdm.data.shards import ShardError
-
-    out, tok = Path(args.out), Path(args.tokenizer)
-    try:
-        if args.consolidate:
-            index = finalize(out, tok)
-            print(f"consolidated {out}: {len(index['parts'])} parts, {index['totals']} samples, skipped {index['skipped']}")
-            return 0
-        tars = sorted({p for pat in args.input for p in (glob.glob(pat) or [pat])})
-        missing = [t for t in tars if not Path(t).is_file()]
-        if not tars or missing:
-            print(f"error: no input tar files{' (not found: ' + ', '.join(missing[:3]) + ')' if missing else ''}",
-                  file=sys.stderr)
-            return 2
-        rank, world = env_rank()
-        rank = args.rank if args.rank is not None else rank
-        world = args.world if args.world is not None else world
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        opts = PreprocessOptions(resolution=args.resolution, aspect_buckets=args.aspect_buckets, crop=args.crop,
-                                 batch_size=args.batch_size, device=device,
-                                 device_id=int(os.environ.get("LOCAL_RANK", 0)) if device == "cuda" else None)
-        stats = run(rank_slice(tars, rank, world), out, tok, opts, workers=args.workers, progress=not args.quiet)
-        print(f"rank {rank}/{world}: {json.dumps(stats)}")
-        if world > 1 and "MASTER_ADDR" in os.environ:
-            import torch.distributed as dist
-
-            dist.init_process_group("gloo")
-            dist.barrier()
-            if rank == 0:
-                index = finalize(out, tok)
-                print(f"consolidated {out}: {index['totals']} samples, skipped {index['skipped']}")
-            dist.barrier()
-            dist.destroy_process_group()
-        elif world == 1:
-            index = finalize(out, tok)
-            print(f"consolidated {out}: {index['totals']} samples, skipped {index['skipped']}")
-        else:
-            print(f"rank {rank} done; when all ranks are: tools/preprocess.py --out {out} --tokenizer {tok} --consolidate")
-    except (ShardError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+from megamdm.cli.preprocess import main
 
 if __name__ == "__main__":
     sys.exit(main())

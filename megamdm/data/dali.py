@@ -22,9 +22,9 @@ import io
 import json
 import math
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 
@@ -35,7 +35,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 class RawSample:
     key: str
     image: bytes
-    caption: Optional[str]
+    caption: str | None
     meta: dict
 
 
@@ -45,7 +45,7 @@ def split_name(name: str) -> tuple[str, str]:
     dot = name.find(".", slash + 1)
     if dot < 0:
         return name, ""
-    return name[:dot], name[dot + 1:]
+    return name[:dot], name[dot + 1 :]
 
 
 def write_index(tar_path: Path, idx_path: Path) -> tuple[list[str], bool]:
@@ -79,8 +79,9 @@ def write_index(tar_path: Path, idx_path: Path) -> tuple[list[str], bool]:
     return order, truncated
 
 
-def read_tar(tar_path: Path, idx_path: Path, keys: list[str], batch_size: int = 64,
-             num_threads: int = 2) -> Iterator[list[RawSample]]:
+def read_tar(
+    tar_path: Path, idx_path: Path, keys: list[str], batch_size: int = 64, num_threads: int = 2
+) -> Iterator[list[RawSample]]:
     """Raw samples of one tar through DALI's webdataset reader, in index order."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
@@ -92,9 +93,15 @@ def read_tar(tar_path: Path, idx_path: Path, keys: list[str], batch_size: int = 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None, prefetch_queue_depth=2)
     def reader():
         img, txt, meta = fn.readers.webdataset(
-            paths=[str(tar_path)], index_paths=[str(idx_path)], ext=[";".join(IMAGE_EXTS), "txt", "json"],
-            missing_component_behavior="empty", dtypes=[types.UINT8] * 3, random_shuffle=False,
-            pad_last_batch=True, name="reader")
+            paths=[str(tar_path)],
+            index_paths=[str(idx_path)],
+            ext=[";".join(IMAGE_EXTS), "txt", "json"],
+            missing_component_behavior="empty",
+            dtypes=[types.UINT8] * 3,
+            random_shuffle=False,
+            pad_last_batch=True,
+            name="reader",
+        )
         return img, txt, meta
 
     pipe = reader()
@@ -110,8 +117,7 @@ def read_tar(tar_path: Path, idx_path: Path, keys: list[str], batch_size: int = 
                 m = json.loads(raw_meta) if raw_meta else {}
             except json.JSONDecodeError:
                 m = {}
-            batch.append(RawSample(keys[start + j], bytes(np.asarray(img[j])), cap or None,
-                                   m if isinstance(m, dict) else {}))
+            batch.append(RawSample(keys[start + j], bytes(np.asarray(img[j])), cap or None, m if isinstance(m, dict) else {}))
         yield batch
 
 
@@ -178,8 +184,7 @@ def crop_plan(width: int, height: int, bucket: tuple[int, int], mode: str, key: 
 class Decoder:
     """DALI decode -> resize -> crop of encoded images, with per-sample sizes and crops."""
 
-    def __init__(self, device: str = "cpu", device_id: Optional[int] = None, batch_size: int = 64,
-                 num_threads: int = 2):
+    def __init__(self, device: str = "cpu", device_id: int | None = None, batch_size: int = 64, num_threads: int = 2):
         self.device, self.device_id = device, device_id
         self.batch_size, self.num_threads = batch_size, num_threads
         self.pipe = None
@@ -191,9 +196,14 @@ class Decoder:
 
         gpu = self.device == "cuda"
 
-        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads,
-                      device_id=self.device_id if gpu else None, prefetch_queue_depth=1, exec_async=False,
-                      exec_pipelined=False)
+        @pipeline_def(
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device_id if gpu else None,
+            prefetch_queue_depth=1,
+            exec_async=False,
+            exec_pipelined=False,
+        )
         def pipe():
             enc = fn.external_source(name="enc", dtype=types.UINT8)
             size = fn.external_source(name="size", dtype=types.FLOAT)  # (rh, rw)
@@ -222,12 +232,12 @@ class Decoder:
             out = out.as_cpu()
         return [np.array(out[i]) for i in range(len(items))]
 
-    def decode(self, items) -> list[Optional[np.ndarray]]:
+    def decode(self, items) -> list[np.ndarray | None]:
         """``items``: (bytes, resize (rh, rw), crop (top, left), bucket (bh, bw)). HWC uint8 per
         item, or None for an image DALI cannot decode."""
-        out: list[Optional[np.ndarray]] = []
+        out: list[np.ndarray | None] = []
         for s in range(0, len(items), self.batch_size):
-            chunk = items[s: s + self.batch_size]
+            chunk = items[s : s + self.batch_size]
             try:
                 out += self._run(chunk)
             except RuntimeError:

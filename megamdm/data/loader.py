@@ -22,8 +22,8 @@ from __future__ import annotations
 import itertools
 import math
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -83,8 +83,9 @@ class MicroBatch:
 class EpochPlan:
     """Which samples form global batch ``k`` of epoch ``e``, over several datasets."""
 
-    def __init__(self, counts: Sequence[dict[str, int]], global_batch: int, seed: int,
-                 resolutions: Optional[Sequence[str]] = None):
+    def __init__(
+        self, counts: Sequence[dict[str, int]], global_batch: int, seed: int, resolutions: Sequence[str] | None = None
+    ):
         self.global_batch, self.seed = global_batch, seed
         keys = sorted({r for c in counts for r in c}, key=parse_res)
         if resolutions:
@@ -121,8 +122,19 @@ class EpochPlan:
 class StepBatches(torch.utils.data.Dataset):
     """Item ``k``: this data-parallel rank's micro-batches of global step ``k``."""
 
-    def __init__(self, datasets: Sequence[TokenShards], plan: EpochPlan, cfg: Config, groups: GCEGroups,
-                 text_tokenizer, *, dp_rank: int, dp_size: int, micro_batch_size: int, num_micro_batches: int):
+    def __init__(
+        self,
+        datasets: Sequence[TokenShards],
+        plan: EpochPlan,
+        cfg: Config,
+        groups: GCEGroups,
+        text_tokenizer,
+        *,
+        dp_rank: int,
+        dp_size: int,
+        micro_batch_size: int,
+        num_micro_batches: int,
+    ):
         self.datasets, self.plan, self.cfg, self.groups, self.tok = datasets, plan, cfg, groups, text_tokenizer
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.mbs, self.nmb = micro_batch_size, num_micro_batches
@@ -142,16 +154,30 @@ class StepBatches(torch.utils.data.Dataset):
                 parts[f].append((sel, got[f]))
         tokens, captions, orig, crop, score = (_scatter(parts[f], len(idx)) for f in fields)
         t = self.cfg.text
-        texts = [format_prompt(c, width=int(o[0]), height=int(o[1]), crop=(int(cr[0]), int(cr[1])),
-                               score=t.default_score if math.isnan(float(s)) else float(s),
-                               micro_conditioning=t.micro_conditioning)
-                 for c, o, cr, s in zip(captions, orig, crop, score)]
+        texts = [
+            format_prompt(
+                c,
+                width=int(o[0]),
+                height=int(o[1]),
+                crop=(int(cr[0]), int(cr[1])),
+                score=t.default_score if math.isnan(float(s)) else float(s),
+                micro_conditioning=t.micro_conditioning,
+            )
+            for c, o, cr, s in zip(captions, orig, crop, score)
+        ]
         ids, pad = tokenize_prompts(self.tok, texts, t.max_len)
         img = self.groups.to_model(torch.from_numpy(np.stack(tokens).astype(np.int64)))
         seeds = [_mix(self.cfg.data.seed, epoch, zlib.crc32(res.encode()), int(i)) for i in idx]
-        c = corrupt_batch(img, ids, pad, self.cfg.diffusion, vocab_size=self.cfg.model.image_vocab_size,
-                          text_mask_id=self.tok.mask_id, flip_group_size=self.groups.group_sizes[0]
-                          if self.groups.group_sizes else 1, seeds=seeds)
+        c = corrupt_batch(
+            img,
+            ids,
+            pad,
+            self.cfg.diffusion,
+            vocab_size=self.cfg.model.image_vocab_size,
+            text_mask_id=self.tok.mask_id,
+            flip_group_size=self.groups.group_sizes[0] if self.groups.group_sizes else 1,
+            seeds=seeds,
+        )
         return MicroBatch(c, res, torch.from_numpy(np.stack([ds, idx], axis=1)))
 
     def __getitem__(self, step: int) -> list[MicroBatch]:
@@ -181,34 +207,58 @@ def _collate(x):
 class TrainLoader:
     """Iterate global steps: ``next(loader)`` is this rank's list of micro-batches for one step."""
 
-    def __init__(self, cfg: Config, groups: GCEGroups, text_tokenizer, *, dp_rank: int = 0, dp_size: int = 1,
-                 codebook_hash: Optional[str] = None):
+    def __init__(
+        self,
+        cfg: Config,
+        groups: GCEGroups,
+        text_tokenizer,
+        *,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        codebook_hash: str | None = None,
+    ):
         d = cfg.data
         if not d.shards:
             raise ValueError("data.shards is empty: give one or more token-shard datasets")
         per_rank = d.global_batch_size // dp_size
         if d.global_batch_size % (dp_size * d.micro_batch_size):
-            raise ValueError(f"data.global_batch_size={d.global_batch_size} is not a multiple of "
-                             f"data-parallel size {dp_size} x micro_batch_size {d.micro_batch_size}")
+            raise ValueError(
+                f"data.global_batch_size={d.global_batch_size} is not a multiple of "
+                f"data-parallel size {dp_size} x micro_batch_size {d.micro_batch_size}"
+            )
         self.num_micro_batches = per_rank // d.micro_batch_size
         backend = None if d.reader == "auto" else d.reader
         self.datasets = [TokenShards(p, backend=backend, codebook_hash=codebook_hash) for p in d.shards]
         self.plan = EpochPlan([s.counts for s in self.datasets], d.global_batch_size, d.seed, d.resolutions or None)
-        self.steps = StepBatches(self.datasets, self.plan, cfg, groups, text_tokenizer, dp_rank=dp_rank,
-                                 dp_size=dp_size, micro_batch_size=d.micro_batch_size,
-                                 num_micro_batches=self.num_micro_batches)
+        self.steps = StepBatches(
+            self.datasets,
+            self.plan,
+            cfg,
+            groups,
+            text_tokenizer,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            micro_batch_size=d.micro_batch_size,
+            num_micro_batches=self.num_micro_batches,
+        )
         self.num_workers, self.prefetch = d.num_workers, d.prefetch
         self.step = 0
-        self._it: Optional[Iterator] = None
+        self._it: Iterator | None = None
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.plan.seed, "global_batch": self.plan.global_batch,
-                "sizes": dict(self.plan.sizes)}
+        return {
+            "step": self.step,
+            "seed": self.plan.seed,
+            "global_batch": self.plan.global_batch,
+            "sizes": dict(self.plan.sizes),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["global_batch"] != self.plan.global_batch or state["sizes"] != self.plan.sizes:
-            raise ValueError(f"data-loader state does not fit this data: saved global batch {state['global_batch']} "
-                             f"and bucket sizes {state['sizes']}, now {self.plan.global_batch} and {self.plan.sizes}")
+            raise ValueError(
+                f"data-loader state does not fit this data: saved global batch {state['global_batch']} "
+                f"and bucket sizes {state['sizes']}, now {self.plan.global_batch} and {self.plan.sizes}"
+            )
         self.step = int(state["step"])
         self._it = None
 
@@ -218,10 +268,18 @@ class TrainLoader:
     def __next__(self) -> list[MicroBatch]:
         if self._it is None:
             if self.num_workers > 0:
-                self._it = iter(torch.utils.data.DataLoader(
-                    self.steps, batch_size=None, sampler=_From(self.step), num_workers=self.num_workers,
-                    prefetch_factor=self.prefetch, persistent_workers=False, collate_fn=_collate,
-                    multiprocessing_context="spawn"))  # tensorstore aborts in forked children
+                self._it = iter(
+                    torch.utils.data.DataLoader(
+                        self.steps,
+                        batch_size=None,
+                        sampler=_From(self.step),
+                        num_workers=self.num_workers,
+                        prefetch_factor=self.prefetch,
+                        persistent_workers=False,
+                        collate_fn=_collate,
+                        multiprocessing_context="spawn",
+                    )
+                )  # tensorstore aborts in forked children
             else:
                 self._it = (self.steps[k] for k in itertools.count(self.step))
         out = next(self._it)

@@ -10,34 +10,23 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from ..config import PreprocessConfig
 from ..vq import codebook_hash, load_image_tokenizer, tokenizer_kind
 from . import dali
 from .shards import BucketBuffer, consolidate, part_done, res_key, write_part
-
-
-@dataclass
-class PreprocessOptions:
-    resolution: int = 256
-    aspect_buckets: bool = False
-    crop: str = "center"  # center | random
-    batch_size: int = 64
-    device: str = "cpu"  # cpu | cuda (DALI mixed decoding, tokenizer on GPU)
-    device_id: Optional[int] = None
-    num_threads: int = 2
 
 
 def part_name(tar: Path) -> str:
     return tar.name[: -len(".tar")] if tar.name.endswith(".tar") else tar.name
 
 
-def preprocess_shard(tar: Path, out: Path, tokenizer, opts: PreprocessOptions, decoder: dali.Decoder) -> dict:
+def preprocess_shard(tar: Path, out: Path, tokenizer, opts: PreprocessConfig, decoder: dali.Decoder) -> dict:
     """Tokenise one tar into ``out/parts/<name>``; returns counts (``written``, ``skipped``...)."""
     name = part_name(tar)
     if part_done(out, name):
@@ -86,8 +75,18 @@ def preprocess_shard(tar: Path, out: Path, tokenizer, opts: PreprocessOptions, d
                 score = s.meta.get("aesthetic_score", s.meta.get("score"))
                 buf.add(tok, s.caption, s.key, size, crop, float(score) if isinstance(score, (int, float)) else None)
     written = sum(len(b) for b in buffers.values())
-    write_part(out, name, buffers, {"source": str(tar), "samples_in": len(keys), "skipped": dict(skipped),
-                                    "tokenizer": tokenizer.name, "codebook_hash": codebook_hash(tokenizer.codebook())})
+    write_part(
+        out,
+        name,
+        buffers,
+        {
+            "source": str(tar),
+            "samples_in": len(keys),
+            "skipped": dict(skipped),
+            "tokenizer": tokenizer.name,
+            "codebook_hash": codebook_hash(tokenizer.codebook()),
+        },
+    )
     idx.unlink(missing_ok=True)
     return {"name": name, "samples_in": len(keys), "written": written, "skipped": dict(skipped)}
 
@@ -104,8 +103,9 @@ def _worker(args):
     queue.put(None)
 
 
-def run(tars: Sequence[Path], out: Path, tokenizer_path: Path, opts: PreprocessOptions, *, workers: int = 1,
-        progress: bool = True) -> dict:
+def run(
+    tars: Sequence[Path], out: Path, tokenizer_path: Path, opts: PreprocessConfig, *, workers: int = 1, progress: bool = True
+) -> dict:
     """Preprocess ``tars`` with ``workers`` local processes; returns summed counts."""
     import multiprocessing as mp
     import queue as queue_lib
@@ -117,8 +117,7 @@ def run(tars: Sequence[Path], out: Path, tokenizer_path: Path, opts: PreprocessO
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     workers = max(1, min(workers, len(tars)))
-    procs = [ctx.Process(target=_worker, args=((tars[i::workers], out, tokenizer_path, opts, queue),))
-             for i in range(workers)]
+    procs = [ctx.Process(target=_worker, args=((tars[i::workers], out, tokenizer_path, opts, queue),)) for i in range(workers)]
     for p in procs:
         p.start()
     totals: Counter = Counter()
@@ -132,7 +131,7 @@ def run(tars: Sequence[Path], out: Path, tokenizer_path: Path, opts: PreprocessO
             if failed:
                 for p in procs:
                     p.kill()
-                raise RuntimeError(f"a preprocessing worker failed with exit code {failed[0]} (its error is above)")
+                raise RuntimeError(f"a preprocessing worker failed with exit code {failed[0]} (its error is above)") from None
             continue
         if res is None:
             done += 1
@@ -145,8 +144,10 @@ def run(tars: Sequence[Path], out: Path, tokenizer_path: Path, opts: PreprocessO
             for k, v in res["skipped"].items():
                 totals[f"skipped_{k}"] += v
         bar.update(1)
-        bar.set_postfix(samples_per_s=f"{totals['written'] / max(time.time() - t0, 1e-9):.0f}",
-                        skipped=sum(v for k, v in totals.items() if k.startswith("skipped_")))
+        bar.set_postfix(
+            samples_per_s=f"{totals['written'] / max(time.time() - t0, 1e-9):.0f}",
+            skipped=sum(v for k, v in totals.items() if k.startswith("skipped_")),
+        )
     bar.close()
     for p in procs:
         p.join()

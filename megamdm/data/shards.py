@@ -1,4 +1,4 @@
-"""Token shards (DESIGN.md §3): tokenised images + captions in a zarr v3 store.
+"""Token shards (docs/design.md §3): tokenised images + captions in a zarr v3 store.
 
     dataset.zarr/                     root group; attrs: schema, tokenizer, codebook hash, the index
       parts/<name>/                   one group per input tar shard (written by one preprocessing rank)
@@ -20,11 +20,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import numpy as np
+
+from ..errors import MegamdmError
 
 SCHEMA = "megamdm-token-shards"
 SCHEMA_VERSION = 1
@@ -32,7 +34,7 @@ SHARD_SAMPLES = 256
 FIELDS = ("tokens", "captions", "keys", "orig_size", "crop", "score")  # what TokenShards.read returns
 
 
-class ShardError(ValueError):
+class ShardError(MegamdmError):
     """A token-shard dataset is missing, incomplete, or does not fit the configured tokenizer."""
 
 
@@ -56,7 +58,7 @@ class BucketBuffer:
     crop: list = field(default_factory=list)
     score: list = field(default_factory=list)
 
-    def add(self, tokens: np.ndarray, caption: str, key: str, orig_size, crop, score: Optional[float]) -> None:
+    def add(self, tokens: np.ndarray, caption: str, key: str, orig_size, crop, score: float | None) -> None:
         self.tokens.append(np.asarray(tokens, dtype=np.uint32))
         self.captions.append(caption)
         self.keys.append(key)
@@ -78,8 +80,9 @@ def _ragged(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 def _create(group, name: str, data: np.ndarray, chunks, shards=None):
     from zarr.codecs import ZstdCodec
 
-    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=shards,
-                             compressors=ZstdCodec(level=3))
+    arr = group.create_array(
+        name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=shards, compressors=ZstdCodec(level=3)
+    )
     if data.size:
         arr[...] = data
     return arr
@@ -155,8 +158,15 @@ def consolidate(root, *, tokenizer: str, codebook_hash: str) -> dict:
         for k, v in attrs.get("skipped", {}).items():
             skipped[k] = skipped.get(k, 0) + v
     g = zarr.open_group(str(root), mode="a")
-    index = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "tokenizer": tokenizer,
-             "codebook_hash": codebook_hash, "parts": parts, "totals": totals, "skipped": skipped}
+    index = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "tokenizer": tokenizer,
+        "codebook_hash": codebook_hash,
+        "parts": parts,
+        "totals": totals,
+        "skipped": skipped,
+    }
     g.attrs.update(index)
     shutil.rmtree(root / ".tmp", ignore_errors=True)
     return index
@@ -179,8 +189,7 @@ class _Array:
         if backend == "tensorstore":
             import tensorstore as ts
 
-            self.a = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}},
-                             read=True).result()
+            self.a = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}, read=True).result()
         else:
             import zarr
 
@@ -215,7 +224,7 @@ class TokenShards:
     ``backend``: ``"tensorstore"`` (default when installed; 25-60x faster random reads here) or
     ``"zarr"``. ``codebook_hash``: refuse a dataset written with another tokenizer."""
 
-    def __init__(self, root, *, backend: Optional[str] = None, codebook_hash: Optional[str] = None):
+    def __init__(self, root, *, backend: str | None = None, codebook_hash: str | None = None):
         self.root = Path(root)
         zj = self.root / "zarr.json"
         if not zj.is_file():
@@ -228,7 +237,8 @@ class TokenShards:
         if codebook_hash is not None and attrs["codebook_hash"] != codebook_hash:
             raise ShardError(
                 f"{self.root} was tokenised with {attrs['tokenizer']} (codebook {attrs['codebook_hash']}), but the "
-                f"configured image tokenizer has codebook {codebook_hash}; re-run preprocessing with this tokenizer")
+                f"configured image tokenizer has codebook {codebook_hash}; re-run preprocessing with this tokenizer"
+            )
         self.attrs = attrs
         self.backend = backend or ("tensorstore" if _have_tensorstore() else "zarr")
         if self.backend not in ("tensorstore", "zarr"):

@@ -7,8 +7,8 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -18,7 +18,7 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(path, samples: Iterable[tuple[str, bytes, str, Optional[str], dict]]) -> Path:
+def write_shard(path, samples: Iterable[tuple[str, bytes, str, str | None, dict]]) -> Path:
     """Write ``(key, image_bytes, ext, caption_or_None, meta)`` samples; atomically renamed into place."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")

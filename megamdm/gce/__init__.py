@@ -1,4 +1,4 @@
-"""Grouped Cross-Entropy (DESIGN.md §1.2): one public entry point, three implementations.
+"""Grouped Cross-Entropy (docs/design.md §1.2): one public entry point, three implementations.
 
 ``impl="naive"`` materialises the logits and is the specification; ``"torch"`` (chunked autograd
 function, any device) and ``"triton"`` (GPU kernels; CPU under ``TRITON_INTERPRET=1``) never
@@ -8,7 +8,8 @@ hold the N x V logits. With ``tp_group`` the weight is this rank's vocabulary sh
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -34,12 +35,12 @@ def gce_loss(
     *,
     impl: str = "naive",
     reduction: str = "mean",
-    token_weight: Optional[torch.Tensor] = None,
+    token_weight: torch.Tensor | None = None,
     tp_group=None,
-    ignore_mask: Optional[torch.Tensor] = None,
+    ignore_mask: torch.Tensor | None = None,
     return_stats: bool = False,
-    block_v: Optional[int] = None,
-    block_n: Optional[int] = None,
+    block_v: int | None = None,
+    block_n: int | None = None,
 ):
     """Grouped cross-entropy of ``hidden [N, d] @ weight[V, d]^T`` against ``target [N]`` (model order).
 
@@ -61,8 +62,10 @@ def gce_loss(
     tp = tp_group is not None and torch.distributed.get_world_size(tp_group) > 1
     check_group_sizes(group_sizes, weight.shape[0], "the vocabulary shard of this rank" if tp else "the vocabulary")
     if tp and impl == "naive":
-        raise ValueError("impl='naive' materialises the full logits and has no vocab-parallel mode; "
-                         "use impl='torch' or 'triton' with tp_group")
+        raise ValueError(
+            "impl='naive' materialises the full logits and has no vocab-parallel mode; "
+            "use impl='torch' or 'triton' with tp_group"
+        )
     n = hidden.shape[0]
     w = torch.ones(n, device=hidden.device) if token_weight is None else token_weight.float().reshape(n)
     target = target.long()
@@ -80,13 +83,13 @@ def gce_loss(
     elif impl == "torch":
         from .chunked import gce_chunked
 
-        per, lse, ce, grp = gce_chunked(hidden, weight, target, group_sizes, group_weights, w,
-                                        tp_group if tp else None, block_v, block_n)
+        per, lse, ce, grp = gce_chunked(
+            hidden, weight, target, group_sizes, group_weights, w, tp_group if tp else None, block_v, block_n
+        )
     else:
         from .triton_kernels import gce_triton
 
-        per, lse, ce, grp = gce_triton(hidden, weight, target, group_sizes, group_weights, w,
-                                       tp_group if tp else None, block_v)
+        per, lse, ce, grp = gce_triton(hidden, weight, target, group_sizes, group_weights, w, tp_group if tp else None, block_v)
 
     if reduction == "none":
         loss = per

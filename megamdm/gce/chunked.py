@@ -15,7 +15,7 @@ Peak extra memory: the fp32 ``dH`` accumulator plus a few ``block_n x block_v`` 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -47,7 +47,7 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float().contiguous()
 
 
-def block_size_v(block_v: Optional[int], group_sizes: Sequence[int], vocab_local: int) -> int:
+def block_size_v(block_v: int | None, group_sizes: Sequence[int], vocab_local: int) -> int:
     gmax = max(group_sizes) if group_sizes else 1
     bv = max(block_v or DEFAULT_BLOCK_V, gmax)
     bv = (bv + gmax - 1) // gmax * gmax
@@ -159,7 +159,7 @@ class ChunkedGCE(torch.autograd.Function):
         return d_hidden, d_weight, None, None, None, None, None, None, None
 
 
-def gce_chunked(hidden, weight, target, group_sizes, group_weights, token_weight, tp_group=None,
-                block_v=None, block_n=None):
-    return ChunkedGCE.apply(hidden, weight, target, token_weight, tuple(group_sizes), tuple(group_weights),
-                            tp_group, block_v, block_n)
+def gce_chunked(hidden, weight, target, group_sizes, group_weights, token_weight, tp_group=None, block_v=None, block_n=None):
+    return ChunkedGCE.apply(
+        hidden, weight, target, token_weight, tuple(group_sizes), tuple(group_weights), tp_group, block_v, block_n
+    )

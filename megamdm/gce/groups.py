@@ -15,9 +15,9 @@ generated grids are mapped back with ``to_tokenizer`` before decoding.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -34,8 +34,7 @@ def check_group_sizes(group_sizes: Sequence[int], vocab_size: int, what: str = "
             raise ValueError(f"GCE group sizes {list(group_sizes)} must be increasing, each dividing the next")
         if vocab_size % g:
             raise ValueError(
-                f"GCE group size {g} does not divide {what} ({vocab_size}); allowed sizes are the divisors "
-                f"of {vocab_size}"
+                f"GCE group size {g} does not divide {what} ({vocab_size}); allowed sizes are the divisors of {vocab_size}"
             )
         prev = g
 
@@ -45,7 +44,7 @@ class GCEGroups:
     perm: torch.Tensor  # [V] long: model id -> tokenizer id
     group_sizes: list[int]
     group_weights: list[float]
-    codebook_hash: Optional[str] = None
+    codebook_hash: str | None = None
     inv_perm: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -69,11 +68,11 @@ class GCEGroups:
     def to_tokenizer(self, model_ids: torch.Tensor) -> torch.Tensor:
         return self.perm.to(model_ids.device)[model_ids]
 
-    def with_weights(self, group_weights: Sequence[float]) -> "GCEGroups":
+    def with_weights(self, group_weights: Sequence[float]) -> GCEGroups:
         return GCEGroups(self.perm.clone(), list(self.group_sizes), list(group_weights), self.codebook_hash)
 
     @classmethod
-    def identity(cls, vocab_size: int, group_sizes: Sequence[int], group_weights: Sequence[float]) -> "GCEGroups":
+    def identity(cls, vocab_size: int, group_sizes: Sequence[int], group_weights: Sequence[float]) -> GCEGroups:
         return cls(torch.arange(vocab_size), list(group_sizes), list(group_weights))
 
     def save(self, path) -> None:
@@ -85,7 +84,7 @@ class GCEGroups:
         save_file({"perm": self.perm.contiguous()}, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path) -> "GCEGroups":
+    def load(cls, path) -> GCEGroups:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"GCE groups file not found: {p}")
@@ -150,7 +149,7 @@ def build_groups(
     group_weights: Sequence[float],
     *,
     seed: int = 0,
-    codebook_hash: Optional[str] = None,
+    codebook_hash: str | None = None,
     progress: bool = True,
 ) -> GCEGroups:
     """Build the permutation from codebook vectors ``[V, c]``."""

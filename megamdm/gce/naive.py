@@ -7,7 +7,7 @@ with ``G_l(y) = {j : j // g_l == y // g_l}``, all in fp32 whatever the input dty
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -38,8 +38,23 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _logits_tile(H, W, rows, cols, rmask, cmask, D, s_hn, s_hd, s_wv, s_wd,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+def _logits_tile(
+    H,
+    W,
+    rows,
+    cols,
+    rmask,
+    cmask,
+    D,
+    s_hn,
+    s_hd,
+    s_wv,
+    s_wd,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     for ds in range(0, D, BLOCK_D):
         dd = ds + tl.arange(0, BLOCK_D)
@@ -54,10 +69,31 @@ def _logits_tile(H, W, rows, cols, rmask, cmask, D, s_hn, s_hd, s_wv, s_wd,
 
 
 @triton.jit
-def _gce_fwd_kernel(H, W, T, M_OUT, S_OUT, ZY_OUT, GM_OUT, GS_OUT, GSIZES,
-                    N, V, D, v0, s_hn, s_hd, s_wv, s_wd,
-                    NUM_LEVELS: tl.constexpr, LP: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+def _gce_fwd_kernel(
+    H,
+    W,
+    T,
+    M_OUT,
+    S_OUT,
+    ZY_OUT,
+    GM_OUT,
+    GS_OUT,
+    GSIZES,
+    N,
+    V,
+    D,
+    v0,
+    s_hn,
+    s_hd,
+    s_wv,
+    s_wd,
+    NUM_LEVELS: tl.constexpr,
+    LP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -97,10 +133,35 @@ def _gce_fwd_kernel(H, W, T, M_OUT, S_OUT, ZY_OUT, GM_OUT, GS_OUT, GSIZES,
 
 
 @triton.jit
-def _gce_dz_kernel(H, W, T, LSE, COEF, A, LSEG, GSIZES, GLAM, DZ,
-                   N, V, VC, D, vstart, v0, s_hn, s_hd, s_wv, s_wd, s_zn,
-                   NUM_LEVELS: tl.constexpr, LP: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+def _gce_dz_kernel(
+    H,
+    W,
+    T,
+    LSE,
+    COEF,
+    A,
+    LSEG,
+    GSIZES,
+    GLAM,
+    DZ,
+    N,
+    V,
+    VC,
+    D,
+    vstart,
+    v0,
+    s_hn,
+    s_hd,
+    s_wv,
+    s_wd,
+    s_zn,
+    NUM_LEVELS: tl.constexpr,
+    LP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -138,8 +199,9 @@ class TritonGCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, token_weight, group_sizes, group_weights, tp_group, block_v):
         if not hidden.is_cuda and not _interpreting():
-            raise RuntimeError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests); "
-                               "use impl='torch' on CPU")
+            raise RuntimeError(
+                "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests); use impl='torch' on CPU"
+            )
         hidden = hidden.contiguous()
         weight = weight.contiguous()
         n, v_local = hidden.shape[0], weight.shape[0]
@@ -159,9 +221,30 @@ class TritonGCE(torch.autograd.Function):
         gs = torch.empty_like(gm)
         if n:
             _gce_fwd_kernel[(triton.cdiv(n, bn),)](
-                hidden, weight, target, m, s, zy, gm, gs, gsizes, n, v_local, d, v0,
-                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                NUM_LEVELS=nl, LP=lp, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, UPCAST=upcast)
+                hidden,
+                weight,
+                target,
+                m,
+                s,
+                zy,
+                gm,
+                gs,
+                gsizes,
+                n,
+                v_local,
+                d,
+                v0,
+                hidden.stride(0),
+                hidden.stride(1),
+                weight.stride(0),
+                weight.stride(1),
+                NUM_LEVELS=nl,
+                LP=lp,
+                BLOCK_N=bn,
+                BLOCK_V=bv,
+                BLOCK_D=bd,
+                UPCAST=upcast,
+            )
         t_local = target - v0
         owned = (t_local >= 0) & (t_local < v_local)
         lseg_local = (gm + torch.log(gs)).t()[:nl].contiguous()
@@ -203,9 +286,34 @@ class TritonGCE(torch.autograd.Function):
             buf = dz[:, :vc]
             if n:
                 _gce_dz_kernel[(triton.cdiv(n, bn), triton.cdiv(vc, bv))](
-                    hidden, weight, target, lse, coef, a, lseg_p, gsizes, glam, buf,
-                    n, v_local, vc, d, vs, v0, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                    dz.stride(0), NUM_LEVELS=nl, LP=lp, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, UPCAST=upcast)
+                    hidden,
+                    weight,
+                    target,
+                    lse,
+                    coef,
+                    a,
+                    lseg_p,
+                    gsizes,
+                    glam,
+                    buf,
+                    n,
+                    v_local,
+                    vc,
+                    d,
+                    vs,
+                    v0,
+                    hidden.stride(0),
+                    hidden.stride(1),
+                    weight.stride(0),
+                    weight.stride(1),
+                    dz.stride(0),
+                    NUM_LEVELS=nl,
+                    LP=lp,
+                    BLOCK_N=bn,
+                    BLOCK_V=bv,
+                    BLOCK_D=bd,
+                    UPCAST=upcast,
+                )
             wc = weight[vs : vs + vc]
             if d_hidden is not None:
                 d_hidden += _mm_f32(buf, wc)
@@ -219,5 +327,13 @@ class TritonGCE(torch.autograd.Function):
 def gce_triton(hidden, weight, target, group_sizes, group_weights, token_weight, tp_group=None, block_v=None):
     """``block_v`` is the vocabulary chunk of the backward's logit-gradient buffer (default
     ``DEFAULT_CHUNK_V``)."""
-    return TritonGCE.apply(hidden, weight, target.contiguous(), token_weight.contiguous(), tuple(group_sizes),
-                           tuple(group_weights), tp_group, block_v)
+    return TritonGCE.apply(
+        hidden,
+        weight,
+        target.contiguous(),
+        token_weight.contiguous(),
+        tuple(group_sizes),
+        tuple(group_weights),
+        tp_group,
+        block_v,
+    )

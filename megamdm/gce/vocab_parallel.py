@@ -18,8 +18,6 @@ parallelism, ``gather_from_sequence_parallel_region`` (reduce-scatter) with it.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 
@@ -35,7 +33,7 @@ def combine(
     zy: torch.Tensor,
     lseg: torch.Tensor,
     owned: torch.Tensor,
-    tp_group: Optional[dist.ProcessGroup],
+    tp_group: dist.ProcessGroup | None,
 ):
     """Global (lse [N], target logit [N], group lse [L, N]) from per-shard statistics."""
     zy = torch.where(owned, zy, torch.zeros_like(zy))

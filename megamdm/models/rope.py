@@ -16,8 +16,9 @@ def _inv_freq(dim: int, theta: float, device=None) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
 
 
-def rope_angles(text_len: int, grid_h: int, grid_w: int, head_dim: int, theta: float, rope_2d: bool,
-                device=None) -> torch.Tensor:
+def rope_angles(
+    text_len: int, grid_h: int, grid_w: int, head_dim: int, theta: float, rope_2d: bool, device=None
+) -> torch.Tensor:
     """``emb [S, head_dim]`` fp32 for ``S = text_len + grid_h * grid_w`` (merged grid)."""
     s_img = grid_h * grid_w
     if not rope_2d:

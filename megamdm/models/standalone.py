@@ -1,4 +1,4 @@
-"""The masked-diffusion transformer of DESIGN.md §1.1 in plain PyTorch: the single-GPU model.
+"""The masked-diffusion transformer of docs/design.md §1.1 in plain PyTorch: the single-GPU model.
 
 One joint sequence ``[prompt (L_text)] + [image positions]`` with bidirectional attention and a
 key-padding mask over prompt padding. Image ids are embedded (``V + 1`` rows, MASK = V), 2x2
@@ -14,7 +14,6 @@ This module never imports megatron-core.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -96,12 +95,22 @@ class GCEHead(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, dim))
 
-    def forward(self, hidden, target=None, token_weight=None, *, group_sizes=(), group_weights=(),
-                impl: str = "torch") -> torch.Tensor | GCEStats:
+    def forward(
+        self, hidden, target=None, token_weight=None, *, group_sizes=(), group_weights=(), impl: str = "torch"
+    ) -> torch.Tensor | GCEStats:
         if target is None:
             return hidden @ self.weight.t()
-        return gce_loss(hidden, self.weight, target, group_sizes, group_weights, impl=impl,
-                        reduction="none", token_weight=token_weight, return_stats=True)
+        return gce_loss(
+            hidden,
+            self.weight,
+            target,
+            group_sizes,
+            group_weights,
+            impl=impl,
+            reduction="none",
+            token_weight=token_weight,
+            return_stats=True,
+        )
 
 
 def merge_2x2(x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +147,7 @@ class MDMTransformer(nn.Module):
         self.gradient_checkpointing = False  # recompute each block in backward (fine-tuning large models)
         self.reset_parameters()
 
-    def reset_parameters(self, seed: Optional[int] = None) -> None:
+    def reset_parameters(self, seed: int | None = None) -> None:
         """Normal(0, init_std) weights; the two residual output projections of each block are
         scaled by 1/sqrt(2 num_layers) as in Megatron; norms are 1."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -155,7 +164,7 @@ class MDMTransformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * s)
 
     # ---- pieces --------------------------------------------------------------------------------
-    def embed(self, text_ids: torch.Tensor, image_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    def embed(self, text_ids: torch.Tensor, image_ids: torch.Tensor | None) -> torch.Tensor:
         x = self.text_embed(text_ids)
         if image_ids is not None:
             check_grid(image_ids.shape[1], image_ids.shape[2])
@@ -167,8 +176,9 @@ class MDMTransformer(nn.Module):
         x = self.embed(text_ids, image_ids)
         b, s, _ = x.shape
         gh, gw = (image_ids.shape[1] // 2, image_ids.shape[2] // 2) if image_ids is not None else (0, 0)
-        emb = rope_angles(text_ids.shape[1], gh, gw, self.config.head_dim, self.config.rope_theta,
-                          self.config.rope_2d, device=x.device)
+        emb = rope_angles(
+            text_ids.shape[1], gh, gw, self.config.head_dim, self.config.rope_theta, self.config.rope_2d, device=x.device
+        )
         keep = torch.ones(b, s, dtype=torch.bool, device=x.device)
         keep[:, : text_ids.shape[1]] = ~text_pad_mask
         keep = keep[:, None, None, :]

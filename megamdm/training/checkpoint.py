@@ -1,64 +1,15 @@
-"""Distributed checkpoints (megatron-core ``dist_checkpointing``, ``torch_dist``): layout and helpers.
+"""Distributed checkpoints (megatron-core ``dist_checkpointing``, ``torch_dist``) of the training state.
 
-A run directory holds ``iter_NNNNNNN/`` folders and ``latest_checkpointed_iteration.txt``, which is
-written last and atomically (write to a temporary file, then rename), so a crash during a save
-never leaves a half-written checkpoint as the latest one.
+The run directory's layout (``iter_NNNNNNN/`` folders, the atomic ``latest`` tracker) is
+:mod:`megamdm.run_layout`'s; the writer needs an active :func:`megamdm.compat.dist_ckpt.writer_queue`
+(the trainer holds one for the whole run).
 """
 
 from __future__ import annotations
 
-import atexit
-import multiprocessing as mp
-import os
 from pathlib import Path
 
-TRACKER = "latest_checkpointed_iteration.txt"
-
-
-def iteration_dir(run_dir, iteration: int) -> Path:
-    return Path(run_dir) / f"iter_{iteration:07d}"
-
-
-def finalize_tracker(run_dir, iteration: int) -> None:
-    """Point ``latest`` at ``iteration``: atomic, and only after the checkpoint is complete."""
-    run_dir = Path(run_dir)
-    tmp = run_dir / f".{TRACKER}.tmp"
-    tmp.write_text(f"{iteration}\n")
-    os.replace(tmp, run_dir / TRACKER)
-
-
-def latest_iteration(run_dir) -> int | None:
-    p = Path(run_dir) / TRACKER
-    if not p.is_file():
-        return None
-    return int(p.read_text().strip())
-
-
-_MANAGER = None
-
-
-def ensure_writer_queue() -> None:
-    """Give megatron's torch_dist writer a results queue from a *fork*-context manager.
-
-    Upstream creates a spawn-context ``Manager`` on the first save of each process: ~4 s, and it
-    re-imports ``__main__``. A fork-context one starts in ~0.1 s; it is shut down at exit."""
-    global _MANAGER
-    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
-
-    if _MANAGER is None:
-        _MANAGER = mp.get_context("fork").Manager()
-        fa._results_queue = _MANAGER.Queue()
-        atexit.register(shutdown_writer_queue)
-
-
-def shutdown_writer_queue() -> None:
-    global _MANAGER
-    if _MANAGER is not None:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
-
-        fa._results_queue = None
-        _MANAGER.shutdown()
-        _MANAGER = None
+from ..run_layout import finalize_tracker, iteration_dir
 
 
 def load_model_weights(model, checkpoint_dir) -> None:
@@ -77,8 +28,9 @@ def load_model_weights(model, checkpoint_dir) -> None:
     result = model.load_state_dict(state, strict=False)
     bad = [k for k in result.missing_keys if "_extra_state" not in k]
     if bad or result.unexpected_keys:
-        raise RuntimeError(f"{checkpoint_dir}: weights do not fit the model: missing {bad[:5]}, "
-                           f"unexpected {result.unexpected_keys[:5]}")
+        raise RuntimeError(
+            f"{checkpoint_dir}: weights do not fit the model: missing {bad[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
 
 
 # ---- full training state -------------------------------------------------------------------------
@@ -89,9 +41,13 @@ def _rng_state(device: str) -> dict:
     import torch
     from megatron.core import tensor_parallel
 
-    return {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if device == "cuda" else None,
-            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if device == "cuda" else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
 
 
 def _set_rng_state(state: dict, device: str) -> None:
@@ -112,8 +68,11 @@ def _set_rng_state(state: dict, device: str) -> None:
 def _layout() -> dict:
     from megatron.core import parallel_state as ps
 
-    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
-            "dp": ps.get_data_parallel_world_size()}
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+    }
 
 
 def _rng_object(device: str):
@@ -121,9 +80,13 @@ def _rng_object(device: str):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     lay = _layout()
-    return ShardedObject("rng_state", _rng_state(device), (lay["pp"], lay["tp"], lay["dp"]),
-                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-                          ps.get_data_parallel_rank()), replica_id=0)
+    return ShardedObject(
+        "rng_state",
+        _rng_state(device),
+        (lay["pp"], lay["tp"], lay["dp"]),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()),
+        replica_id=0,
+    )
 
 
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # reshardable across TP/PP/DP
@@ -156,7 +119,6 @@ class Checkpointer:
         import torch.distributed as dist
         from megatron.core import dist_checkpointing
 
-        ensure_writer_queue()
         self.maybe_finalize(blocking=True)  # one save in flight at a time
         it_dir = iteration_dir(self.run_dir, iteration)
         if self.rank == 0:
@@ -207,7 +169,7 @@ class Checkpointer:
             return
         its = sorted(int(p.name[5:]) for p in self.run_dir.glob("iter_*") if p.name[5:].isdigit())
         for it in its:
-            if it < newest and it not in its[-self.keep_last:]:
+            if it < newest and it not in its[-self.keep_last :]:
                 shutil.rmtree(iteration_dir(self.run_dir, it), ignore_errors=True)
 
     def load(self, it_dir, model, optimizer, scheduler, loader) -> int:
@@ -223,8 +185,10 @@ class Checkpointer:
         model_sd = model.sharded_state_dict(metadata=OPTIM_METADATA)
         if uses_torch_adam():
             init_torch_adam_state(optimizer)
-        request = {"model": model_sd,
-                   "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_METADATA)}
+        request = {
+            "model": model_sd,
+            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_METADATA),
+        }
         same_layout = common.get("layout") == _layout()
         if same_layout:
             request["rng"] = _rng_object(self.device)

@@ -35,6 +35,15 @@ def train_flops(m: ModelConfig, text_len: int, grid_h: int, grid_w: int, supervi
     return 3.0 * forward_flops(m, text_len, grid_h, grid_w, supervised)
 
 
+def step_flops(m: ModelConfig, text_len: int, grid_h: int, grid_w: int, samples: int, supervised_tokens: float) -> float:
+    """Model FLOPs of one training step: ``samples`` samples, the head on the step's
+    ``supervised_tokens`` (counted, not estimated)."""
+    return (
+        samples * train_flops(m, text_len, grid_h, grid_w, 0.0)
+        + 3.0 * 2.0 * supervised_tokens * m.hidden_size * m.image_vocab_size
+    )
+
+
 def flops_per_sample(m: ModelConfig, text_len: int, grid_h: int, grid_w: int, supervised_fraction: float) -> float:
     return train_flops(m, text_len, grid_h, grid_w, supervised_fraction * grid_h * grid_w)
 

@@ -8,26 +8,42 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Optional
 
-UNITS = [("loss", "{:.4f}"), ("ce", "{:.4f}"), ("group", "{:.4f}"), ("edit", "{:.4f}"), ("grad_norm", "{:.3f}"),
-         ("lr", "{:.3e}"), ("samples_per_s", "{:.1f}"), ("tokens_per_s", "{:,.0f}"),
-         ("tflops_per_gpu", "{:.3g}"), ("mfu", "{:.1%}"), ("skipped_steps", "{:d}"), ("data_wait_ms", "{:.1f}"),
-         ("step_time_s", "{:.3f}")]
+UNITS = [
+    ("loss", "{:.4f}"),
+    ("ce", "{:.4f}"),
+    ("group", "{:.4f}"),
+    ("edit", "{:.4f}"),
+    ("grad_norm", "{:.3f}"),
+    ("lr", "{:.3e}"),
+    ("samples_per_s", "{:.1f}"),
+    ("tokens_per_s", "{:,.0f}"),
+    ("tflops_per_gpu", "{:.3g}"),
+    ("mfu", "{:.1%}"),
+    ("skipped_steps", "{:d}"),
+    ("data_wait_ms", "{:.1f}"),
+    ("step_time_s", "{:.3f}"),
+]
 
 
 class RunLogger:
-    def __init__(self, cfg, *, active: bool, run_dir: Optional[Path], total_steps: int):
+    def __init__(self, cfg, *, active: bool, run_dir: Path | None, total_steps: int):
         self.active, self.total = active, total_steps
         self.run = None
         self.t0 = time.time()
-        if active and cfg.train.wandb_mode != "disabled":
+        lg = cfg.logging
+        if active and lg.wandb_mode != "disabled":
             import wandb
 
-            wandb_dir = Path(cfg.train.wandb_dir or (run_dir or Path(".")) / "wandb")
+            wandb_dir = Path(lg.wandb_dir or (run_dir or Path(".")) / "wandb")
             wandb_dir.mkdir(parents=True, exist_ok=True)
-            self.run = wandb.init(project=cfg.train.wandb_project, name=cfg.train.wandb_name, dir=str(wandb_dir),
-                                  mode=cfg.train.wandb_mode, config=dataclasses.asdict(cfg))
+            self.run = wandb.init(
+                project=lg.wandb_project,
+                name=lg.wandb_name,
+                dir=str(wandb_dir),
+                mode=lg.wandb_mode,
+                config=dataclasses.asdict(cfg),
+            )
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.active:

@@ -1,11 +1,12 @@
 """DDP wrapping, megatron-core's (distributed) optimizer and its warmup + decay LR schedule (cosine, WSD, ...).
 
 When neither Transformer Engine nor apex is installed, megatron-core falls back to torch's AdamW,
-and its distributed optimizer then cannot resume (megatron-core 0.16, measured in
-shared/notes/megatron-core-on-cpu.md): the ``step`` state breaks ``fully_reshardable`` loading, the
+and its distributed optimizer then cannot resume (megatron-core 0.16, measured; docs/design.md,
+"Parallel runtime"): the ``step`` state breaks ``fully_reshardable`` loading, the
 fp32 main-param copy runs outside ``no_grad``, one ``step`` tensor is shared by every parameter
 (so AdamW's bias correction drifts after a resume), and a fresh optimizer has no state to load
-into. :func:`fix_torch_adam_fallback` patches those four places; with TE/apex nothing is touched.
+into. :func:`fix_torch_adam_fallback` mends those four places on the optimizer it is given (not on the
+class); with TE/apex nothing is touched.
 """
 
 from __future__ import annotations
@@ -13,18 +14,19 @@ from __future__ import annotations
 import torch
 
 
-def wrap_model(model, tcfg, train, device: str):
+def wrap_model(model, tcfg, par, device: str):
     """Float16Module (bf16/fp8) + megatron DDP, wired into the config as the schedules expect."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.transformer.module import Float16Module
 
-    if tcfg.bf16:
-        model = Float16Module(tcfg, model)
+    from ..models.mcore.model import with_precision
+
+    model = with_precision(model)
     overlap = device == "cuda"
     ddp = DistributedDataParallel(
         config=tcfg,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
-                                                 use_distributed_optimizer=train.use_distributed_optimizer),
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=overlap, use_distributed_optimizer=par.use_distributed_optimizer
+        ),
         module=model,
     )
     tcfg.no_sync_func = ddp.no_sync
@@ -34,34 +36,50 @@ def wrap_model(model, tcfg, train, device: str):
     return ddp
 
 
-def build_optimizer(ddp, tcfg, train):
+def build_optimizer(ddp, tcfg, optim, par, steps: int):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    fix_torch_adam_fallback()
-    ocfg = OptimizerConfig(optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
-                           adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, clip_grad=train.clip_grad,
-                           bf16=tcfg.bf16, params_dtype=tcfg.params_dtype,
-                           use_distributed_optimizer=train.use_distributed_optimizer)
+    ocfg = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        clip_grad=optim.clip_grad,
+        bf16=tcfg.bf16,
+        params_dtype=tcfg.params_dtype,
+        use_distributed_optimizer=par.use_distributed_optimizer,
+    )
     opt = get_megatron_optimizer(ocfg, [ddp])
-    return opt, build_scheduler(opt, train)
+    fix_torch_adam_fallback(opt)
+    return opt, build_scheduler(opt, optim, steps)
 
 
-def build_scheduler(opt, train):
-    """megatron-core's ``OptimizerParamScheduler``: linear warmup, then ``train.lr_decay_style``."""
+def build_scheduler(opt, optim, steps: int):
+    """megatron-core's ``OptimizerParamScheduler``: linear warmup, then ``optim.lr_decay_style`` over ``steps``."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     return OptimizerParamScheduler(
-        opt, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr, lr_warmup_steps=train.warmup_steps,
-        lr_decay_steps=max(train.steps, train.warmup_steps + 1), lr_decay_style=train.lr_decay_style,
-        start_wd=train.weight_decay, end_wd=train.weight_decay, wd_incr_steps=max(train.steps, 1),
+        opt,
+        init_lr=0.0,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps,
+        lr_decay_steps=max(steps, optim.warmup_steps + 1),
+        lr_decay_style=optim.lr_decay_style,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=max(steps, 1),
         wd_incr_style="constant",
-        wsd_decay_steps=wsd_decay_steps(train) if train.lr_decay_style == "WSD" else None,
-        lr_wsd_decay_style=train.lr_wsd_decay_style)
+        wsd_decay_steps=wsd_decay_steps(optim, steps) if optim.lr_decay_style == "WSD" else None,
+        lr_wsd_decay_style=optim.lr_wsd_decay_style,
+    )
 
 
-def wsd_decay_steps(train) -> int:
+def wsd_decay_steps(optim, steps: int) -> int:
     """Steps of the WSD anneal: the last ``lr_wsd_decay_fraction`` of the run, after the warmup."""
-    return max(1, min(round(train.lr_wsd_decay_fraction * train.steps), train.steps - train.warmup_steps))
+    return max(1, min(round(optim.lr_wsd_decay_fraction * steps), steps - optim.warmup_steps))
 
 
 def uses_torch_adam() -> bool:
@@ -70,13 +88,13 @@ def uses_torch_adam() -> bool:
     return not distrib_optimizer.HAVE_APEX_OR_TE
 
 
-_FIXED = False
-
-
-def fix_torch_adam_fallback() -> None:
-    global _FIXED
-    if _FIXED or not uses_torch_adam():
+def fix_torch_adam_fallback(optimizer) -> None:
+    """Mend megatron's distributed optimizer around torch AdamW, on this optimizer's instances only
+    (the class is left as it is)."""
+    if not uses_torch_adam():
         return
+    import types
+
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     def set_states(self, model_param, tensors):
@@ -88,18 +106,17 @@ def fix_torch_adam_fallback() -> None:
                 if key in tensors:  # torch AdamW's per-param "step" is not a loadable tensor state
                     t.copy_(tensors[key])
 
-    original_load = DistributedOptimizer.load_state_dict
-
     def load_state_dict(self, state_dict):
         init_torch_adam_state(self)
-        original_load(self, state_dict)
+        DistributedOptimizer.load_state_dict(self, state_dict)
         for st in self.optimizer.state.values():  # one step tensor per parameter, not a shared one
             if torch.is_tensor(st.get("step")):
                 st["step"] = st["step"].clone()
 
-    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
-    DistributedOptimizer.load_state_dict = load_state_dict
-    _FIXED = True
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer):
+            opt._set_main_param_and_optimizer_states = types.MethodType(set_states, opt)
+            opt.load_state_dict = types.MethodType(load_state_dict, opt)
 
 
 def init_torch_adam_state(optimizer) -> None:

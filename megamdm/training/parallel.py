@@ -12,8 +12,6 @@ import torch.distributed as dist
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cuda", "cpu"):
-        raise ValueError(f"train.device={device!r} is not one of auto, cuda, cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but CUDA is not available")
     return device
@@ -33,11 +31,7 @@ def _env_from_slurm() -> None:
 
 def init_distributed(device: str, timeout_minutes: int = 30) -> tuple[int, int, int]:
     """Initialise the default process group from torchrun / srun / single-process environments.
-    On CPU this also enables the CPU backend for megatron-core. Returns (rank, world, local_rank)."""
-    if device == "cpu":
-        from . import cpu_backend
-
-        cpu_backend.enable()
+    Returns (rank, world, local_rank)."""
     _env_from_slurm()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -48,8 +42,7 @@ def init_distributed(device: str, timeout_minutes: int = 30) -> tuple[int, int, 
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
@@ -59,26 +52,21 @@ def init_model_parallel(tensor_parallel: int, pipeline_parallel: int) -> None:
     world = dist.get_world_size()
     if world % (tensor_parallel * pipeline_parallel):
         raise ValueError(f"world size {world} is not a multiple of TP {tensor_parallel} x PP {pipeline_parallel}")
-    ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
-                                 pipeline_model_parallel_size=pipeline_parallel)
+    ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)
 
 
 def seed_model_parallel(seed: int, device: str) -> None:
-    """Megatron's RNG streams (default, tensor-parallel, expert), seeded as upstream."""
+    """Megatron's RNG streams (default, tensor-parallel, expert), seeded as upstream (on CPU inside
+    :func:`megamdm.compat.megatron_cpu.megatron_on_cpu`, which owns the CPU states)."""
     if device == "cuda":
         from megatron.core import tensor_parallel
 
         torch.manual_seed(seed)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
-        from . import cpu_backend
+        from ..compat.megatron_cpu import seed_rng_tracker
 
-        cpu_backend.install_rng_tracker(seed)
-
-
-def single_process_group() -> None:
-    """A world-size-1 gloo group without networking (for converters run as plain scripts)."""
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        seed_rng_tracker(seed)
 
 
 def teardown() -> None:

@@ -26,32 +26,43 @@ def _stage_logits(model, ids, pad, x, device):
 
         return out, loss_func
 
-    res = get_forward_backward_func()(forward_step_func=step, data_iterator=iter([(ids, pad, x)]), model=[model],
-                                      num_microbatches=1, seq_length=ids.shape[1] + h * w // 4,
-                                      micro_batch_size=b, forward_only=True)
+    res = get_forward_backward_func()(
+        forward_step_func=step,
+        data_iterator=iter([(ids, pad, x)]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=ids.shape[1] + h * w // 4,
+        micro_batch_size=b,
+        forward_only=True,
+    )
     v = inner.mdm.image_vocab_size
     logits = res[0]["logits"] if ps.is_pipeline_last_stage() else torch.empty(b, h, w, v, device=device)
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(logits, src=ps.get_pipeline_model_parallel_last_rank(),
-                       group=ps.get_pipeline_model_parallel_group())
+        dist.broadcast(logits, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
     return logits
 
 
 @torch.no_grad()
-def sample_images(model, cfg, groups, text_tokenizer, image_tokenizer, prompts, *, device: str, grid: tuple[int, int],
-                  seed: int = 0):
+def sample_images(
+    model, cfg, groups, text_tokenizer, image_tokenizer, prompts, *, device: str, grid: tuple[int, int], seed: int = 0
+):
     """Images (PIL) of ``prompts`` with the checkpoint's sampling settings; identical on every rank."""
-    from ..sampling import SampleSettings, cfg_combine, sample_tokens
+    from ..sampling import cfg_combine, sample_tokens
     from ..text import format_prompt, masked_prompt, tokenize_prompts
     from ..vq import tensor_to_pil
 
-    s = cfg.sample
-    settings = SampleSettings(steps=s.steps, cfg=s.cfg, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                              schedule=s.schedule, shift=s.shift, policy=s.policy,
-                              gumbel_temperature=s.gumbel_temperature, edit_threshold=s.edit_threshold)
+    settings = cfg.sample.settings()
     f = image_tokenizer.downsample
-    texts = [format_prompt(p, width=grid[1] * f, height=grid[0] * f, score=cfg.text.default_score,
-                           micro_conditioning=cfg.text.micro_conditioning) for p in prompts]
+    texts = [
+        format_prompt(
+            p,
+            width=grid[1] * f,
+            height=grid[0] * f,
+            score=cfg.text.default_score,
+            micro_conditioning=cfg.text.micro_conditioning,
+        )
+        for p in prompts
+    ]
     ids, pad = tokenize_prompts(text_tokenizer, texts, cfg.text.max_len)
     uid, upad = masked_prompt(text_tokenizer, len(prompts), cfg.text.max_len)
     both_ids, both_pad = torch.cat([ids, uid]).to(device), torch.cat([pad, upad]).to(device)

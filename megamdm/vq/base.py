@@ -7,7 +7,8 @@ in the tokenizer's own order (the GCE permutation is applied later, when batches
 from __future__ import annotations
 
 import hashlib
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch

@@ -19,7 +19,7 @@ class DiffusersVQTokenizer:
         self.name = f"diffusers-vq-v{self.vocab_size}-{codebook_hash(self.codebook())}"
 
     @classmethod
-    def load(cls, directory) -> "DiffusersVQTokenizer":
+    def load(cls, directory) -> DiffusersVQTokenizer:
         try:
             from diffusers import VQModel
         except ImportError as e:

@@ -8,8 +8,8 @@ groups built from them put visually similar patches next to each other.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -76,12 +76,16 @@ class KMeansPatchTokenizer:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         save_file({"codebook": self._codebook.cpu()}, str(d / CODEBOOK_FILE))
-        meta = {"kind": "kmeans", "patch_size": self.patch_size, "vocab_size": self.vocab_size,
-                "codebook_hash": codebook_hash(self._codebook)}
+        meta = {
+            "kind": "kmeans",
+            "patch_size": self.patch_size,
+            "vocab_size": self.vocab_size,
+            "codebook_hash": codebook_hash(self._codebook),
+        }
         (d / TOKENIZER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory) -> "KMeansPatchTokenizer":
+    def load(cls, directory) -> KMeansPatchTokenizer:
         d = Path(directory)
         meta_path, cb_path = d / TOKENIZER_FILE, d / CODEBOOK_FILE
         if not meta_path.is_file() or not cb_path.is_file():
@@ -93,8 +97,7 @@ class KMeansPatchTokenizer:
 
     # ---- fitting -------------------------------------------------------------------------------
     @classmethod
-    def distinct_patches(cls, images: Iterable[torch.Tensor], patch_size: int,
-                         max_patches: int = 400_000) -> torch.Tensor:
+    def distinct_patches(cls, images: Iterable[torch.Tensor], patch_size: int, max_patches: int = 400_000) -> torch.Tensor:
         """The distinct ``patch_size`` x ``patch_size`` patches (8-bit values) of ``images`` (``[B, 3, H, W]``
         batches in [0, 1]), flattened to ``[P, 3 p p]``; reading stops after ``4 * max_patches`` patches."""
         dummy = cls(torch.zeros(1, 3 * patch_size * patch_size), patch_size)
@@ -119,12 +122,19 @@ class KMeansPatchTokenizer:
         max_patches: int = 400_000,
         seed: int = 0,
         progress: bool = True,
-    ) -> "KMeansPatchTokenizer":
+    ) -> KMeansPatchTokenizer:
         """Fit the codebook by Lloyd's k-means (k-means++ seeding) on the distinct patches of ``images``
         (``[B, 3, H, W]`` batches in [0, 1]; duplicates are frequent in flat images and would only add
         weight): :meth:`fit_patches` on :meth:`distinct_patches`."""
-        return cls.fit_patches(cls.distinct_patches(images, patch_size, max_patches), vocab_size, patch_size,
-                               iters=iters, max_patches=max_patches, seed=seed, progress=progress)
+        return cls.fit_patches(
+            cls.distinct_patches(images, patch_size, max_patches),
+            vocab_size,
+            patch_size,
+            iters=iters,
+            max_patches=max_patches,
+            seed=seed,
+            progress=progress,
+        )
 
     @classmethod
     def fit_patches(
@@ -137,7 +147,7 @@ class KMeansPatchTokenizer:
         max_patches: int = 400_000,
         seed: int = 0,
         progress: bool = True,
-    ) -> "KMeansPatchTokenizer":
+    ) -> KMeansPatchTokenizer:
         """Fit the codebook on distinct flattened patches ``[P, 3 p p]`` (:meth:`distinct_patches`);
         at most ``max_patches`` of them, drawn at random, are used."""
         gen = torch.Generator().manual_seed(seed)

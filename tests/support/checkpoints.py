@@ -14,8 +14,16 @@ from megamdm.vq import KMeansPatchTokenizer
 
 def tiny_config(vocab: int = 64) -> Config:
     return Config(
-        model=ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, head_dim=16,
-                          ffn_hidden_size=128, image_vocab_size=vocab, text_vocab_size=384),
+        model=ModelConfig(
+            num_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_query_groups=2,
+            head_dim=16,
+            ffn_hidden_size=128,
+            image_vocab_size=vocab,
+            text_vocab_size=384,
+        ),
         sample=SampleConfig(steps=4, cfg=2.0, height=32, width=32),
     )
 

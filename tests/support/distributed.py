@@ -11,7 +11,8 @@ import multiprocessing as mp
 import os
 import socket
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def free_port() -> int:
@@ -24,8 +25,14 @@ def _entry(fn, rank, world, port, queue, args, kwargs):
     import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     code = 0
     try:
@@ -38,10 +45,7 @@ def _entry(fn, rank, world, port, queue, args, kwargs):
         try:
             from megatron.core import parallel_state as ps
 
-            from megamdm.training.checkpoint import shutdown_writer_queue
-
             ps.destroy_model_parallel()
-            shutdown_writer_queue()
         except Exception:
             pass
         if dist.is_initialized():
@@ -60,8 +64,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
     ctx = mp.get_context("spawn" if torch.cuda.is_available() else "fork")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, args, kwargs))
-             for r in range(world_size)]
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, args, kwargs)) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

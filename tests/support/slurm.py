@@ -11,7 +11,6 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
 
 CONF = """ClusterName=megamdm-test
 SlurmctldHost={host}
@@ -52,8 +51,9 @@ def _install() -> bool:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "slurm-wlm", "munge"], check=True, env=env,
-                       capture_output=True, timeout=900)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "slurm-wlm", "munge"], check=True, env=env, capture_output=True, timeout=900
+        )
     except (subprocess.SubprocessError, OSError):
         return False
     return _installed()
@@ -94,7 +94,7 @@ class Cluster:
                     pass
 
 
-def start(d: Path) -> Optional[Cluster]:
+def start(d: Path) -> Cluster | None:
     if os.geteuid() != 0:
         return None
     if not _installed() and not _install():
@@ -104,8 +104,7 @@ def start(d: Path) -> Optional[Cluster]:
     host = socket.gethostname().split(".")[0]
     mem = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8)
     conf = d / "slurm.conf"
-    conf.write_text(CONF.format(host=host, d=d, cpus=os.cpu_count(), mem=mem, ctld_port=_free_port(),
-                                d_port=_free_port()))
+    conf.write_text(CONF.format(host=host, d=d, cpus=os.cpu_count(), mem=mem, ctld_port=_free_port(), d_port=_free_port()))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     key = Path("/etc/munge/munge.key")
     if not key.is_file():

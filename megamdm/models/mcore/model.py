@@ -1,4 +1,4 @@
-"""``MDMModel``: the MDM of DESIGN.md §1.1 from megatron-core modules.
+"""``MDMModel``: the MDM of docs/design.md §1.1 from megatron-core modules.
 
 Same math as ``models/standalone.py`` (a parity test binds them); the layout is megatron's
 ``[sequence, batch, hidden]``. Text and image embeddings are vocab-parallel; the 2x2 merge and
@@ -14,8 +14,6 @@ whose backward keeps this rank's slice of the (already reduced) gradient.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,19 +34,21 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ...config import ModelConfig, TrainConfig
+from ...config import ModelConfig, ParallelConfig, TrainConfig
 from ...gce import gce_loss
-from ...objective import LossSpec, loss_parts, select_supervised
+from ...objective import LossSpec, loss_parts, pack_metric_sums, select_supervised
 from ..rope import rope_angles
 from ..standalone import check_grid, merge_2x2, unmerge_2x2
 from .spec import layer_spec
 
-METRIC_KEYS = ("ce_sum", "group_sum", "n_masked", "edit_sum", "n_flipped")
 
-
-def transformer_config(model: ModelConfig, train: TrainConfig, *, device: str, use_te: bool) -> TransformerConfig:
+def transformer_config(
+    model: ModelConfig, train: TrainConfig, par: ParallelConfig, *, device: str, use_te: bool
+) -> TransformerConfig:
     """The megatron ``TransformerConfig`` for a megamdm model and training setup."""
     model.validate()
+    if train.precision == "auto":
+        raise ValueError("train.precision=auto must be resolved (Trainer does) before building the model")
     dtype = torch.float32 if train.precision == "fp32" else torch.bfloat16
     fused = use_te and device == "cuda"
     recompute = train.recompute
@@ -68,9 +68,9 @@ def transformer_config(model: ModelConfig, train: TrainConfig, *, device: str, u
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_std,
-        tensor_model_parallel_size=train.tensor_parallel,
-        pipeline_model_parallel_size=train.pipeline_parallel,
-        sequence_parallel=train.sequence_parallel and train.tensor_parallel > 1,
+        tensor_model_parallel_size=par.tensor_parallel,
+        pipeline_model_parallel_size=par.pipeline_parallel,
+        sequence_parallel=par.sequence_parallel and par.tensor_parallel > 1,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -101,7 +101,7 @@ class MDMModel(MegatronModule):
         use_te: bool,
         pre_process: bool = True,
         post_process: bool = True,
-        vp_stage: Optional[int] = None,
+        vp_stage: int | None = None,
     ):
         super().__init__(config)
         self.model_type = ModelType.encoder_or_decoder
@@ -114,18 +114,26 @@ class MDMModel(MegatronModule):
         init = config.init_method
         if pre_process:
             self.text_embedding = tensor_parallel.VocabParallelEmbedding(
-                mdm.text_vocab_size, d, init_method=init, config=config)
+                mdm.text_vocab_size, d, init_method=init, config=config
+            )
             self.image_embedding = tensor_parallel.VocabParallelEmbedding(
-                mdm.image_embed_rows, d, init_method=init, config=config)
+                mdm.image_embed_rows, d, init_method=init, config=config
+            )
             self.merge = torch.nn.Linear(4 * d, d, bias=False, dtype=config.params_dtype)
         spec, norm = layer_spec(use_te)
         n_layers = get_num_layers_to_build(config, vp_stage)
-        self.decoder = TransformerBlock(config, TransformerBlockSubmodules([spec] * n_layers, norm),
-                                        pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+        self.decoder = TransformerBlock(
+            config,
+            TransformerBlockSubmodules([spec] * n_layers, norm),
+            pre_process=pre_process,
+            post_process=post_process,
+            vp_stage=vp_stage,
+        )
         if post_process:
             self.unmerge = torch.nn.Linear(d, 4 * d, bias=False, dtype=config.params_dtype)
             self.head = tensor_parallel.ColumnParallelLinear(
-                d, mdm.image_vocab_size, config=config, init_method=init, bias=False, gather_output=False)
+                d, mdm.image_vocab_size, config=config, init_method=init, bias=False, gather_output=False
+            )
         for lin in [getattr(self, "merge", None), getattr(self, "unmerge", None)]:
             if lin is not None and config.perform_initialization:
                 with torch.no_grad():
@@ -145,23 +153,33 @@ class MDMModel(MegatronModule):
             x = scatter_to_sequence_parallel_region(x)
         return x
 
-    def forward(self, text_ids: torch.Tensor, text_pad_mask: torch.Tensor, image_ids: torch.Tensor, *,
-                target: Optional[torch.Tensor] = None, loss_weight: Optional[torch.Tensor] = None,
-                is_flipped: Optional[torch.Tensor] = None):
+    def forward(
+        self,
+        text_ids: torch.Tensor,
+        text_pad_mask: torch.Tensor,
+        image_ids: torch.Tensor,
+        *,
+        target: torch.Tensor | None = None,
+        loss_weight: torch.Tensor | None = None,
+        is_flipped: torch.Tensor | None = None,
+    ):
         """First/middle stages return the decoder output. The last stage returns the image
         hidden states ``[b, h, w, d]``, or with ``target``/``loss_weight``/``is_flipped`` the loss
-        terms ``(loss_sum, num_tokens, metrics[5])`` of ``objective.loss_parts`` (METRIC_KEYS)."""
+        terms ``(loss_sum, num_tokens, metrics[5])`` of ``objective.loss_parts`` (``objective.METRIC_SUMS``)."""
         b, h, w = image_ids.shape
         check_grid(h, w)
         text_len = text_ids.shape[1]
         s = text_len + h * w // 4
         tp = self.config.tensor_model_parallel_size
         if self.config.sequence_parallel and s % tp:
-            raise ValueError(f"sequence parallelism needs the sequence length ({text_len} text + {h * w // 4} "
-                             f"image = {s}) to be a multiple of the tensor-parallel size {tp}")
+            raise ValueError(
+                f"sequence parallelism needs the sequence length ({text_len} text + {h * w // 4} "
+                f"image = {s}) to be a multiple of the tensor-parallel size {tp}"
+            )
         x = self._embed(text_ids, image_ids) if self.pre_process else None
-        rope = rope_angles(text_len, h // 2, w // 2, self.mdm.head_dim, self.mdm.rope_theta, self.mdm.rope_2d,
-                           device=image_ids.device)[:, None, None, :]
+        rope = rope_angles(
+            text_len, h // 2, w // 2, self.mdm.head_dim, self.mdm.rope_theta, self.mdm.rope_2d, device=image_ids.device
+        )[:, None, None, :]
         mask = torch.zeros(b, 1, 1, s, dtype=torch.bool, device=image_ids.device)
         mask[:, 0, 0, :text_len] = text_pad_mask  # True = masked key
         hs = self.decoder(hidden_states=x, attention_mask=mask, rotary_pos_emb=rope)
@@ -176,12 +194,20 @@ class MDMModel(MegatronModule):
         hsel, tsel, wsel, fsel = select_supervised(hidden, target, loss_weight, is_flipped)
         hsel = copy_to_tensor_model_parallel_region(hsel)
         spec = self.loss_spec
-        stats = gce_loss(hsel, self.head.weight, tsel, spec.group_sizes, spec.group_weights, impl=spec.impl,
-                         reduction="none", token_weight=wsel, return_stats=True,
-                         tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None)
+        stats = gce_loss(
+            hsel,
+            self.head.weight,
+            tsel,
+            spec.group_sizes,
+            spec.group_weights,
+            impl=spec.impl,
+            reduction="none",
+            token_weight=wsel,
+            return_stats=True,
+            tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None,
+        )
         parts = loss_parts(stats, fsel, spec)
-        metrics = torch.stack([parts.metrics[k].float() for k in METRIC_KEYS])
-        return parts.loss_sum, parts.num_tokens, metrics
+        return parts.loss_sum, parts.num_tokens, pack_metric_sums(parts)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits ``[..., V]`` from image hidden states (gathered over TP), for sampling.
@@ -191,11 +217,23 @@ class MDMModel(MegatronModule):
         return gather_from_tensor_model_parallel_region(F.linear(hidden.to(w.dtype), w))
 
 
-def build_model(cfg, loss_spec: LossSpec, *, device: str, use_te: bool, vp_stage: Optional[int] = None) -> MDMModel:
+def build_model(cfg, loss_spec: LossSpec, *, device: str, use_te: bool, vp_stage: int | None = None) -> MDMModel:
     """The MDMModel for this rank's pipeline stage (``cfg`` is a megamdm :class:`~megamdm.config.Config`)."""
-    tcfg = transformer_config(cfg.model, cfg.train, device=device, use_te=use_te)
-    model = MDMModel(tcfg, cfg.model, loss_spec, use_te=use_te,
-                     pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
-                     post_process=ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
-                     vp_stage=vp_stage)
+    tcfg = transformer_config(cfg.model, cfg.train, cfg.parallel, device=device, use_te=use_te)
+    model = MDMModel(
+        tcfg,
+        cfg.model,
+        loss_spec,
+        use_te=use_te,
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        vp_stage=vp_stage,
+    )
     return model.cuda() if device == "cuda" else model
+
+
+def with_precision(model: MDMModel):
+    """``model`` in megatron's ``Float16Module`` when its config trains in bf16 (or FP8), else as it is."""
+    from megatron.core.transformer.module import Float16Module
+
+    return Float16Module(model.config, model) if model.config.bf16 else model

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from megamdm import shapes
+from megamdm.demo import shapesworld as shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,18 +102,24 @@ def test_shards_are_img2dataset_layout(tmp_path):
 
 
 def test_eval_tool_ground_truth_and_folders(tmp_path):
-    r = subprocess.run([sys.executable, ROOT / "tools/eval_shapes.py", "--ground-truth", "300", "--json"],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, ROOT / "tools/eval_shapes.py", "--ground-truth", "300", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(r.stdout)["overall"] >= 0.99
     from PIL.PngImagePlugin import PngInfo
 
-    for i, (objs, cap) in enumerate([([shapes.Obj("red", "circle", 5, 5, 20)], "a red circle"),
-                                     ([shapes.Obj("red", "circle", 5, 5, 20)], "a blue circle")]):
+    for i, (objs, cap) in enumerate(
+        [([shapes.Obj("red", "circle", 5, 5, 20)], "a red circle"), ([shapes.Obj("red", "circle", 5, 5, 20)], "a blue circle")]
+    ):
         info = PngInfo()
         info.add_text("prompt", cap)
         shapes.render(objs).save(tmp_path / f"{i}.png", pnginfo=info)
-    r = subprocess.run([sys.executable, ROOT / "tools/eval_shapes.py", tmp_path, "--json"],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, ROOT / "tools/eval_shapes.py", tmp_path, "--json"], capture_output=True, text=True, check=True
+    )
     assert json.loads(r.stdout)["single"] == 0.5
     Image.new("RGB", (64, 64)).save(tmp_path / "2.png")
     r = subprocess.run([sys.executable, ROOT / "tools/eval_shapes.py", tmp_path], capture_output=True, text=True)

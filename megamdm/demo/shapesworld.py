@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import io
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -50,7 +50,7 @@ class Obj:
         return self.x + self.side / 2, self.y + self.side / 2
 
 
-def relation(a: Obj, b: Obj) -> Optional[str]:
+def relation(a: Obj, b: Obj) -> str | None:
     """How ``a`` stands to ``b``, or None when the offset is too small to say."""
     (ax, ay), (bx, by) = a.center, b.center
     dx, dy = ax - bx, ay - by
@@ -68,7 +68,7 @@ def caption(objs: Sequence[Obj]) -> str:
     return f"a {a.color} {a.shape} {relation(a, b)} a {b.color} {b.shape}"
 
 
-def parse_caption(text: str) -> tuple[list[tuple[str, str]], Optional[str]]:
+def parse_caption(text: str) -> tuple[list[tuple[str, str]], str | None]:
     """``"a red circle left of a blue square"`` -> ([("red", "circle"), ("blue", "square")], "left of")."""
     words = text.strip().split()
     if len(words) == 3 and words[0] == "a":
@@ -76,7 +76,7 @@ def parse_caption(text: str) -> tuple[list[tuple[str, str]], Optional[str]]:
     for rel in RELATIONS:
         r = rel.split()
         n = len(r)
-        if len(words) == 6 + n and words[0] == "a" and words[3:3 + n] == r and words[3 + n] == "a":
+        if len(words) == 6 + n and words[0] == "a" and words[3 : 3 + n] == r and words[3 + n] == "a":
             return [(words[1], words[2]), (words[4 + n], words[5 + n])], rel
     raise ValueError(f"not a ShapesWorld caption: {text!r}")
 
@@ -98,13 +98,11 @@ def render(objs: Sequence[Obj]) -> Image.Image:
 
 def _random_obj(rng: random.Random) -> Obj:
     side = rng.randint(MIN_SIDE, MAX_SIDE)
-    return Obj(rng.choice(list(COLORS)), rng.choice(SHAPES), rng.randint(0, SIZE - side), rng.randint(0, SIZE - side),
-               side)
+    return Obj(rng.choice(list(COLORS)), rng.choice(SHAPES), rng.randint(0, SIZE - side), rng.randint(0, SIZE - side), side)
 
 
 def _apart(a: Obj, b: Obj) -> bool:
-    return (a.x + a.side + GAP <= b.x or b.x + b.side + GAP <= a.x or
-            a.y + a.side + GAP <= b.y or b.y + b.side + GAP <= a.y)
+    return a.x + a.side + GAP <= b.x or b.x + b.side + GAP <= a.x or a.y + a.side + GAP <= b.y or b.y + b.side + GAP <= a.y
 
 
 def sample_scene(rng: random.Random, two_prob: float = 0.6, exclude: frozenset = frozenset()) -> list[Obj]:
@@ -147,12 +145,13 @@ def png_bytes(im: Image.Image) -> bytes:
     return b.getvalue()
 
 
-def write_shards(out_dir, seed: int, n: int, per_shard: int = 1000, two_prob: float = 0.6,
-                 exclude: frozenset = frozenset(), progress=None) -> list:
+def write_shards(
+    out_dir, seed: int, n: int, per_shard: int = 1000, two_prob: float = 0.6, exclude: frozenset = frozenset(), progress=None
+) -> list:
     """ShapesWorld as img2dataset-layout webdataset shards (PNG + caption + json)."""
     from pathlib import Path
 
-    from .data.webdataset import write_shard
+    from ..data.webdataset import write_shard
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -164,8 +163,13 @@ def write_shards(out_dir, seed: int, n: int, per_shard: int = 1000, two_prob: fl
         for i in range(k):
             objs = next(it)
             key = f"{s:05d}{i:04d}"
-            meta = {"width": SIZE, "height": SIZE, "original_width": SIZE, "original_height": SIZE,
-                    "objects": [o.__dict__ for o in objs]}
+            meta = {
+                "width": SIZE,
+                "height": SIZE,
+                "original_width": SIZE,
+                "original_height": SIZE,
+                "objects": [o.__dict__ for o in objs],
+            }
             samples.append((key, png_bytes(render(objs)), "png", caption(objs), meta))
             if progress is not None:
                 progress.update(1)
@@ -256,7 +260,7 @@ def detect(image) -> list[Detection]:
     return out
 
 
-def _rel(a: Detection, b: Detection) -> Optional[str]:
+def _rel(a: Detection, b: Detection) -> str | None:
     dx, dy = a.center[0] - b.center[0], a.center[1] - b.center[1]
     if max(abs(dx), abs(dy)) < MIN_OFFSET / 2 or abs(dx) == abs(dy):
         return None
@@ -287,8 +291,13 @@ def summarize(results: Sequence[dict]) -> dict:
     """Accuracy over single-object prompts, two-object prompts and all."""
     singles = [r["correct"] for r in results if parse_caption(r["prompt"])[1] is None]
     doubles = [r["correct"] for r in results if parse_caption(r["prompt"])[1] is not None]
-    return {"single": float(np.mean(singles)) if singles else None, "two": float(np.mean(doubles)) if doubles else None,
-            "overall": float(np.mean(singles + doubles)), "n_single": len(singles), "n_two": len(doubles)}
+    return {
+        "single": float(np.mean(singles)) if singles else None,
+        "two": float(np.mean(doubles)) if doubles else None,
+        "overall": float(np.mean(singles + doubles)),
+        "n_single": len(singles),
+        "n_two": len(doubles),
+    }
 
 
 WORDS = ["a", "left", "right", "of", "above", "below", *COLORS, *SHAPES]
@@ -308,6 +317,6 @@ def write_text_tokenizer(directory) -> None:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>", "mask_token": "<mask>",
-                                                         "unk_token": "<unk>"}) + "\n")
-
+    (d / "tokenizer_config.json").write_text(
+        json.dumps({"pad_token": "<pad>", "mask_token": "<mask>", "unk_token": "<unk>"}) + "\n"
+    )

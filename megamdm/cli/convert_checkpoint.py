@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Convert checkpoints between megatron-core torch_dist (training), the single-GPU format
+(sampling, fine-tuning) and Hugging Face LLMs (initialisation).
+
+    # a training run (latest iteration) or one iter_NNNNNNN directory -> single-GPU format
+    megamdm-convert to-single --checkpoint runs/pretrain_1024 --out release/
+    # single-GPU format -> a model-only torch_dist checkpoint, loadable by training at any TP/PP
+    megamdm-convert from-single --single release/ --out runs/finetune_init
+    # a Llama / Mistral-style HF LLM -> a single-GPU-format MDM (backbone + text embeddings from the LLM)
+    megamdm-convert from-hf --hf Llama-dir/ --image-tokenizer tok/ --gce-groups g.safetensors \\
+        --out init/ [--config configs/pretrain_256.yaml] [--mask-token "<|reserved_special_token_0|>"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("to-single", help="torch_dist -> single-GPU format")
+    a.add_argument("--checkpoint", required=True, help="run directory or iter_NNNNNNN directory")
+    a.add_argument("--out", required=True)
+    a.add_argument("--config", help="training config (default: the config.yaml saved with the checkpoint)")
+    a.add_argument("--dtype", choices=DTYPES, help="cast weights (default: as stored)")
+    a.add_argument("--overwrite", action="store_true")
+    b = sub.add_parser("from-single", help="single-GPU format -> model-only torch_dist")
+    b.add_argument("--single", required=True)
+    b.add_argument("--out", required=True, help="a new run directory")
+    b.add_argument("--dtype", choices=DTYPES)
+    c = sub.add_parser("from-hf", help="Hugging Face Llama/Mistral LLM -> single-GPU-format MDM")
+    c.add_argument("--hf", required=True)
+    c.add_argument("--image-tokenizer", required=True)
+    c.add_argument("--gce-groups", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--config", help="a megamdm config for the text / sampling sections")
+    c.add_argument("--mask-token", help="the text token used as MASK (default: the tokenizer's mask_token)")
+    c.add_argument("--dtype", choices=DTYPES)
+    c.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from megamdm.config import ConfigError, load_config
+    from megamdm.convert import ConversionError, from_hf, from_single, to_single
+    from megamdm.pretrained import CheckpointError
+
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    t0 = time.time()
+    try:
+        if args.cmd == "to-single":
+            cfg = load_config(args.config) if args.config else None
+            out = to_single(args.checkpoint, args.out, dtype=dtype, config=cfg, overwrite=args.overwrite)
+        elif args.cmd == "from-single":
+            out = from_single(args.single, args.out, dtype=dtype)
+        else:
+            from megamdm.gce import GCEGroups
+            from megamdm.vq import load_image_tokenizer, tokenizer_kind
+
+            tok = load_image_tokenizer(tokenizer_kind(args.image_tokenizer), args.image_tokenizer)
+            groups = GCEGroups.load(args.gce_groups)
+            cfg = load_config(args.config) if args.config else None
+            if cfg is not None:
+                cfg.image_tokenizer.path = args.image_tokenizer
+            out = from_hf(
+                args.hf,
+                args.out,
+                image_tokenizer=tok,
+                groups=groups,
+                config=cfg,
+                text_mask_token=args.mask_token,
+                dtype=dtype,
+                overwrite=args.overwrite,
+            )
+    except (ConversionError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.cmd}: wrote {out} in {time.time() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Text-to-image sampling with token editing from a single-GPU-format checkpoint.
+
+    megamdm-sample --checkpoint ckpt/ --prompt "a red circle" --out samples/
+    megamdm-sample --checkpoint ckpt/ --geneval-metadata evaluation_metadata.jsonl --out geneval/ \\
+        --num-images-per-prompt 4 --steps 20 --cfg 5 --edit-threshold 0.9
+    megamdm-sample --checkpoint ckpt/ --dpg-prompts dpg_bench/prompts/ --out dpg/
+    megamdm-sample --checkpoint ckpt/ --prompt "a blue square" --init-image in.png --mask mask.png --out edit/
+
+Output layouts (megamdm/sample_outputs.py, also for MDMSampler users):
+  plain     OUT/NNNNN_JJ.png
+  GenEval   OUT/NNNNN/metadata.jsonl (that prompt's JSON object) + OUT/NNNNN/samples/JJJJ.png
+  DPG-Bench OUT/<id>.png, a 2x2 grid of 4 samples (the folder holds nothing else)
+Each PNG carries the prompt and every setting in its text chunks. Files are written atomically and
+a GenEval folder appears under its final name only when complete, so a rerun skips finished work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from megamdm.pretrained import CheckpointError
+from megamdm.sample_outputs import SampleWriter, load_prompts
+from megamdm.sampling import POLICIES, SCHEDULES, MDMSampler
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="single-GPU-format directory")
+    src = ap.add_argument_group("prompts (one source)")
+    src.add_argument("--prompt", action="append", default=[], help="repeatable")
+    src.add_argument("--prompts", help="text file, one prompt per line")
+    src.add_argument("--geneval-metadata", help="GenEval evaluation_metadata.jsonl")
+    src.add_argument("--dpg-prompts", help="DPG-Bench prompts directory of <id>.txt files")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--height", type=int)
+    ap.add_argument("--width", type=int)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--cfg", type=float)
+    ap.add_argument("--temperature", type=float)
+    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--top-p", type=float)
+    ap.add_argument("--schedule", help=f"{' | '.join(SCHEDULES)}")
+    ap.add_argument("--shift", type=float)
+    ap.add_argument("--policy", help=f"{' | '.join(POLICIES)}")
+    ap.add_argument("--gumbel-temperature", type=float)
+    ap.add_argument("--edit-threshold", type=float, help="<= 0 disables token editing")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-images-per-prompt", type=int)
+    ap.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    ap.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    ap.add_argument("--dtype", default="auto", help="bf16 | fp16 | fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--init-image", help="inpainting / masked editing: the starting image")
+    ap.add_argument("--mask", help="with --init-image: white pixels are regenerated")
+    ap.add_argument("--quiet", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        jobs, layout = load_prompts(
+            prompts=args.prompt, prompts_file=args.prompts, geneval_metadata=args.geneval_metadata, dpg_prompts=args.dpg_prompts
+        )
+        n_per = args.num_images_per_prompt or (4 if layout == "dpg" else 1)
+        writer = SampleWriter(args.out, layout, images_per_prompt=n_per, checkpoint=args.checkpoint)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
+        sampler = MDMSampler.from_pretrained(args.checkpoint, device=device, dtype=dtype, compile=args.compile)
+        settings = sampler.default_settings(
+            steps=args.steps,
+            cfg=args.cfg,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            schedule=args.schedule,
+            shift=args.shift,
+            policy=args.policy,
+            gumbel_temperature=args.gumbel_temperature,
+            edit_threshold=args.edit_threshold,
+        )
+        init_image = mask = None
+        if args.init_image:
+            init_image = Image.open(args.init_image).convert("RGB")
+            if not args.mask:
+                raise ValueError("--init-image needs --mask (white = regenerate)")
+            mask = Image.open(args.mask)
+            height, width = init_image.size[1], init_image.size[0]
+            sampler.grid_for(height, width)
+            sampler.prepare_inpainting(init_image, mask, height, width)  # validates sizes now
+        else:
+            height = args.height or sampler.cfg.sample.height
+            width = args.width or sampler.cfg.sample.width
+            sampler.grid_for(height, width)
+    except (ValueError, CheckpointError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pending = {key for key, _, _ in writer.pending(jobs)}
+    todo = [(k, key, prompt, meta) for k, (key, prompt, meta) in enumerate(jobs) if key in pending]
+    done = len(jobs) - len(todo)
+    if done and not args.quiet:
+        print(f"skipping {done} prompts already finished in {out}")
+    t0 = time.time()
+    n_images = 0
+    edits_total, edit_steps = 0, 0
+    per_call = max(1, args.batch_size // n_per)
+    fields = {f: getattr(settings, f) for f in settings.__dataclass_fields__}
+    bar = tqdm(total=len(todo), desc="prompts", unit="prompt", disable=args.quiet)
+    for s in range(0, len(todo), per_call):
+        batch = todo[s : s + per_call]
+        res = sampler(
+            [p for _, _, p, _ in batch],
+            height=height,
+            width=width,
+            num_images_per_prompt=n_per,
+            seeds=[args.seed + k * n_per for k, _, _, _ in batch],
+            batch_size=args.batch_size,
+            init_image=init_image,
+            mask=mask,
+            progress=False,
+            **fields,
+        )
+        for e in res.edits_per_step:
+            edits_total += sum(e)
+            edit_steps += len(e)
+        for b, (k, key, prompt, meta) in enumerate(batch):
+            imgs = res.images[b * n_per : (b + 1) * n_per]
+            st = {**{x: v for x, v in res.settings.items() if x != "seeds"}, "seed": args.seed + k * n_per}
+            writer.write(key, prompt, meta, imgs, st)
+            n_images += len(imgs)
+        bar.update(len(batch))
+        bar.set_postfix(edits_per_step=f"{edits_total / max(edit_steps, 1):.1f}")
+    bar.close()
+    dt = time.time() - t0
+    if not args.quiet:
+        print(
+            f"wrote {n_images} images for {len(todo)} prompts to {out} in {dt:.1f}s "
+            f"({dt / max(n_images, 1):.3f} s/image, {edits_total / max(edit_steps, 1):.2f} edits/step/image)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Prompt sources and output layouts of a sampling run: plain, GenEval and DPG-Bench, written atomically.
+
+    jobs, layout = load_prompts(geneval_metadata="evaluation_metadata.jsonl")
+    writer = SampleWriter("geneval/", layout, images_per_prompt=4, checkpoint="release/")
+    for key, prompt, meta in writer.pending(jobs):
+        out = sampler([prompt], num_images_per_prompt=4, seed=0)
+        writer.write(key, prompt, meta, out.images, out.settings)
+
+Layouts:
+  plain     OUT/NNNNN_JJ.png
+  GenEval   OUT/NNNNN/metadata.jsonl (that prompt's JSON object) + OUT/NNNNN/samples/JJJJ.png
+  DPG-Bench OUT/<id>.png, a 2x2 grid of 4 samples (the folder holds nothing else)
+
+Each PNG carries the prompt and every setting in its text chunks. Files are written to a temporary
+name and renamed, and a GenEval folder appears under its final name only when complete, so a killed
+run never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from .grid import image_grid
+
+LAYOUTS = ("plain", "geneval", "dpg")
+Job = tuple[str, str, dict | None]  # (key, prompt, GenEval metadata)
+
+
+def load_prompts(
+    *, prompts: Sequence[str] = (), prompts_file=None, geneval_metadata=None, dpg_prompts=None
+) -> tuple[list[Job], str]:
+    """Jobs from exactly one source, and the layout that goes with it; ValueError names bad input."""
+    given = [bool(prompts), bool(prompts_file), bool(geneval_metadata), bool(dpg_prompts)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of --prompt, --prompts, --geneval-metadata, --dpg-prompts")
+    if prompts:
+        if any(not p.strip() for p in prompts):
+            raise ValueError("--prompt is empty")
+        return [(f"{i:05d}", p, None) for i, p in enumerate(prompts)], "plain"
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise ValueError(f"prompt file not found: {path}")
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not lines:
+            raise ValueError(f"prompt file is empty: {path}")
+        return [(f"{i:05d}", p, None) for i, p in enumerate(lines)], "plain"
+    if geneval_metadata:
+        path = Path(geneval_metadata)
+        if not path.is_file():
+            raise ValueError(f"GenEval metadata not found: {path}")
+        jobs = []
+        for i, line in enumerate(ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()):
+            try:
+                meta = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {i + 1} is not JSON ({e})") from None
+            if not isinstance(meta, dict) or "prompt" not in meta:
+                raise ValueError(f'{path}: line {i + 1} has no "prompt"')
+            jobs.append((f"{i:05d}", meta["prompt"], meta))
+        if not jobs:
+            raise ValueError(f"GenEval metadata is empty: {path}")
+        return jobs, "geneval"
+    d = Path(dpg_prompts)
+    if not d.is_dir():
+        raise ValueError(f"DPG prompts directory not found: {d}")
+    files = sorted(d.glob("*.txt"))
+    if not files:
+        raise ValueError(f"no <id>.txt prompt files in {d}")
+    return [(f.stem, f.read_text(encoding="utf-8").strip(), None) for f in files], "dpg"
+
+
+def png_info(prompt: str, settings: dict, checkpoint: str, index: int) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("prompt", prompt)
+    info.add_itxt("megamdm", json.dumps({**settings, "image_index": index, "checkpoint": checkpoint}, sort_keys=True))
+    return info
+
+
+def save_png(img: Image.Image, path: Path, info) -> None:
+    """Write ``img`` to ``path`` atomically (a temporary name, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    img.save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)
+
+
+class SampleWriter:
+    """Writes one prompt's images in a layout; :meth:`pending` skips prompts already finished."""
+
+    def __init__(self, out, layout: str, *, images_per_prompt: int, checkpoint: str):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+        if layout == "dpg" and images_per_prompt != 4:
+            raise ValueError("DPG-Bench expects 2x2 grids: --num-images-per-prompt must be 4")
+        if images_per_prompt < 1:
+            raise ValueError("--num-images-per-prompt must be >= 1")
+        self.out, self.layout, self.n, self.checkpoint = Path(out), layout, images_per_prompt, str(checkpoint)
+
+    def target(self, key: str) -> Path:
+        """What exists only once ``key`` is complete."""
+        return {"plain": self.out / f"{key}_{self.n - 1:02d}.png", "geneval": self.out / key, "dpg": self.out / f"{key}.png"}[
+            self.layout
+        ]
+
+    def pending(self, jobs: Iterable[Job]) -> list[Job]:
+        return [j for j in jobs if not self.target(j[0]).exists()]
+
+    def write(self, key: str, prompt: str, meta: dict | None, images: Sequence[Image.Image], settings: dict) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.layout == "plain":
+            for j, im in enumerate(images):
+                save_png(im, self.out / f"{key}_{j:02d}.png", png_info(prompt, settings, self.checkpoint, j))
+        elif self.layout == "geneval":
+            tmp = self.out / f".{key}.tmp"
+            (tmp / "samples").mkdir(parents=True, exist_ok=True)
+            (tmp / "metadata.jsonl").write_text(json.dumps(meta) + "\n", encoding="utf-8")
+            for j, im in enumerate(images):
+                save_png(im, tmp / "samples" / f"{j:04d}.png", png_info(prompt, settings, self.checkpoint, j))
+            os.replace(tmp, self.out / key)
+        else:
+            grid = image_grid(list(images[:4]), cols=2, pad=0)
+            save_png(grid, self.out / f"{key}.png", png_info(prompt, settings, self.checkpoint, 0))

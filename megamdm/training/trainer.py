@@ -1,0 +1,421 @@
+"""The pretraining loop on megatron-core: ``megamdm-train --config ...`` runs :func:`pretrain`.
+
+One step (:meth:`Trainer.train_step`): this rank's micro-batches of the global batch go through
+megatron's pipeline schedule (``get_forward_backward_func``), gradients are normalised by the number
+of supervised tokens of the whole global batch (``calculate_per_token_loss``), and the optimizer
+steps unless the loss was NaN/Inf on any rank (then the step is skipped and counted). Checkpoints
+are written every ``save_interval`` steps, on SIGTERM / SIGUSR1 (SLURM preemption,
+``--signal=USR1@120``) and at the end; ``resume: auto`` continues from the latest complete one.
+
+A :class:`Trainer` is a context: entering it sets up processes, model, optimizer and data (on CPU
+inside :func:`~megamdm.compat.megatron_cpu.megatron_on_cpu`), leaving it closes the checkpointer
+and the logger and puts the process back as it was (the process group stays, as the launcher's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config, to_yaml
+from ..gce import GCEGroups
+from ..objective import STEP_SUMS, LossSpec, pack_step_sums, reduce_metrics, unpack_sums
+from ..run_layout import iteration_dir, latest_iteration
+from ..text import load_text_tokenizer
+from ..vq import codebook_hash, load_image_tokenizer
+from . import parallel
+from .checkpoint import Checkpointer, load_model_weights
+from .flops import peak_tflops, step_flops
+from .logging import RunLogger
+from .optim import build_optimizer, wrap_model
+
+
+class StopSignal:
+    """Set by SIGTERM / SIGUSR1 while installed; checked (and agreed on by all ranks) after each step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def resolve_transformer_impl(impl: str, device: str) -> bool:
+    """True for the Transformer Engine spec."""
+    from ..models.mcore.spec import te_available
+
+    if impl == "local":
+        return False
+    if impl == "transformer_engine":
+        if not te_available():
+            raise RuntimeError("train.transformer_impl=transformer_engine but Transformer Engine does not import")
+        return True
+    return device == "cuda" and te_available()
+
+
+def resolve_precision(precision: str, device: str) -> tuple[str, str]:
+    """``auto`` -> bf16 on GPUs, and on CPUs the dtype every rank's probe found faster (any rank that
+    found fp32 faster makes it fp32 for all). Returns (precision, how it was chosen)."""
+    if precision != "auto":
+        return precision, "as configured"
+    if device == "cuda":
+        return "bf16", "auto on a GPU"
+    from ..compat.cpu_precision import resolve_cpu_precision
+
+    local, probe = resolve_cpu_precision(precision)
+    vote = torch.tensor([1.0 if local == "bf16" else 0.0])
+    dist.all_reduce(vote, op=dist.ReduceOp.MIN)
+    chosen = "bf16" if vote.item() > 0 else "fp32"
+    return chosen, f"auto: {probe.describe()}" + ("" if chosen == local else f"; another rank chose {chosen}")
+
+
+def _resume_dir(cfg: Config, run_dir: Path | None) -> Path | None:
+    r = cfg.checkpoint.resume
+    if r == "none":
+        return None
+    if r == "auto":
+        if run_dir is None:
+            return None
+        it = latest_iteration(run_dir)
+        return iteration_dir(run_dir, it) if it is not None else None
+    p = Path(r)
+    if (p / "latest_checkpointed_iteration.txt").is_file():
+        return iteration_dir(p, latest_iteration(p))
+    if not (p / ".metadata").is_file():
+        raise FileNotFoundError(f"checkpoint.resume={r}: not a checkpoint (run directory or iter_NNNNNNN)")
+    return p
+
+
+def _init_dir(init_from: str, run_dir: Path | None, rank: int) -> Path:
+    """A torch_dist directory for ``checkpoint.init_from``: used as is, or converted once from the
+    single-GPU format (in a subprocess on rank 0, which has its own process group)."""
+    p = Path(init_from)
+    if (p / "config.json").is_file():  # single-GPU format
+        out = (run_dir or Path(".")) / "init_from_single"
+        if rank == 0 and latest_iteration(out) is None:
+            code = "import sys; from megamdm.convert import from_single; from_single(sys.argv[1], sys.argv[2])"
+            subprocess.run(
+                [sys.executable, "-c", code, str(p), str(out)],
+                check=True,
+                env={**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"},
+            )
+        dist.barrier()
+        return iteration_dir(out, latest_iteration(out))
+    if (p / "latest_checkpointed_iteration.txt").is_file():
+        return iteration_dir(p, latest_iteration(p))
+    return p
+
+
+@dataclass
+class StepResult:
+    sums: torch.Tensor  # STEP_SUMS of the global batch (float64, on the CPU, every rank)
+    finite: bool  # False: the step was skipped
+    grad_norm: float | None
+    grid: tuple[int, int]  # the token grid of this step's batch
+    wait_s: float  # time spent waiting for the batch
+
+
+@dataclass
+class MetricsWindow:
+    """What one logging interval accumulates; :meth:`summary` turns it into the logged numbers."""
+
+    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(len(STEP_SUMS), dtype=torch.float64))
+    steps: int = 0
+    samples: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    wait_s: float = 0.0
+    grad_norm: float | None = None
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, r: StepResult, samples: int, flops: float) -> None:
+        if r.finite:
+            self.sums += r.sums
+        self.steps += 1
+        self.samples += samples
+        self.tokens += samples * r.grid[0] * r.grid[1]
+        self.flops += flops
+        self.wait_s += r.wait_s
+        self.grad_norm = r.grad_norm if r.grad_norm is not None else self.grad_norm
+
+    def summary(self, *, world: int, peak: float) -> dict:
+        dt = time.perf_counter() - self.t0
+        s = unpack_sums(self.sums)
+        tflops = self.flops / dt / world / 1e12
+        return {
+            "loss": s["loss_sum"] / max(s["n_tokens"], 1),
+            **reduce_metrics(s),
+            "grad_norm": self.grad_norm,
+            "samples_per_s": self.samples / dt,
+            "tokens_per_s": self.tokens / dt,
+            "tflops_per_gpu": tflops,
+            "mfu": tflops / peak if peak else None,
+            "data_wait_ms": 1e3 * self.wait_s / max(self.steps, 1),
+            "step_time_s": dt / max(self.steps, 1),
+        }
+
+
+class Trainer:
+    """Set-up on ``__enter__``, one optimizer step per :meth:`train_step`, the whole run in :meth:`train`."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = copy.deepcopy(cfg)  # precision: auto is resolved into it
+        self._stack = contextlib.ExitStack()
+
+    # ---- set-up ----------------------------------------------------------------------------------
+    def __enter__(self) -> Trainer:
+        try:
+            self._setup()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def _setup(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        from ..compat.dist_ckpt import writer_queue
+        from ..data.loader import TrainLoader
+        from ..models.mcore.model import build_model
+
+        cfg, t, par, ck = self.cfg, self.cfg.train, self.cfg.parallel, self.cfg.checkpoint
+        self.device = device = parallel.resolve_device(t.device)
+        if device == "cpu":
+            from ..compat.megatron_cpu import megatron_on_cpu
+
+            self._stack.enter_context(megatron_on_cpu())
+        self.rank, self.world, _ = parallel.init_distributed(device)
+        parallel.init_model_parallel(par.tensor_parallel, par.pipeline_parallel)
+        parallel.seed_model_parallel(t.seed, device)
+        t.precision, precision_note = resolve_precision(t.precision, device)
+        self.use_te = use_te = resolve_transformer_impl(t.transformer_impl, device)
+        if t.precision == "fp8" and not use_te:
+            raise ValueError("train.precision=fp8 needs the Transformer Engine spec (a GPU with TE installed)")
+        self.run_dir = Path(ck.save_dir) if ck.save_dir else None
+        self.log = RunLogger(cfg, active=self.rank == self.world - 1, run_dir=self.run_dir, total_steps=t.steps)
+        self._stack.callback(self.log.finish)
+
+        self.groups = (
+            GCEGroups.load(cfg.gce.groups_file).with_weights(cfg.gce.group_weights)
+            if cfg.gce.groups_file
+            else GCEGroups.identity(cfg.model.image_vocab_size, cfg.gce.group_sizes, cfg.gce.group_weights)
+        )
+        self.text_tok = load_text_tokenizer(cfg.text.tokenizer, cfg.text.mask_token)
+        self.image_tok = (
+            load_image_tokenizer(cfg.image_tokenizer.kind, cfg.image_tokenizer.path) if cfg.image_tokenizer.path else None
+        )
+        self.loader = TrainLoader(
+            cfg,
+            self.groups,
+            self.text_tok,
+            dp_rank=ps.get_data_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(),
+            codebook_hash=codebook_hash(self.image_tok.codebook()) if self.image_tok else None,
+        )
+
+        self.model = build_model(cfg, LossSpec.from_config(cfg.gce, self.groups), device=device, use_te=use_te)
+        self.ddp = wrap_model(self.model, self.model.config, par, device)
+        self.optimizer, self.scheduler = build_optimizer(self.ddp, self.model.config, cfg.optim, par, t.steps)
+        self.state_module = self.ddp.module  # Float16Module or MDMModel: the sharded state dict owner
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.log.info(
+            f"megamdm: {self.world} ranks (TP {par.tensor_parallel}, PP {par.pipeline_parallel}, "
+            f"DP {ps.get_data_parallel_world_size()}), {device}, "
+            f"{'Transformer Engine' if use_te else 'local'} layers, {t.precision} ({precision_note}), "
+            f"{n_params / 1e6:.1f}M parameters on this rank, {self.loader.plan.steps_per_epoch} steps/epoch"
+        )
+
+        self._stack.enter_context(writer_queue())
+        self.ckpt = (
+            Checkpointer(self.run_dir, keep_last=ck.keep_last, async_save=ck.async_save, device=device)
+            if self.run_dir
+            else None
+        )
+        self.config_yaml = to_yaml(cfg)
+        self.step = 0
+        self.resumed = False
+        resume = _resume_dir(cfg, self.run_dir)
+        if resume is not None:
+            if self.ckpt is None:
+                self.ckpt = Checkpointer(resume.parent, keep_last=ck.keep_last, device=device)
+            self.step = self.ckpt.load(resume, self.state_module, self.optimizer, self.scheduler, self.loader)
+            self.resumed = True
+            self.log.info(f"resumed from {resume} at step {self.step}")
+        elif ck.init_from:
+            load_model_weights(self.model, _init_dir(ck.init_from, self.run_dir, self.rank))
+            self.optimizer.reload_model_params()
+            self.log.info(f"initialised the model from {ck.init_from}")
+        if self.ckpt is not None:
+            self._stack.callback(self.ckpt.close)
+        dev_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+        self.peak = peak_tflops(dev_name, t.precision, cfg.logging.peak_tflops)
+        self.skipped = 0
+
+    # ---- one step --------------------------------------------------------------------------------
+    def _forward_step(self, data_iterator, mdl):
+        b = next(data_iterator)
+        out = mdl(
+            b.text_ids, b.text_pad_mask, b.image_input, target=b.target, loss_weight=b.loss_weight, is_flipped=b.is_flipped
+        )
+
+        def loss_func(o):
+            loss_sum, n, metric_sums = o
+            return loss_sum, n.int(), {"sums": pack_step_sums(loss_sum, n, metric_sums)}
+
+        return out, loss_func
+
+    def train_step(self) -> StepResult:
+        """One optimizer step on the next global batch; every rank returns the same sums."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        t_wait = time.perf_counter()
+        micro = next(self.loader)
+        wait = time.perf_counter() - t_wait
+        batches = [m.corrupted.to(self.device) for m in micro]
+        gh, gw = batches[0].image_input.shape[1:]
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        out = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iter(batches),
+            model=[self.ddp],
+            num_microbatches=len(batches),
+            seq_length=self.cfg.text.max_len + gh * gw // 4,
+            micro_batch_size=batches[0].image_input.shape[0],
+            forward_only=False,
+        )
+        sums = torch.zeros(len(STEP_SUMS), dtype=torch.float64, device=self.device)
+        if ps.is_pipeline_last_stage():
+            for o in out:
+                sums += o["sums"].to(sums)
+            dist.all_reduce(sums, group=ps.get_data_parallel_group())
+        finite = torch.tensor([1.0 if all(math.isfinite(v) for v in sums.tolist()) else 0.0], device=self.device)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        ok, grad_norm = finite.item() > 0, None
+        if ok:
+            ok, grad_norm, _ = self.optimizer.step()
+            if ok:
+                self.scheduler.step(increment=1)
+        self.skipped += not ok
+        self.step += 1
+        if ps.get_pipeline_model_parallel_world_size() > 1:  # the logging rank is on the last stage
+            dist.broadcast(sums, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+        return StepResult(sums.cpu(), bool(finite.item() > 0), grad_norm, (gh, gw), wait)
+
+    # ---- the run ---------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Train to ``train.steps`` (or ``exit_after_steps``, or a preemption signal); returns per-step
+        losses (on the logging rank) and counters, for tests and scripts."""
+        cfg, t, lg = self.cfg, self.cfg.train, self.cfg.logging
+        losses: list[float] = []
+        window = MetricsWindow()
+        last_saved = self.step if self.resumed else -1
+        exit_after = self.step + t.exit_after_steps if t.exit_after_steps else None
+        with StopSignal() as stop:
+            while self.step < t.steps:
+                r = self.train_step()
+                step = self.step
+                if not r.finite:
+                    self.log.info(f"step {step}: non-finite loss, step skipped ({self.skipped} so far)")
+                s = unpack_sums(r.sums)
+                losses.append(s["loss_sum"] / max(s["n_tokens"], 1) if r.finite else float("nan"))
+                samples = cfg.data.global_batch_size
+                window.add(r, samples, step_flops(cfg.model, cfg.text.max_len, *r.grid, samples, s["n_tokens"]))
+                if step % lg.log_interval == 0 or step == t.steps:
+                    self.log.log(
+                        step,
+                        {
+                            **window.summary(world=self.world, peak=self.peak),
+                            "lr": self.optimizer.param_groups[0]["lr"],
+                            "skipped_steps": self.skipped,
+                        },
+                    )
+                    window = MetricsWindow()
+                if lg.sample_interval and step % lg.sample_interval == 0 and lg.sample_prompts and self.image_tok:
+                    self._log_samples(step)
+                if self.ckpt is not None:
+                    self.ckpt.maybe_finalize()
+                flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                preempted = flag.item() > 0
+                if self.ckpt is not None and (step % cfg.checkpoint.save_interval == 0 or preempted or step == exit_after):
+                    self.save(" (preemption)" if preempted else "")
+                    last_saved = step
+                if preempted:
+                    marker = os.environ.get("MEGAMDM_PREEMPT_MARKER")
+                    if marker and self.rank == 0:
+                        Path(marker).write_text(f"{step}\n")  # launch/common.sh requeues the job
+                    break
+                if step == exit_after:
+                    break
+        if self.ckpt is not None and last_saved != self.step:
+            self.save()
+        return {
+            "losses": losses,
+            "skipped": self.skipped,
+            "step": self.step,
+            "rank": self.rank,
+            "logger": self.rank == self.world - 1,
+        }
+
+    def save(self, why: str = "") -> None:
+        self.ckpt.save(self.step, self.state_module, self.optimizer, self.scheduler, self.loader, self.config_yaml)
+        self.log.info(f"saved checkpoint {iteration_dir(self.run_dir, self.step)}{why}")
+
+    def _log_samples(self, step: int) -> None:
+        from ..grid import image_grid
+        from .samples import sample_images
+
+        cfg = self.cfg
+        f = self.image_tok.downsample
+        prompts = cfg.logging.sample_prompts
+        images = sample_images(
+            self.ddp,
+            cfg,
+            self.groups,
+            self.text_tok,
+            self.image_tok,
+            prompts,
+            device=self.device,
+            grid=(cfg.sample.height // f, cfg.sample.width // f),
+            seed=cfg.sample.seed,
+        )
+        if self.log.active:
+            if self.run_dir is not None:
+                (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+                image_grid(images, prompts).save(self.run_dir / "samples" / f"step_{step:07d}.png")
+            self.log.images(step, images, prompts)
+
+
+def pretrain(cfg: Config) -> dict:
+    """Train ``cfg`` in this process (one rank of torchrun / srun / a test's forked group)."""
+    with Trainer(cfg) as trainer:
+        return trainer.train()
