@@ -267,3 +267,59 @@ def test_sigkill_then_resume_follows_the_uninterrupted_run(toy_dataset, tmp_path
     assert sorted(after) == list(range(saved + 1, steps + 1)), out[-2000:]
     for s, loss in after.items():
         assert loss == pytest.approx(ref[s], rel=1e-4), (s, loss, ref[s])
+
+
+def _drive_train_steps(ov):
+    """Drive ``Trainer.train_step`` by hand; report what a step and the window counted."""
+    import torch
+
+    from megamdm.compat.megatron_cpu import active
+    from megamdm.objective import unpack_sums
+    from megamdm.training.flops import step_flops, train_flops
+    from megamdm.training.trainer import MetricsWindow, Trainer
+
+    cfg = load_config(ROOT / "configs/model/tiny.yaml", ov)
+    with Trainer(cfg) as tr:
+        inside = active()
+        window = MetricsWindow()
+        steps = []
+        for _ in range(2):
+            r = tr.train_step()
+            s = unpack_sums(r.sums)
+            flops = tr.cfg.data.global_batch_size * train_flops(cfg.model, cfg.text.max_len, *r.grid, 0.0) + (
+                6.0 * s["n_tokens"] * cfg.model.hidden_size * cfg.model.image_vocab_size
+            )
+            window.add(r, tr.cfg.data.global_batch_size, flops)
+            logged = step_flops(cfg.model, cfg.text.max_len, *r.grid, tr.cfg.data.global_batch_size, s["n_tokens"])
+            steps.append({"sums": s, "grid": r.grid, "finite": r.finite, "flops": flops, "logged_flops": logged})
+        summary = window.summary(world=tr.world, peak=0.0)
+        step = tr.step
+    return {
+        "inside": inside,
+        "after": active(),
+        "step": step,
+        "steps": steps,
+        "summary": summary,
+        "window_tokens": window.tokens,
+        "window_samples": window.samples,
+        "rank": torch.distributed.get_rank(),
+    }
+
+
+def test_train_step_can_be_driven_and_the_window_counts_what_happened(toy_dataset):
+    """Two hand-driven steps at DP 2: every rank sees the global sums, the window's loss is the token-
+    weighted mean of the steps, and leaving the Trainer leaves megatron-on-CPU."""
+    res = run_distributed(_drive_train_steps, 2, overrides(toy_dataset))
+    a, b = res
+    assert a["steps"] == b["steps"]  # the global batch's sums, on every rank
+    r = a
+    assert r["inside"] and not r["after"] and r["step"] == 2
+    sums = [s["sums"] for s in r["steps"]]
+    assert all(s["finite"] for s in r["steps"]) and all(x["n_tokens"] > 0 for x in sums)
+    expect_loss = sum(x["loss_sum"] for x in sums) / sum(x["n_tokens"] for x in sums)
+    assert r["summary"]["loss"] == pytest.approx(expect_loss)
+    assert r["summary"]["ce"] == pytest.approx(sum(x["ce_sum"] for x in sums) / sum(x["n_masked"] for x in sums))
+    h, w = r["steps"][0]["grid"]
+    assert r["window_samples"] == 16 and r["window_tokens"] == 16 * h * w  # 2 steps x global batch 8
+    assert all(x["logged_flops"] == pytest.approx(x["flops"]) for x in r["steps"])  # what the log counts
+    assert r["summary"]["tflops_per_gpu"] > 0
