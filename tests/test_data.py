@@ -13,14 +13,14 @@ from PIL import Image
 
 pytest.importorskip("zarr")
 
-from megamdm.config import Config, DataConfig, DiffusionConfig, ModelConfig  # noqa: E402
-from megamdm.data import dali  # noqa: E402
-from megamdm.data.loader import EpochPlan, TrainLoader, feistel_permute  # noqa: E402
-from megamdm.data.shards import BucketBuffer, ShardError, TokenShards, consolidate, write_part  # noqa: E402
-from megamdm.data.webdataset import write_shard  # noqa: E402
-from megamdm.gce import GCEGroups  # noqa: E402
-from megamdm.text import ByteTokenizer  # noqa: E402
-from megamdm.vq import KMeansPatchTokenizer, codebook_hash  # noqa: E402
+from megamdm.config import Config, DataConfig, DiffusionConfig, ModelConfig
+from megamdm.data import dali
+from megamdm.data.loader import EpochPlan, TrainLoader, feistel_permute
+from megamdm.data.shards import BucketBuffer, ShardError, TokenShards, consolidate, write_part
+from megamdm.data.webdataset import write_shard
+from megamdm.gce import GCEGroups
+from megamdm.text import ByteTokenizer
+from megamdm.vq import KMeansPatchTokenizer, codebook_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 64

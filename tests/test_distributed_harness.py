@@ -6,7 +6,7 @@ pytest.importorskip("megatron.core")
 
 from megatron.core import parallel_state  # noqa: E402,F401 - imported, so a rank's teardown is instant
 
-from .support.distributed import run_distributed  # noqa: E402
+from .support.distributed import run_distributed
 
 
 def _payload(n):

@@ -10,17 +10,17 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from megamdm.config import (  # noqa: E402
+from megamdm.config import (
     Config,
     DataConfig,
     DiffusionConfig,
-    FinetuneConfig,  # noqa: E402
+    FinetuneConfig,
 )
-from megamdm.data.loader import TrainLoader  # noqa: E402
-from megamdm.objective import LossSpec, loss_parts, select_supervised  # noqa: E402
-from megamdm.pretrained import load_single  # noqa: E402
+from megamdm.data.loader import TrainLoader
+from megamdm.objective import LossSpec, loss_parts, select_supervised
+from megamdm.pretrained import load_single
 
-from .support.distributed import run_distributed  # noqa: E402
+from .support.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from megamdm.config import Config, DiffusionConfig, ParallelConfig, TrainConfig  # noqa: E402
-from megamdm.convert import (  # noqa: E402
+from megamdm.config import Config, DiffusionConfig, ParallelConfig, TrainConfig
+from megamdm.convert import (
     TorchDistReader,
     expected_standalone_shapes,
     from_single,
@@ -17,13 +17,13 @@ from megamdm.convert import (  # noqa: E402
     qkv_split,
     to_single,
 )
-from megamdm.diffusion import corrupt_batch  # noqa: E402
-from megamdm.objective import LossSpec, loss_parts, select_supervised  # noqa: E402
-from megamdm.pretrained import load_single  # noqa: E402
-from megamdm.text import ByteTokenizer, tokenize_prompts  # noqa: E402
+from megamdm.diffusion import corrupt_batch
+from megamdm.objective import LossSpec, loss_parts, select_supervised
+from megamdm.pretrained import load_single
+from megamdm.text import ByteTokenizer, tokenize_prompts
 
-from .support.checkpoints import make_tiny_checkpoint  # noqa: E402
-from .support.distributed import run_distributed  # noqa: E402
+from .support.checkpoints import make_tiny_checkpoint
+from .support.distributed import run_distributed
 
 SPEC = LossSpec([8], [0.2], impl="torch")
 

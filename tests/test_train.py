@@ -14,10 +14,10 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from megamdm.config import load_config  # noqa: E402
-from megamdm.gce import GCEGroups  # noqa: E402
+from megamdm.config import load_config
+from megamdm.gce import GCEGroups
 
-from .support.distributed import free_port, run_distributed  # noqa: E402
+from .support.distributed import free_port, run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 

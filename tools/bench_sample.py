@@ -18,17 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from megamdm.config import load_config  # noqa: E402
-from megamdm.gce import GCEGroups  # noqa: E402
-from megamdm.models.standalone import MDMTransformer  # noqa: E402
-from megamdm.pretrained import Pretrained  # noqa: E402
-from megamdm.sampling import MDMSampler  # noqa: E402
-from megamdm.text import load_text_tokenizer  # noqa: E402
-from megamdm.vq import KMeansPatchTokenizer  # noqa: E402
+from megamdm.config import load_config
+from megamdm.gce import GCEGroups
+from megamdm.models.standalone import MDMTransformer
+from megamdm.pretrained import Pretrained
+from megamdm.sampling import MDMSampler
+from megamdm.text import load_text_tokenizer
+from megamdm.vq import KMeansPatchTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ import argparse
 import sys
 import time
 
-from megamdm.gce import build_groups  # noqa: E402
-from megamdm.vq import codebook_hash, load_image_tokenizer, tokenizer_kind  # noqa: E402
+from megamdm.gce import build_groups
+from megamdm.vq import codebook_hash, load_image_tokenizer, tokenizer_kind
 
 
 def main(argv=None) -> int:

@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 
 def parse_args(argv):
