@@ -150,11 +150,15 @@ class TrainConfig:
     transformer_impl: str = choice("auto", "transformer_engine", "local")
     # auto: bf16 on GPUs; on CPUs whichever of bf16 / fp32 the CPU multiplies faster (measured at start-up)
     precision: str = choice("auto", "bf16", "fp32", "fp8")
-    fp8_recipe: str = "delayed"
+    fp8_recipe: str = choice("delayed", "tensorwise", "blockwise", "mxfp8")  # megatron-core's Fp8Recipe names
     recompute: str | None = None  # None | full | selective
     steps: int = 1000
     seed: int = 1234
     exit_after_steps: int = 0  # stop (with a checkpoint) after this many steps in this process; 0: off
+
+    def validate(self) -> None:
+        if self.recompute not in (None, "full", "selective"):
+            raise ConfigError(f"train.recompute={self.recompute!r} is not one of null, full, selective")
 
 
 @dataclass
@@ -354,6 +358,7 @@ class Config:
         self.model.validate()
         self.gce.validate()
         self.diffusion.validate()
+        self.train.validate()
         self.optim.validate()
         try:
             self.sample.validate()

@@ -47,6 +47,16 @@ def test_semantic_validation():
         load_config(None, ["model.num_attention_heads=6", "model.num_query_groups=4"])
     with pytest.raises(ConfigError, match=r"optim.lr_decay_style='wsd' is not one of cosine, .*WSD"):
         load_config(None, ["optim.lr_decay_style=wsd"])
+    with pytest.raises(ConfigError, match=r"train.precision='bf8' is not one of auto, bf16, fp32, fp8$"):
+        load_config(None, ["train.precision=bf8"])  # trained in bf16 before, silently
+    with pytest.raises(ConfigError, match=r"train.recompute='some' is not one of null, full, selective"):
+        load_config(None, ["train.recompute=some"])
+    with pytest.raises(ConfigError, match=r"train.fp8_recipe='mx' is not one of delayed, tensorwise"):
+        load_config(None, ["train.fp8_recipe=mx"])
+    with pytest.raises(ConfigError, match=r"sample.policy='greedy' is not one of gumbel, maskgit, stratified"):
+        load_config(None, ["sample.policy=greedy"])
+    with pytest.raises(ConfigError, match=r"sample: top_p must be in \(0, 1\], got 2.0"):
+        load_config(None, ["sample.top_p=2.0"])
     with pytest.raises(ConfigError, match=r"lr_wsd_decay_fraction=0.0 must be in \(0, 1\]"):
         load_config(None, ["optim.lr_decay_style=WSD", "optim.lr_wsd_decay_fraction=0"])
 
