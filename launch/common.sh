@@ -30,6 +30,7 @@ export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-19}
 export NCCL_IB_SL=${NCCL_IB_SL:-1}
 export NCCL_P2P_NET_CHUNKSIZE=${NCCL_P2P_NET_CHUNKSIZE:-2097152}
 export TORCH_NCCL_AVOID_RECORD_STREAMS=1
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}  # Megatron-Bridge on H100: NVLink SHARP off (memory, hangs)
 export NVTE_FWD_LAYERNORM_SM_MARGIN=${NVTE_FWD_LAYERNORM_SM_MARGIN:-16}
 export NVTE_BWD_LAYERNORM_SM_MARGIN=${NVTE_BWD_LAYERNORM_SM_MARGIN:-16}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
@@ -49,15 +50,23 @@ fi
 echo "megamdm: job ${SLURM_JOB_ID:-?} on ${NNODES} node(s) x ${GPUS_PER_NODE} task(s), ${LAUNCHER}," \
      "master ${MASTER_ADDR}:${MASTER_PORT}, config ${CONFIG}"
 
+# CPUs: --cpus-per-task of the allocation is meant for one rank. srun (Slurm >= 22.05) does not
+# inherit it, so it is passed explicitly; torchrun mode runs one task per node (not the allocation's
+# SLURM_NTASKS, which srun would inherit), and that task gets the CPUs of all its ranks.
+CPUS_PER_RANK=${SLURM_CPUS_PER_TASK:-1}
+CPUS_PER_NODE=$((CPUS_PER_RANK * GPUS_PER_NODE))
+
 run_training() {
   local rc=0
   if [[ "${LAUNCHER}" == torchrun ]]; then
-    srun --ntasks-per-node=1 --kill-on-bad-exit=1 "${CONTAINER_ARGS[@]}" \
+    srun --nodes="${NNODES}" --ntasks="${NNODES}" --ntasks-per-node=1 --cpus-per-task="${CPUS_PER_NODE}" \
+      --kill-on-bad-exit=1 "${CONTAINER_ARGS[@]}" \
       "${PYTHON}" -m torch.distributed.run --nnodes="${NNODES}" --nproc-per-node="${GPUS_PER_NODE}" \
       --rdzv-backend=c10d --rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT}" \
       -m megamdm.train --config "${CONFIG}" "$@" || rc=$?
   else
-    srun --ntasks-per-node="${GPUS_PER_NODE}" --kill-on-bad-exit=1 "${CONTAINER_ARGS[@]}" \
+    srun --ntasks-per-node="${GPUS_PER_NODE}" --cpus-per-task="${CPUS_PER_RANK}" --kill-on-bad-exit=1 \
+      "${CONTAINER_ARGS[@]}" \
       "${PYTHON}" -u -m megamdm.train --config "${CONFIG}" "$@" || rc=$?
   fi
   if [[ -f "${MEGAMDM_PREEMPT_MARKER}" ]]; then

@@ -150,7 +150,10 @@ class TrainConfig:
     transformer_impl: str = choice("auto", "transformer_engine", "local")
     # auto: bf16 on GPUs; on CPUs whichever of bf16 / fp32 the CPU multiplies faster (measured at start-up)
     precision: str = choice("auto", "bf16", "fp32", "fp8")
-    fp8_recipe: str = choice("delayed", "tensorwise", "blockwise", "mxfp8")  # megatron-core's Fp8Recipe names
+    # tensorwise (current scaling): Megatron-Bridge's H100 default; mxfp8 needs Blackwell (training.fp8)
+    fp8_recipe: str = choice("tensorwise", "delayed", "blockwise", "mxfp8")
+    fp8_param_gather: bool = False  # keep parameters in FP8 and all-gather them so (halves the gather)
+    fp8_first_last_bf16: bool = False  # the first and last transformer layer in bf16 (not with delayed)
     recompute: str | None = None  # None | full | selective
     steps: int = 1000
     seed: int = 1234
@@ -159,6 +162,11 @@ class TrainConfig:
     def validate(self) -> None:
         if self.recompute not in (None, "full", "selective"):
             raise ConfigError(f"train.recompute={self.recompute!r} is not one of null, full, selective")
+        if self.fp8_first_last_bf16 and self.fp8_recipe == "delayed":
+            raise ConfigError(
+                "train.fp8_first_last_bf16 needs a current-scaling recipe: "
+                "train.fp8_recipe tensorwise, blockwise or mxfp8, not delayed"
+            )
 
 
 @dataclass

@@ -167,7 +167,7 @@ def _finetune(checkpoint, cfg: Config, opts: FinetuneConfig, device: str) -> dic
 
     rank, world = _init_distributed(device)
     if device == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     torch.manual_seed(opts.seed)
     pre = load_single(checkpoint)
     cfg.model, cfg.text = pre.config.model, pre.config.text

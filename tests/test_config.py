@@ -51,7 +51,7 @@ def test_semantic_validation():
         load_config(None, ["train.precision=bf8"])  # trained in bf16 before, silently
     with pytest.raises(ConfigError, match=r"train.recompute='some' is not one of null, full, selective"):
         load_config(None, ["train.recompute=some"])
-    with pytest.raises(ConfigError, match=r"train.fp8_recipe='mx' is not one of delayed, tensorwise"):
+    with pytest.raises(ConfigError, match=r"train.fp8_recipe='mx' is not one of tensorwise, delayed, blockwise, mxfp8$"):
         load_config(None, ["train.fp8_recipe=mx"])
     with pytest.raises(ConfigError, match=r"sample.policy='greedy' is not one of gumbel, maskgit, stratified"):
         load_config(None, ["sample.policy=greedy"])

@@ -25,7 +25,10 @@ def wrap_model(model, tcfg, par, device: str):
     ddp = DistributedDataParallel(
         config=tcfg,
         ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=overlap, use_distributed_optimizer=par.use_distributed_optimizer
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=overlap,
+            use_distributed_optimizer=par.use_distributed_optimizer,
+            fp8_param_gather=tcfg.fp8_param,  # FP8 parameters are all-gathered in FP8
         ),
         module=model,
     )

@@ -40,7 +40,7 @@ def init_distributed(device: str, timeout_minutes: int = 30) -> tuple[int, int, 
     os.environ.setdefault("MASTER_PORT", "29500")
     local_rank = int(os.environ["LOCAL_RANK"])
     if device == "cuda":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())  # SLURM may bind one GPU per task
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     return dist.get_rank(), dist.get_world_size(), local_rank

@@ -38,6 +38,7 @@ from ..vq import codebook_hash, load_image_tokenizer
 from . import parallel
 from .checkpoint import Checkpointer, load_model_weights
 from .flops import peak_tflops, step_flops
+from .fp8 import check_fp8_recipe
 from .logging import RunLogger
 from .optim import build_optimizer, wrap_model
 
@@ -91,6 +92,13 @@ def resolve_precision(precision: str, device: str) -> tuple[str, str]:
     dist.all_reduce(vote, op=dist.ReduceOp.MIN)
     chosen = "bf16" if vote.item() > 0 else "fp32"
     return chosen, f"auto: {probe.describe()}" + ("" if chosen == local else f"; another rank chose {chosen}")
+
+
+def cpu_note() -> str:
+    """The CPUs this rank may use, and what SLURM granted its task (data workers live on them)."""
+    note = f"{len(os.sched_getaffinity(0))} CPUs visible"
+    granted = os.environ.get("SLURM_CPUS_PER_TASK")
+    return note + (f" (SLURM granted {granted} per task)" if granted else "")
 
 
 def _resume_dir(cfg: Config, run_dir: Path | None) -> Path | None:
@@ -218,6 +226,8 @@ class Trainer:
         self.use_te = use_te = resolve_transformer_impl(t.transformer_impl, device)
         if t.precision == "fp8" and not use_te:
             raise ValueError("train.precision=fp8 needs the Transformer Engine spec (a GPU with TE installed)")
+        if t.precision == "fp8":
+            check_fp8_recipe(t.fp8_recipe, torch.cuda.get_device_capability(), torch.cuda.get_device_name())
         self.run_dir = Path(ck.save_dir) if ck.save_dir else None
         self.log = RunLogger(cfg, active=self.rank == self.world - 1, run_dir=self.run_dir, total_steps=t.steps)
         self._stack.callback(self.log.finish)
@@ -249,7 +259,8 @@ class Trainer:
             f"megamdm: {self.world} ranks (TP {par.tensor_parallel}, PP {par.pipeline_parallel}, "
             f"DP {ps.get_data_parallel_world_size()}), {device}, "
             f"{'Transformer Engine' if use_te else 'local'} layers, {t.precision} ({precision_note}), "
-            f"{n_params / 1e6:.1f}M parameters on this rank, {self.loader.plan.steps_per_epoch} steps/epoch"
+            f"{n_params / 1e6:.1f}M parameters on this rank, {self.loader.plan.steps_per_epoch} steps/epoch, "
+            f"{cpu_note()}"
         )
 
         self._stack.enter_context(writer_queue())

@@ -42,6 +42,16 @@ from ..standalone import check_grid, merge_2x2, unmerge_2x2
 from .spec import layer_spec
 
 
+def grad_accumulation_fusion_available() -> bool:
+    """Whether apex's ``fused_weight_gradient_mlp_cuda`` imports: megatron's parallel linear layers
+    (the image head among them) refuse ``gradient_accumulation_fusion`` without it, even beside TE."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def transformer_config(
     model: ModelConfig, train: TrainConfig, par: ParallelConfig, *, device: str, use_te: bool
 ) -> TransformerConfig:
@@ -76,11 +86,13 @@ def transformer_config(
         bf16=dtype == torch.bfloat16,
         fp8="hybrid" if train.precision == "fp8" else None,
         fp8_recipe=train.fp8_recipe,
+        fp8_param=train.precision == "fp8" and train.fp8_param_gather,
+        first_last_layers_bf16=train.precision == "fp8" and train.fp8_first_last_bf16,
         recompute_granularity=recompute,
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,
         use_cpu_initialization=device == "cpu",
-        gradient_accumulation_fusion=fused,
+        gradient_accumulation_fusion=fused and grad_accumulation_fusion_available(),
         bias_activation_fusion=fused,
         bias_dropout_fusion=device == "cuda",
         masked_softmax_fusion=False,
