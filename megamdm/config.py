@@ -262,38 +262,16 @@ class PreprocessConfig:
         _check_choices(self, "preprocess")
 
 
-# keys that lived under ``train:`` before megamdm 0.2, and the section they moved to
+# keys that lived under ``train:`` before megamdm 0.2: every field of these sections
 MOVED_FROM_TRAIN = {
-    **{k: "parallel" for k in ("tensor_parallel", "pipeline_parallel", "sequence_parallel", "use_distributed_optimizer")},
-    **{
-        k: "optim"
-        for k in (
-            "lr",
-            "min_lr",
-            "warmup_steps",
-            "lr_decay_style",
-            "lr_wsd_decay_fraction",
-            "lr_wsd_decay_style",
-            "weight_decay",
-            "adam_beta1",
-            "adam_beta2",
-            "clip_grad",
-        )
-    },
-    **{k: "checkpoint" for k in ("save_dir", "save_interval", "keep_last", "async_save", "resume", "init_from")},
-    **{
-        k: "logging"
-        for k in (
-            "log_interval",
-            "sample_interval",
-            "sample_prompts",
-            "peak_tflops",
-            "wandb_mode",
-            "wandb_project",
-            "wandb_name",
-            "wandb_dir",
-        )
-    },
+    f.name: section
+    for section, cls in (
+        ("parallel", ParallelConfig),
+        ("optim", OptimConfig),
+        ("checkpoint", CheckpointConfig),
+        ("logging", LoggingConfig),
+    )
+    for f in dataclasses.fields(cls)
 }
 
 

@@ -16,25 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from megamdm.config import ModelConfig
 from megamdm.data.shards import BucketBuffer, consolidate, write_part
 from megamdm.gce import GCEGroups
 from megamdm.vq import KMeansPatchTokenizer, codebook_hash
+
+from .support.checkpoints import tiny_config
 
 
 @pytest.fixture
 def tiny_model_cfg():
     """A very small model: fast enough for many forward passes on CPU."""
-    return ModelConfig(
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_query_groups=2,
-        head_dim=16,
-        ffn_hidden_size=128,
-        image_vocab_size=64,
-        text_vocab_size=384,
-    )
+    return tiny_config().model
 
 
 @pytest.fixture(autouse=True)

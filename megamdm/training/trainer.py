@@ -85,9 +85,10 @@ def resolve_precision(precision: str, device: str) -> tuple[str, str]:
         return precision, "as configured"
     if device == "cuda":
         return "bf16", "auto on a GPU"
-    from ..compat.cpu_precision import resolve_cpu_precision
+    from ..compat.cpu_precision import probe as probe_cpu
 
-    local, probe = resolve_cpu_precision(precision)
+    probe = probe_cpu()
+    local = probe.fast_dtype
     vote = torch.tensor([1.0 if local == "bf16" else 0.0])
     dist.all_reduce(vote, op=dist.ReduceOp.MIN)
     chosen = "bf16" if vote.item() > 0 else "fp32"
