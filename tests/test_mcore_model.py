@@ -1,5 +1,6 @@
 """megatron-core MDMModel on CPU/gloo: parallel layouts agree, and agree with the standalone model."""
 
+import contextlib
 import json
 
 import pytest
@@ -57,11 +58,14 @@ def standalone_reference(single_dir, c):
     return parts.loss_sum.item(), logits.detach(), grads
 
 
-def _worker(ckpt, tp, pp, sp, micro_batches):
-    """Build the model at (TP, PP, SP), load the checkpoint, run forward/backward via megatron's schedule."""
+def _worker(ckpt, tp, pp, sp, micro_batches, cudnn=False):
+    """Build the model at (TP, PP, SP), load the checkpoint, run forward/backward via megatron's
+    schedule; ``cudnn``: under cuDNN fused attention's reading of the padding mask."""
     from megamdm.compat.megatron_cpu import megatron_on_cpu
 
-    with megatron_on_cpu():
+    from .support.cudnn_attention import cudnn_padding_semantics
+
+    with megatron_on_cpu(), cudnn_padding_semantics() if cudnn else contextlib.nullcontext():
         return _run_layout(ckpt, tp, pp, sp, micro_batches)
 
 
@@ -139,12 +143,24 @@ def test_from_single_round_trip_is_bit_identical(checkpoints, tmp_path):
     assert torch.equal(a.groups.perm, b.groups.perm)
 
 
-@pytest.mark.parametrize("tp,pp,sp", [(1, 1, False), (2, 1, False), (2, 1, True), (1, 2, False)])
-def test_parallel_layouts_match_the_standalone_model(checkpoints, tp, pp, sp):
-    ref_loss, ref_logits, ref_grads = standalone_reference(
-        checkpoints / "single", batch(load_single(checkpoints / "single").config.model)
-    )
-    results = run_distributed(_worker, tp * pp, checkpoints / "dist", tp, pp, sp, 2)
+@pytest.mark.parametrize(
+    "tp,pp,sp,cudnn",
+    [
+        (1, 1, False, False),
+        (2, 1, False, False),
+        (2, 1, True, False),
+        (1, 2, False, False),
+        (1, 1, False, True),
+        (2, 1, True, True),
+    ],
+)
+def test_parallel_layouts_match_the_standalone_model(checkpoints, tp, pp, sp, cudnn):
+    """``cudnn``: attention reads the padding mask as cuDNN fused attention does (the valid keys
+    are the first ``count``), so the result only matches if padding sits at the end of the sequence."""
+    c = batch(load_single(checkpoints / "single").config.model)
+    assert c.text_pad_mask.any(), "the test batch must have prompt padding"
+    ref_loss, ref_logits, ref_grads = standalone_reference(checkpoints / "single", c)
+    results = run_distributed(_worker, tp * pp, checkpoints / "dist", tp, pp, sp, 2, cudnn)
     last = [r for r in results if r["pp_rank"] == pp - 1]
     for r in last:
         assert len(r["losses"]) == 2

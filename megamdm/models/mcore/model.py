@@ -1,7 +1,11 @@
 """``MDMModel``: the MDM of docs/design.md §1.1 from megatron-core modules.
 
 Same math as ``models/standalone.py`` (a parity test binds them); the layout is megatron's
-``[sequence, batch, hidden]``. Text and image embeddings are vocab-parallel; the 2x2 merge and
+``[sequence, batch, hidden]``. The sequence is stored ``[image | text | pad]`` with each position's
+RoPE angle carried along (the standalone model stores ``[text | pad | image]``; bidirectional
+attention with explicit positions does not depend on storage order): cuDNN fused attention, Transformer
+Engine's choice on Hopper, reads a key-padding mask as "the first ``count`` positions are valid", so
+padding must sit at the end of each sequence. Text and image embeddings are vocab-parallel; the 2x2 merge and
 unmerge are small replicated linears; the backbone is a ``TransformerBlock``; the image head is a
 vocab-parallel ``ColumnParallelLinear`` whose weight shard goes straight into the vocab-parallel
 fused GCE, so no logits are ever gathered in training.
@@ -160,7 +164,7 @@ class MDMModel(MegatronModule):
         b, h, w = image_ids.shape
         te = self.text_embedding(text_ids)  # [b, L, d] (all-reduced over TP)
         ie = self.image_embedding(image_ids.reshape(b, h * w)).view(b, h, w, -1)
-        x = torch.cat([te, self.merge(merge_2x2(ie))], dim=1).transpose(0, 1).contiguous()  # [s, b, d]
+        x = torch.cat([self.merge(merge_2x2(ie)), te], dim=1).transpose(0, 1).contiguous()  # [s, b, d]
         if self.config.sequence_parallel:
             x = scatter_to_sequence_parallel_region(x)
         return x
@@ -188,18 +192,24 @@ class MDMModel(MegatronModule):
                 f"sequence parallelism needs the sequence length ({text_len} text + {h * w // 4} "
                 f"image = {s}) to be a multiple of the tensor-parallel size {tp}"
             )
+        m = h * w // 4
+        # prompt padding is a suffix of the prompt, so of the stored sequence [image | text]
+        torch._assert_async(
+            (text_pad_mask[:, 1:] >= text_pad_mask[:, :-1]).all(), "prompt padding must be at the end of each prompt"
+        )
         x = self._embed(text_ids, image_ids) if self.pre_process else None
-        rope = rope_angles(
+        emb = rope_angles(
             text_len, h // 2, w // 2, self.mdm.head_dim, self.mdm.rope_theta, self.mdm.rope_2d, device=image_ids.device
-        )[:, None, None, :]
+        )
+        rope = torch.cat([emb[text_len:], emb[:text_len]])[:, None, None, :]  # each position keeps its angle
         mask = torch.zeros(b, 1, 1, s, dtype=torch.bool, device=image_ids.device)
-        mask[:, 0, 0, :text_len] = text_pad_mask  # True = masked key
+        mask[:, 0, 0, m:] = text_pad_mask  # True = masked key
         hs = self.decoder(hidden_states=x, attention_mask=mask, rotary_pos_emb=rope)
         if not self.post_process:
             return hs
         if self.config.sequence_parallel:
             hs = gather_from_sequence_parallel_region(hs, tensor_parallel_output_grad=False)
-        img = self.unmerge(hs[text_len:].transpose(0, 1))  # [b, M, 4d]
+        img = self.unmerge(hs[:m].transpose(0, 1))  # [b, M, 4d]
         hidden = unmerge_2x2(img, h, w)
         if target is None:
             return hidden
