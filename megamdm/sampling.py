@@ -1,16 +1,19 @@
 """Sampling with token editing (docs/design.md §1.3) and the diffusers-style :class:`MDMSampler`.
 
-Each step: one forward pass predicts every image position (cond and uncond in one batch,
-``z = (1 + s) z_cond - s z_uncond``, uncond = the masked prompt); a token ``x0`` is sampled per
-position (temperature, top-k, top-p) with confidence ``p(x0)``; exactly ``n_k`` masked positions are
-committed, chosen by a policy (``gumbel``: top-n of ``log p + tau * Gumbel``; ``maskgit``: drawn in
-proportion to confidence; ``stratified``: a fixed, spatially spread order); then **token editing**
-overwrites, in place, every position unmasked in an earlier step whose prediction differs from its
-token with confidence above ``edit_threshold`` (nothing is re-masked). ``edit_threshold <= 0``
-turns editing off: plain MaskGIT-style decoding.
+Each step: one forward pass predicts every image position (cond and uncond in one batch); guidance
+is applied to the head input, ``h = (1 + s) h_cond - s h_uncond`` (the head is linear, so this is
+CFG on logits at half the head's work); a token ``x0`` is sampled per position (temperature, top-k,
+top-p) with confidence ``p(x0)``; exactly ``n_k`` masked positions are committed, chosen by a policy
+(``gumbel``: top-n of ``log p + tau * Gumbel``; ``maskgit``: drawn in proportion to confidence;
+``stratified``: a fixed, spatially spread order); then **token editing** overwrites, in place, every
+position unmasked in an earlier step whose prediction differs from its token with confidence above
+``edit_threshold`` (nothing is re-masked). ``edit_threshold <= 0`` turns editing off: plain
+MaskGIT-style decoding, and the head runs only at masked positions.
 
+Logits exist only for a chunk of positions at a time (:func:`chunk_rows`: 256 MiB of fp32 logits),
+never for a whole image or batch: at 1024 px and a 131072-token vocabulary a whole image's logits are 2 GiB.
 Every random draw of image ``k`` comes from its own generator (``seed + k``), so an image does not
-depend on the batch it was generated in. This module never imports megatron-core.
+depend on the batch it was generated in, nor on the chunk size. This module never imports megatron-core.
 """
 
 from __future__ import annotations
@@ -40,8 +43,24 @@ class SampleResult:
 
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance on logits: ``(1 + s) cond - s uncond``."""
+    """Classifier-free guidance: ``(1 + s) cond - s uncond`` (of head inputs, or of logits)."""
     return (1.0 + scale) * cond - scale * uncond
+
+
+def head_logits(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 logits ``[n, V]`` of head inputs ``rows [n, d]`` through the head weight ``[V, d]``. A
+    half-precision head on CUDA runs as a cuBLAS GEMM with fp32 output: bf16 logits would lose the
+    precision that guidance and the editing threshold need."""
+    x = rows.to(weight.dtype)
+    if weight.is_cuda and weight.dtype != torch.float32:
+        return torch.mm(x, weight.t(), out_dtype=torch.float32)
+    return (x @ weight.t()).float()
+
+
+def chunk_rows(vocab_size: int, budget: int = 256 << 20) -> int:
+    """Positions per chunk so that a chunk's fp32 logits take ``budget`` bytes (filtering and
+    drawing need a few times that in temporaries)."""
+    return max(1, budget // (4 * vocab_size))
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -99,17 +118,6 @@ def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
-def _editable_rows(logits: torch.Tensor, unmasked: torch.Tensor, st: SampleSettings) -> torch.Tensor:
-    """Already-unmasked positions that *could* be edited: their top probability exceeds the
-    threshold. Elsewhere no sampled token can pass it, so sampling there is skipped."""
-    idx = unmasked.nonzero().squeeze(1)
-    if not idx.numel():
-        return idx
-    z = filter_logits(logits[idx], st.temperature, st.top_k, st.top_p)
-    top_p = torch.exp(z.max(-1).values - torch.logsumexp(z, -1))
-    return idx[top_p > st.edit_threshold]
-
-
 def _choose(
     policy: str,
     conf: torch.Tensor,
@@ -135,20 +143,54 @@ def _choose(
     raise ValueError(f"unknown policy {policy!r}; allowed: {', '.join(POLICIES)}")
 
 
+def _predict(
+    hidden: torch.Tensor,
+    head_fn: Callable[[torch.Tensor], torch.Tensor],
+    masked: torch.Tensor,
+    st: SampleSettings,
+    gen: torch.Generator,
+    chunk: int,
+    x0: torch.Tensor,
+    conf: torch.Tensor,
+) -> None:
+    """Sampled tokens ``x0`` and their confidences ``conf`` (one image, ``[N]``, filled in place)
+    where they matter: masked positions, and with editing the unmasked positions whose top
+    probability exceeds the threshold (no other sampled token there could pass it). Positions are
+    visited in ascending order, so the draws do not depend on ``chunk``."""
+    n = masked.numel()
+    cand = torch.arange(n, device=masked.device) if st.editing else masked.nonzero().squeeze(1)
+    for rows in cand.split(chunk):
+        z = filter_logits(head_fn(hidden[rows]), st.temperature, st.top_k, st.top_p)
+        if st.editing:
+            top = torch.exp(z.max(-1).values - torch.logsumexp(z, -1))
+            keep = masked[rows] | (top > st.edit_threshold)
+            rows, z = rows[keep], z[keep]
+            if not rows.numel():
+                continue
+        probs = torch.softmax(z, -1)
+        pick = _draw(probs, gen) if st.temperature > 0 else probs.argmax(-1)
+        x0[rows] = pick
+        conf[rows] = probs.gather(1, pick[:, None]).squeeze(1)
+
+
 @torch.no_grad()
 def sample_tokens(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    hidden_fn: Callable[[torch.Tensor], torch.Tensor],
+    head_fn: Callable[[torch.Tensor], torch.Tensor],
     init: torch.Tensor,
     mask_id: int,
     settings: SampleSettings,
     generators: Sequence[torch.Generator],
     *,
+    chunk: int = 256,
     progress: tqdm | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> SampleResult:
     """Run the sampling loop from ``init [B, h, w]`` (MASK where to generate).
 
-    ``logits_fn(x [B, h, w]) -> [B, h, w, V]`` returns guided logits for the current tokens."""
+    ``hidden_fn(x [B, h, w]) -> [B, h, w, d]``: the guided head input for the current tokens;
+    ``head_fn(rows [n, d]) -> [n, V]``: fp32 logits of some of those rows (:func:`head_logits`),
+    called with at most ``chunk`` rows (:func:`chunk_rows`)."""
     settings.validate()
     x = init.clone()
     b, h, w = x.shape
@@ -159,20 +201,12 @@ def sample_tokens(
     ]
     result = SampleResult(flat.view(b, h, w), [[] for _ in range(b)], [[] for _ in range(b)])
     for k in range(settings.steps):
-        logits = logits_fn(flat.view(b, h, w)).reshape(b, h * w, -1)
+        hidden = hidden_fn(flat.view(b, h, w)).reshape(b, h * w, -1)
         for i in range(b):
             masked = flat[i] == mask_id
-            rows = masked.nonzero().squeeze(1)
-            if settings.editing:
-                rows = torch.cat([rows, _editable_rows(logits[i], ~masked, settings)]).sort().values
             x0 = flat[i].clone()
             conf = torch.zeros(h * w, device=x.device)
-            if rows.numel():
-                z = filter_logits(logits[i, rows], settings.temperature, settings.top_k, settings.top_p)
-                probs = torch.softmax(z, -1)
-                pick = _draw(probs, generators[i]) if settings.temperature > 0 else probs.argmax(-1)
-                x0[rows] = pick
-                conf[rows] = probs.gather(1, pick[:, None]).squeeze(1)
+            _predict(hidden[i], head_fn, masked, settings, generators[i], chunk, x0, conf)
             chosen = _choose(settings.policy, conf, masked, schedules[i][k], rank, settings.gumbel_temperature, generators[i])
             committed = torch.zeros_like(masked)
             committed[chosen] = True
@@ -238,7 +272,7 @@ class MDMSampler:
         self.text_tokenizer = pretrained.text_tokenizer
         if hasattr(self.image_tokenizer, "vq"):
             self.image_tokenizer.vq.to(self.device)
-        self._forward = torch.compile(self.model.logits, dynamic=False) if compile else self.model.logits
+        self._hidden = torch.compile(self.model.forward, dynamic=False) if compile else self.model.forward
 
     @classmethod
     def from_pretrained(cls, path, device: str | None = None, dtype="bf16", compile: bool = False) -> MDMSampler:
@@ -264,7 +298,8 @@ class MDMSampler:
         ]
         return tokenize_prompts(self.text_tokenizer, texts, t.max_len)
 
-    def logits_fn(self, text_ids, text_pad, guidance: float):
+    def guided_hidden_fn(self, text_ids, text_pad, guidance: float):
+        """``x -> `` the guided head input for prompts ``text_ids`` (cond and uncond in one forward)."""
         from .text import masked_prompt
 
         b = text_ids.shape[0]
@@ -276,11 +311,14 @@ class MDMSampler:
 
         def fn(x):
             if guidance == 0:
-                return self._forward(text_ids, text_pad, x).float()
-            z = self._forward(both_ids, both_pad, torch.cat([x, x])).float()
-            return cfg_combine(z[:b], z[b:], guidance)
+                return self._hidden(text_ids, text_pad, x)
+            hs = self._hidden(both_ids, both_pad, torch.cat([x, x])).float()
+            return cfg_combine(hs[:b], hs[b:], guidance)
 
         return fn
+
+    def head_fn(self, rows: torch.Tensor) -> torch.Tensor:
+        return head_logits(rows, self.model.head.weight)
 
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
         from .vq import check_image_size
@@ -362,7 +400,16 @@ class MDMSampler:
             if start is not None:
                 init[:] = start
             gens = [torch.Generator(self.device).manual_seed(sd) for _, sd in chunk]
-            res = sample_tokens(self.logits_fn(ids, pad, st.cfg), init.to(self.device), mask_id, st, gens, progress=bar)
+            res = sample_tokens(
+                self.guided_hidden_fn(ids, pad, st.cfg),
+                self.head_fn,
+                init.to(self.device),
+                mask_id,
+                st,
+                gens,
+                chunk=chunk_rows(self.cfg.model.image_vocab_size),
+                progress=bar,
+            )
             tok = self.groups.to_tokenizer(res.tokens.cpu())
             pix = self.image_tokenizer.decode(tok.to(self.device))
             images += tensor_to_pil(pix.float().cpu())

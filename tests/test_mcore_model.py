@@ -327,3 +327,46 @@ def test_te_spec_matches_local_spec_on_gpu(checkpoints):
     r = run_distributed(_te_worker, 1, checkpoints / "dist")[0]
     assert abs(r["te"] - r["local"]) / r["local"] < 2e-2, r
     assert abs(r["te_fp8"] - r["local"]) / r["local"] < 5e-2, r
+
+
+def _sample_worker(ckpt, tp, pp, settings):
+    """The in-training sampler at (TP, PP) on the distributed checkpoint: the token grid on every rank."""
+    from megamdm.compat.megatron_cpu import megatron_on_cpu
+    from megamdm.models.mcore.model import build_model
+    from megamdm.training import parallel
+    from megamdm.training.checkpoint import load_model_weights
+    from megamdm.training.samples import sample_token_grid
+
+    with megatron_on_cpu():
+        parallel.init_model_parallel(tp, pp)
+        parallel.seed_model_parallel(1234, "cpu")
+        single = load_single(ckpt.parent / "single")
+        cfg = Config(
+            model=single.config.model,
+            text=single.config.text,
+            sample=single.config.sample,
+            train=TrainConfig(precision="fp32"),
+            parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp),
+        )
+        for k, v in settings.items():
+            setattr(cfg.sample, k, v)
+        model = build_model(cfg, SPEC, device="cpu", use_te=False)
+        load_model_weights(model, ckpt / "iter_0000000")
+        prompts = ["a red circle", "the blue square left of it"]
+        return sample_token_grid(model, cfg, single.text_tokenizer, prompts, device="cpu", grid=(8, 8), size=(32, 32), seed=5)
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_in_training_sampler_draws_the_standalone_samplers_tokens(checkpoints, tp, pp):
+    """Same prompts, settings and seeds: the distributed sampler (guidance on the head input, logits
+    per chunk and TP shard, sampling on the last stage) gives the standalone sampler's tokens on every rank."""
+    from megamdm.sampling import MDMSampler
+
+    settings = dict(steps=4, cfg=3.0, edit_threshold=0.3, temperature=1.0)
+    s = MDMSampler.from_pretrained(checkpoints / "single", device="cpu", dtype="fp32")
+    ref = s(["a red circle", "the blue square left of it"], height=32, width=32, seed=5, progress=False, **settings)
+    ref_model_order = s.groups.to_model(ref.tokens)
+    results = run_distributed(_sample_worker, tp * pp, checkpoints / "dist", tp, pp, settings)
+    for tokens in results:
+        assert torch.equal(tokens, ref_model_order)
+    assert not torch.equal(ref_model_order[0], ref_model_order[1])

@@ -17,22 +17,28 @@ V, MASK = 8, 8
 
 
 class Stub:
-    """A model whose step-k prediction at position p is token table[k][p] with probability conf[k][p]."""
+    """A model whose step-k prediction at position p is token table[k][p] with probability conf[k][p].
+    Its "hidden state" at position p is the one-hot vector of p, and the head reads the step's table."""
 
     def __init__(self, tables, confs):
-        self.tables, self.confs, self.calls = tables, confs, 0
+        self.tables, self.confs, self.calls, self.rows_seen = tables, confs, 0, []
 
-    def __call__(self, x):
+    def hidden(self, x):
         b, h, w = x.shape
-        k = min(self.calls, len(self.tables) - 1)
+        self.k = min(self.calls, len(self.tables) - 1)
         self.calls += 1
-        t, c = self.tables[k].view(h, w), self.confs[k].view(h, w)
-        probs = ((1 - c) / (V - 1))[..., None].expand(h, w, V).clone()
-        probs.scatter_(-1, t[..., None], c[..., None])
-        return torch.log(probs)[None].expand(b, h, w, V)
+        return torch.eye(h * w).view(1, h, w, h * w).expand(b, h, w, h * w)
+
+    def head(self, rows):
+        t, c = self.tables[self.k], self.confs[self.k]
+        n = t.numel()
+        probs = ((1 - c) / (V - 1))[:, None].expand(n, V).clone()
+        probs.scatter_(-1, t[:, None], c[:, None])
+        self.rows_seen.append(rows.shape[0])
+        return rows @ torch.log(probs)
 
 
-def run_two_steps(threshold, policy="stratified"):
+def run_two_steps(threshold, policy="stratified", chunk=256):
     g = torch.Generator().manual_seed(0)
     a = torch.randint(0, V, (16,), generator=g)
     b = torch.randint(0, V, (16,), generator=g)
@@ -41,7 +47,7 @@ def run_two_steps(threshold, policy="stratified"):
     stub = Stub([a, b], [torch.full((16,), 0.99), cb])
     st = SampleSettings(steps=2, cfg=0, temperature=0.0, policy=policy, edit_threshold=threshold)
     init = torch.full((1, 4, 4), MASK)
-    res = sample_tokens(stub, init, MASK, st, [torch.Generator().manual_seed(0)])
+    res = sample_tokens(stub.hidden, stub.head, init, MASK, st, [torch.Generator().manual_seed(0)], chunk=chunk)
     return res, a, b, cb
 
 
@@ -73,7 +79,8 @@ def test_exact_unmask_counts_per_step(policy):
     st = SampleSettings(steps=5, cfg=0, temperature=1.0, policy=policy)
     seen = []
     sample_tokens(
-        stub,
+        stub.hidden,
+        stub.head,
         torch.full((2, 8, 8), MASK),
         MASK,
         st,
@@ -100,22 +107,41 @@ def ckpt(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "tiny")
 
 
-def test_cond_and_uncond_run_in_one_forward(ckpt):
+def test_cond_and_uncond_run_in_one_forward_and_guidance_acts_on_the_head_input(ckpt):
     s = MDMSampler.from_pretrained(ckpt, device="cpu", dtype="fp32")
     calls = []
-    inner = s._forward
-    s._forward = lambda *a: (calls.append(a[0].shape[0]), inner(*a))[1]
+    inner = s._hidden
+    s._hidden = lambda *a: (calls.append(a[0].shape[0]), inner(*a))[1]
     out = s(["a red circle", "a blue square"], steps=3, cfg=3.0, seed=1, progress=False)
     assert calls == [4, 4, 4]  # one forward per step, batch 2 cond + 2 uncond
     ids, pad = s.encode_prompts(["a red circle"], 32, 32)
     x = torch.full((1, 8, 8), s.cfg.model.image_mask_id)
-    fn = s.logits_fn(ids, pad, 3.0)
-    cond = inner(ids, pad, x)
+    guided = s.guided_hidden_fn(ids, pad, 3.0)(x)
     from megamdm.text import masked_prompt
 
     uid, upad = masked_prompt(s.text_tokenizer, 1, ids.shape[1])
-    assert torch.allclose(fn(x), 4 * cond - 3 * inner(uid, upad, x), atol=1e-5)
+    # the head is linear: guidance on its input is guidance on the logits
+    cfg_on_logits = 4 * s.model.logits(ids, pad, x) - 3 * s.model.logits(uid, upad, x)
+    assert torch.allclose(s.head_fn(guided.reshape(64, -1)), cfg_on_logits.reshape(64, -1), atol=1e-4)
     assert len(out.images) == 2 and out.images[0].size == (32, 32)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_logits_come_in_chunks_and_chunking_changes_no_token(threshold):
+    """The head never sees more than ``chunk`` positions at once, and with temperature (random
+    draws) the tokens do not depend on the chunk size."""
+    g = torch.Generator().manual_seed(1)
+    tables = [torch.randint(0, V, (64,), generator=g) for _ in range(4)]
+    confs = [0.3 + 0.6 * torch.rand(64, generator=g) for _ in range(4)]
+    st = SampleSettings(steps=4, cfg=0, temperature=1.0, top_k=5, policy="gumbel", edit_threshold=threshold)
+    runs = []
+    for chunk in (64, 5):
+        stub = Stub(tables, confs)
+        gens = [torch.Generator().manual_seed(3 + i) for i in range(2)]
+        runs.append(sample_tokens(stub.hidden, stub.head, torch.full((2, 8, 8), MASK), MASK, st, gens, chunk=chunk))
+        assert max(stub.rows_seen) <= chunk
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    assert runs[0].edits_per_step == runs[1].edits_per_step
 
 
 def test_same_seed_same_tokens_regardless_of_batching(ckpt):

@@ -1,8 +1,11 @@
 """Periodic sample images of fixed prompts during training, through the distributed model.
 
-Every rank runs the same sampling loop (``sampling.sample_tokens``) on the same logits: the last
-pipeline stage computes them (cond + uncond in one micro-batch) and broadcasts them to the other
-stages, so the random draws, which come from per-image generators, agree everywhere."""
+The sampling loop is :func:`megamdm.sampling.sample_tokens`, the standalone sampler's. Each step
+runs one forward-only pass of the pipeline (cond and uncond in one micro-batch); the last stage
+applies guidance to the head input and samples, with logits computed a chunk of positions at a time
+(each TP rank computes its vocabulary shard, gathered per chunk), then sends the integer token grid
+to the other stages. Every random draw comes from a per-image generator, so all TP and DP ranks of
+the last stage draw the same tokens."""
 
 from __future__ import annotations
 
@@ -10,19 +13,20 @@ import torch
 import torch.distributed as dist
 
 
-def _stage_logits(model, ids, pad, x, device):
+def _stage_hidden(model, ids, pad, x):
+    """One forward-only pass of the pipeline; the image hidden states ``[b, h, w, d]`` on the last
+    stage, ``None`` elsewhere."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     b, h, w = x.shape
-    inner = model.module.module if hasattr(model.module, "module") else model.module  # DDP(Float16Module(m))
 
     def step(it, mdl):
         batch = next(it)
         out = mdl(*batch)
 
         def loss_func(hidden):
-            return hidden.new_zeros(()), {"logits": inner.logits(hidden).float()}
+            return hidden.new_zeros(()), {"hidden": hidden}
 
         return out, loss_func
 
@@ -35,11 +39,7 @@ def _stage_logits(model, ids, pad, x, device):
         micro_batch_size=b,
         forward_only=True,
     )
-    v = inner.mdm.image_vocab_size
-    logits = res[0]["logits"] if ps.is_pipeline_last_stage() else torch.empty(b, h, w, v, device=device)
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(logits, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
-    return logits
+    return res[0]["hidden"] if ps.is_pipeline_last_stage() else None
 
 
 @torch.no_grad()
@@ -47,36 +47,85 @@ def sample_images(
     model, cfg, groups, text_tokenizer, image_tokenizer, prompts, *, device: str, grid: tuple[int, int], seed: int = 0
 ):
     """Images (PIL) of ``prompts`` with the checkpoint's sampling settings; identical on every rank."""
-    from ..sampling import cfg_combine, sample_tokens
-    from ..text import format_prompt, masked_prompt, tokenize_prompts
     from ..vq import tensor_to_pil
 
-    settings = cfg.sample.settings()
     f = image_tokenizer.downsample
+    x = sample_token_grid(
+        model, cfg, text_tokenizer, prompts, device=device, grid=grid, size=(grid[0] * f, grid[1] * f), seed=seed
+    )
+    tok = groups.to_tokenizer(x.cpu())
+    return tensor_to_pil(image_tokenizer.decode(tok.to(device)).float().cpu())
+
+
+@torch.no_grad()
+def sample_token_grid(
+    model, cfg, text_tokenizer, prompts, *, device: str, grid: tuple[int, int], size: tuple[int, int], seed: int = 0
+) -> torch.Tensor:
+    """Model-order tokens ``[b, h, w]`` of ``prompts`` (image ``i`` drawn with seed ``seed + i``, as
+    :class:`~megamdm.sampling.MDMSampler` does) on every rank; ``size`` is the (height, width) in
+    pixels that the prompts' micro-conditioning states. ``model``: megatron's wrappers or the bare model."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+    from ..sampling import cfg_combine, chunk_rows, head_logits, sample_tokens
+    from ..text import format_prompt, masked_prompt, tokenize_prompts
+
+    settings = cfg.sample.settings()
     texts = [
         format_prompt(
             p,
-            width=grid[1] * f,
-            height=grid[0] * f,
+            width=size[1],
+            height=size[0],
             score=cfg.text.default_score,
             micro_conditioning=cfg.text.micro_conditioning,
         )
         for p in prompts
     ]
-    ids, pad = tokenize_prompts(text_tokenizer, texts, cfg.text.max_len)
-    uid, upad = masked_prompt(text_tokenizer, len(prompts), cfg.text.max_len)
-    both_ids, both_pad = torch.cat([ids, uid]).to(device), torch.cat([pad, upad]).to(device)
     b = len(prompts)
+    ids, pad = tokenize_prompts(text_tokenizer, texts, cfg.text.max_len)
+    if settings.cfg != 0:
+        uid, upad = masked_prompt(text_tokenizer, b, cfg.text.max_len)
+        ids, pad = torch.cat([ids, uid]), torch.cat([pad, upad])
+    ids, pad = ids.to(device), pad.to(device)
+    inner = model
+    while hasattr(inner, "module"):  # DDP(Float16Module(MDMModel))
+        inner = inner.module
     was_training = model.training
     model.eval()
 
-    def logits_fn(x):
-        z = _stage_logits(model, both_ids, both_pad, torch.cat([x, x]), device)
-        return cfg_combine(z[:b], z[b:], settings.cfg)
+    def hidden_fn(x):
+        hs = _stage_hidden(model, ids, pad, torch.cat([x, x]) if settings.cfg != 0 else x)
+        if hs is None or settings.cfg == 0:
+            return hs
+        hs = hs.float()
+        return cfg_combine(hs[:b], hs[b:], settings.cfg)
 
-    init = torch.full((b, *grid), cfg.model.image_mask_id, dtype=torch.long, device=device)
-    gens = [torch.Generator(device).manual_seed(seed + i) for i in range(b)]
-    res = sample_tokens(logits_fn, init, cfg.model.image_mask_id, settings, gens)
+    def head_fn(rows):
+        return gather_from_tensor_model_parallel_region(head_logits(rows, inner.head.weight))
+
+    x = torch.full((b, *grid), cfg.model.image_mask_id, dtype=torch.long, device=device)
+    pp = ps.get_pipeline_model_parallel_world_size()
+    src, group = ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group()
+    if ps.is_pipeline_last_stage():
+        gens = [torch.Generator(device).manual_seed(seed + i) for i in range(b)]
+
+        def send(_k, tokens):
+            if pp > 1:
+                dist.broadcast(tokens, src=src, group=group)
+
+        x = sample_tokens(
+            hidden_fn,
+            head_fn,
+            x,
+            cfg.model.image_mask_id,
+            settings,
+            gens,
+            chunk=chunk_rows(cfg.model.image_vocab_size),
+            on_step=send,
+        ).tokens
+    else:
+        for _ in range(settings.steps):
+            hidden_fn(x)
+            dist.broadcast(x, src=src, group=group)
     model.train(was_training)
-    tok = groups.to_tokenizer(res.tokens.cpu())
-    return tensor_to_pil(image_tokenizer.decode(tok.to(device)).float().cpu())
+    return x
