@@ -205,6 +205,8 @@ class CheckpointConfig:
     async_save: bool = False
     resume: str = "auto"  # auto | none | <path to an iter_NNNNNNN directory>
     init_from: str | None = None  # model weights to start from: a single-GPU-format dir or a torch_dist checkpoint
+    # optimizer state loadable at any TP/PP: dp = never (resumes at any DP), final = the run's last save, always
+    reshardable: str = choice("dp", "final", "always")
 
 
 @dataclass

@@ -18,12 +18,16 @@ def main(argv=None) -> int:
     add_config_args(ap)
     _, cfg = parse_config_args(ap, argv)
     from .compat.quiet import library_notices_hidden
+    from .errors import MegamdmError
     from .training.parallel import teardown
     from .training.trainer import pretrain
 
     with library_notices_hidden():
         try:
             pretrain(cfg)
+        except MegamdmError as e:  # bad input (a checkpoint that does not fit): one line, not a traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         finally:
             teardown()
     return 0

@@ -112,6 +112,8 @@ def test_layouts_follow_the_single_process_trajectory(toy_dataset, init_ckpt, re
 
 
 def test_resume_at_another_tensor_parallel_size(toy_dataset, init_ckpt, reference, tmp_path):
+    """The run's last save is fully reshardable (checkpoint.reshardable=final); a periodic save is not,
+    and resuming that one at another TP is refused in one line."""
     run = tmp_path / "run"
     first = train(
         1,
@@ -119,6 +121,8 @@ def test_resume_at_another_tensor_parallel_size(toy_dataset, init_ckpt, referenc
             toy_dataset,
             **{
                 "checkpoint.save_dir": run,
+                "checkpoint.save_interval": 1,
+                "checkpoint.reshardable": "final",
                 "train.exit_after_steps": 2,
                 "parallel.use_distributed_optimizer": True,
                 "checkpoint.init_from": init_ckpt,
@@ -126,13 +130,28 @@ def test_resume_at_another_tensor_parallel_size(toy_dataset, init_ckpt, referenc
         ),
     )
     assert len(first["losses"]) == 2 and (run / "iter_0000002").is_dir()
+    tp2 = {"parallel.tensor_parallel": 2, "parallel.use_distributed_optimizer": True}
+    with pytest.raises(RuntimeError, match=r"CheckpointError: .*dp_reshardable .*resumes only at TP 1 PP 1 \(any DP\)"):
+        train(2, overrides(toy_dataset, **{"checkpoint.resume": run / "iter_0000001", **tp2}))
     rest = train(
         2,
         overrides(
             toy_dataset,
-            **{"checkpoint.save_dir": run, "parallel.tensor_parallel": 2, "parallel.use_distributed_optimizer": True},
+            **{"checkpoint.save_dir": run, **tp2},
         ),
     )
+    assert rest["step"] == 4
+    for a, b in zip(first["losses"] + rest["losses"], reference["losses"]):
+        assert abs(a - b) / b < 2e-5, (first["losses"] + rest["losses"], reference["losses"])
+
+
+def test_dp_reshardable_checkpoint_resumes_at_another_data_parallel_size(toy_dataset, init_ckpt, reference, tmp_path):
+    """Periodic saves write each rank's optimizer shard as it is (dp_reshardable, spread over the DP
+    ranks): saved at DP 2, resumed at DP 1, the run follows the uninterrupted one."""
+    run = tmp_path / "run"
+    common = {"checkpoint.save_dir": run, "parallel.use_distributed_optimizer": True}
+    first = train(2, overrides(toy_dataset, **{**common, "train.exit_after_steps": 2, "checkpoint.init_from": init_ckpt}))
+    rest = train(1, overrides(toy_dataset, **common))
     assert rest["step"] == 4
     for a, b in zip(first["losses"] + rest["losses"], reference["losses"]):
         assert abs(a - b) / b < 2e-5, (first["losses"] + rest["losses"], reference["losses"])

@@ -89,31 +89,68 @@ def _rng_object(device: str):
     )
 
 
-OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # reshardable across TP/PP/DP
+RESHARDABLE_FORMAT = "fully_reshardable"
+
+
+def optim_metadata(sharding: str) -> dict:
+    """The sharded-state-dict metadata of a distributed-optimizer format.
+
+    ``dp_reshardable``: each rank writes its own slice of the optimizer buffers, with no
+    communication and no copy; it loads at the same TP/PP size and any DP size.
+    ``fully_reshardable``: the optimizer state in model-parameter shapes, loadable at any TP/PP/DP; to
+    write it, a TP/PP shard's whole fp32 parameters and Adam moments are gathered (over gloo, onto DP
+    rank 0 alone: 12 bytes per parameter of the shard on that rank's host)."""
+    md = {"distrib_optim_sharding_type": sharding}
+    if sharding == RESHARDABLE_FORMAT:
+        md["distrib_optim_fully_reshardable_mem_efficient"] = True
+    return md
 
 
 class Checkpointer:
     """Saves and loads the whole training state with megatron-core dist_checkpointing.
 
-    A checkpoint holds the model, the optimizer (fully reshardable), the LR scheduler, the RNG
-    states, the data-loader position and the resolved config; it loads at any TP/PP/DP size
-    (RNG states only at the layout they were saved with). ``async_save`` writes in a background
+    A checkpoint holds the model, the optimizer, the LR scheduler, the RNG states, the data-loader
+    position and the resolved config. The optimizer is saved ``dp_reshardable`` (each rank writes
+    its own shard; the checkpoint resumes at the same TP/PP and any DP) unless ``reshardable`` asks
+    for the fully reshardable form: ``final`` for the run's last save, ``always`` for every save.
+    Writing is spread over the data-parallel ranks (megatron's fully parallel save strategy).
+    RNG states load only at the layout they were saved with. ``async_save`` writes in a background
     process while training goes on; the ``latest`` tracker and the pruning of old iterations
     (``keep_last``) happen only once a save is complete on every rank."""
 
-    def __init__(self, run_dir, *, keep_last: int = 3, async_save: bool = False, device: str = "cpu"):
+    def __init__(self, run_dir, *, keep_last: int = 3, async_save: bool = False, device: str = "cpu", reshardable: str = "dp"):
         import torch.distributed as dist
 
         self.run_dir = Path(run_dir)
-        self.keep_last, self.device = keep_last, device
+        self.keep_last, self.device, self.reshardable = keep_last, device, reshardable
         self.rank = dist.get_rank()
         self.queue = None
+        self._strategies: dict[str, object] = {}
         if async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
             self.queue = AsyncCallsQueue()
 
-    def save(self, iteration: int, model, optimizer, scheduler, loader, config_yaml: str) -> None:
+    def _strategy(self, sharding: str):
+        """The fully parallel save strategy over the DP group, one per format (it caches the
+        distribution of the writes, which depends on the state dict's structure)."""
+        if sharding not in self._strategies:
+            from megatron.core import parallel_state as ps
+            from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+            from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+            self._strategies[sharding] = FullyParallelSaveStrategyWrapper(
+                get_default_save_sharded_strategy(),
+                ps.get_data_parallel_group(with_context_parallel=True),
+                do_cache_distribution=True,
+            )
+        return self._strategies[sharding]
+
+    def sharding_for(self, final: bool) -> str:
+        full = self.reshardable == "always" or (final and self.reshardable == "final")
+        return RESHARDABLE_FORMAT if full else "dp_reshardable"
+
+    def save(self, iteration: int, model, optimizer, scheduler, loader, config_yaml: str, *, final: bool = False) -> None:
         import shutil
 
         import torch.distributed as dist
@@ -126,10 +163,13 @@ class Checkpointer:
                 shutil.rmtree(it_dir)
             it_dir.mkdir(parents=True)
         dist.barrier()
-        model_sd = model.sharded_state_dict(metadata=OPTIM_METADATA)
+        sharding = self.sharding_for(final)
+        md = optim_metadata(sharding)
+        model_sd = model.sharded_state_dict(metadata=md)
         state = {
             "model": model_sd,
-            "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIM_METADATA),
+            "optimizer": optimizer.sharded_state_dict(model_sd, metadata=md),
+            "optim_sharding": sharding,
             "scheduler": scheduler.state_dict(),
             "iteration": iteration,
             "loader": loader.state_dict(),
@@ -145,12 +185,13 @@ class Checkpointer:
                 finalize_tracker(self.run_dir, iteration)
                 self._prune(iteration)
 
+        strategy = self._strategy(sharding)
         if self.queue is not None:
-            req = dist_checkpointing.save(state, str(it_dir), async_sharded_save=True)
+            req = dist_checkpointing.save(state, str(it_dir), sharded_strategy=strategy, async_sharded_save=True)
             req.add_finalize_fn(finalize)
             self.queue.schedule_async_request(req)
         else:
-            dist_checkpointing.save(state, str(it_dir))
+            dist_checkpointing.save(state, str(it_dir), sharded_strategy=strategy)
             finalize()
 
     def maybe_finalize(self, blocking: bool = False) -> None:
@@ -182,14 +223,27 @@ class Checkpointer:
         common = dist_checkpointing.load_common_state_dict(str(it_dir))
         if "optimizer" not in common and not (it_dir / ".metadata").is_file():
             raise RuntimeError(f"{it_dir}: not a megamdm training checkpoint")
-        model_sd = model.sharded_state_dict(metadata=OPTIM_METADATA)
+        sharding = common.get("optim_sharding", RESHARDABLE_FORMAT)  # 0.1.x saved fully reshardable
+        saved, now = common.get("layout", {}), _layout()
+        same_model_layout = (saved.get("tp"), saved.get("pp")) == (now["tp"], now["pp"])
+        if sharding != RESHARDABLE_FORMAT and not same_model_layout:
+            from ..pretrained import CheckpointError
+
+            raise CheckpointError(
+                f"{it_dir}: its optimizer state is {sharding} (saved at TP {saved.get('tp')} PP {saved.get('pp')}), "
+                f"so it resumes only at TP {saved.get('tp')} PP {saved.get('pp')} (any DP), not at TP {now['tp']} "
+                f"PP {now['pp']}; resume it there once with checkpoint.reshardable=final to write a fully "
+                "reshardable checkpoint, or start from its weights alone with checkpoint.init_from"
+            )
+        md = optim_metadata(sharding)
+        model_sd = model.sharded_state_dict(metadata=md)
         if uses_torch_adam():
             init_torch_adam_state(optimizer)
         request = {
             "model": model_sd,
-            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_METADATA),
+            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=md),
         }
-        same_layout = common.get("layout") == _layout()
+        same_layout = saved == now
         if same_layout:
             request["rng"] = _rng_object(self.device)
         state = dist_checkpointing.load(request, str(it_dir))

@@ -2,11 +2,11 @@
 
 When neither Transformer Engine nor apex is installed, megatron-core falls back to torch's AdamW,
 and its distributed optimizer then cannot resume (megatron-core 0.16, measured; docs/design.md,
-"Parallel runtime"): the ``step`` state breaks ``fully_reshardable`` loading, the
-fp32 main-param copy runs outside ``no_grad``, one ``step`` tensor is shared by every parameter
-(so AdamW's bias correction drifts after a resume), and a fresh optimizer has no state to load
-into. :func:`fix_torch_adam_fallback` mends those four places on the optimizer it is given (not on the
-class); with TE/apex nothing is touched.
+"Parallel runtime"): the ``step`` state breaks ``fully_reshardable`` loading and is silently reset
+to 0 by ``dp_reshardable`` loading, the fp32 main-param copy runs outside ``no_grad``, one ``step``
+tensor is shared by every parameter (so AdamW's bias correction drifts after a resume), and a fresh
+optimizer has no state to load into. :func:`fix_torch_adam_fallback` mends those four places on the
+optimizer it is given (not on the class); with TE/apex nothing is touched.
 """
 
 from __future__ import annotations
@@ -106,7 +106,9 @@ def fix_torch_adam_fallback(optimizer) -> None:
         dst = {"param": main_param, **self.optimizer.state[main_param]}
         with torch.no_grad():
             for key, t in dst.items():
-                if key in tensors:  # torch AdamW's per-param "step" is not a loadable tensor state
+                # torch AdamW's per-param "step" comes back through the param groups
+                # (load_state_dict); dp_reshardable hands the current, unloaded one here
+                if key in tensors and key != "step":
                     t.copy_(tensors[key])
 
     def load_state_dict(self, state_dict):

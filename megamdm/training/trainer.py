@@ -266,7 +266,9 @@ class Trainer:
 
         self._stack.enter_context(writer_queue())
         self.ckpt = (
-            Checkpointer(self.run_dir, keep_last=ck.keep_last, async_save=ck.async_save, device=device)
+            Checkpointer(
+                self.run_dir, keep_last=ck.keep_last, async_save=ck.async_save, device=device, reshardable=ck.reshardable
+            )
             if self.run_dir
             else None
         )
@@ -276,7 +278,7 @@ class Trainer:
         resume = _resume_dir(cfg, self.run_dir)
         if resume is not None:
             if self.ckpt is None:
-                self.ckpt = Checkpointer(resume.parent, keep_last=ck.keep_last, device=device)
+                self.ckpt = Checkpointer(resume.parent, keep_last=ck.keep_last, device=device, reshardable=ck.reshardable)
             self.step = self.ckpt.load(resume, self.state_module, self.optimizer, self.scheduler, self.loader)
             self.resumed = True
             self.log.info(f"resumed from {resume} at step {self.step}")
@@ -378,8 +380,9 @@ class Trainer:
                 flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 preempted = flag.item() > 0
-                if self.ckpt is not None and (step % cfg.checkpoint.save_interval == 0 or preempted or step == exit_after):
-                    self.save(" (preemption)" if preempted else "")
+                final = step == exit_after or step == t.steps
+                if self.ckpt is not None and (step % cfg.checkpoint.save_interval == 0 or preempted or final):
+                    self.save(" (preemption)" if preempted else "", final=final)
                     last_saved = step
                 if preempted:
                     marker = os.environ.get("MEGAMDM_PREEMPT_MARKER")
@@ -389,7 +392,7 @@ class Trainer:
                 if step == exit_after:
                     break
         if self.ckpt is not None and last_saved != self.step:
-            self.save()
+            self.save(final=True)
         return {
             "losses": losses,
             "skipped": self.skipped,
@@ -398,9 +401,14 @@ class Trainer:
             "logger": self.rank == self.world - 1,
         }
 
-    def save(self, why: str = "") -> None:
-        self.ckpt.save(self.step, self.state_module, self.optimizer, self.scheduler, self.loader, self.config_yaml)
-        self.log.info(f"saved checkpoint {iteration_dir(self.run_dir, self.step)}{why}")
+    def save(self, why: str = "", *, final: bool = False) -> None:
+        t0 = time.perf_counter()
+        self.ckpt.save(self.step, self.state_module, self.optimizer, self.scheduler, self.loader, self.config_yaml, final=final)
+        sharding = self.ckpt.sharding_for(final)
+        self.log.info(
+            f"saved checkpoint {iteration_dir(self.run_dir, self.step)}{why}: optimizer {sharding}, "
+            f"{time.perf_counter() - t0:.1f} s{' to schedule' if self.ckpt.queue is not None else ''}"
+        )
 
     def _log_samples(self, step: int) -> None:
         from ..grid import image_grid
