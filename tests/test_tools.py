@@ -27,3 +27,32 @@ def test_every_tool_prints_its_help():
         if p.returncode != 0 or "usage:" not in out:
             failed[name] = (p.returncode, err.strip().splitlines()[-3:])
     assert not failed, failed
+
+
+def test_gpu_check_runs_end_to_end_at_toy_sizes_on_cpu(tmp_path):
+    """tools/gpu_check.py is run by hand on a lent GPU: its --smoke mode keeps it from rotting."""
+    import json
+
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/gpu_check.py"),
+            "--smoke",
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "2",
+            "--sample-steps",
+            "3",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["train"]["samples_per_s"] > 0 and report["train"]["peak_mem_gb"] > 0
+    assert report["sample"]["images"] == 4 and report["sample"]["steps"] == 3
+    assert (tmp_path / "sample0.png").is_file() and "sampler 4 x 32 px" in r.stdout

@@ -23,6 +23,7 @@ UNITS = [
     ("skipped_steps", "{:d}"),
     ("data_wait_ms", "{:.1f}"),
     ("step_time_s", "{:.3f}"),
+    ("peak_mem_gb", "{:.2f}"),
 ]
 
 

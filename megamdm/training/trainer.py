@@ -185,7 +185,17 @@ class MetricsWindow:
             "mfu": tflops / peak if peak else None,
             "data_wait_ms": 1e3 * self.wait_s / max(self.steps, 1),
             "step_time_s": dt / max(self.steps, 1),
+            "peak_mem_gb": peak_memory_gb(),
         }
+
+
+def peak_memory_gb() -> float:
+    """This rank's peak memory so far: CUDA's allocator peak on GPUs, the process's peak RSS on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class Trainer:
