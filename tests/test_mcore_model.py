@@ -331,6 +331,9 @@ def test_te_spec_matches_local_spec_on_gpu(checkpoints):
 
 def _sample_worker(ckpt, tp, pp, settings):
     """The in-training sampler at (TP, PP) on the distributed checkpoint: the token grid on every rank."""
+    from unittest import mock
+
+    from megamdm import sampling
     from megamdm.compat.megatron_cpu import megatron_on_cpu
     from megamdm.models.mcore.model import build_model
     from megamdm.training import parallel
@@ -353,7 +356,18 @@ def _sample_worker(ckpt, tp, pp, settings):
         model = build_model(cfg, SPEC, device="cpu", use_te=False)
         load_model_weights(model, ckpt / "iter_0000000")
         prompts = ["a red circle", "the blue square left of it"]
-        return sample_token_grid(model, cfg, single.text_tokenizer, prompts, device="cpu", grid=(8, 8), size=(32, 32), seed=5)
+        rows, real = [], sampling.head_logits
+
+        def head_logits(x, w):
+            rows.append(x.shape[0])
+            return real(x, w)
+
+        # 5 positions per chunk (at this vocabulary the default chunk would hold a whole image)
+        with mock.patch.object(sampling, "chunk_rows", lambda v: 5), mock.patch.object(sampling, "head_logits", head_logits):
+            tokens = sample_token_grid(
+                model, cfg, single.text_tokenizer, prompts, device="cpu", grid=(8, 8), size=(32, 32), seed=5
+            )
+        return tokens, rows
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
@@ -367,6 +381,8 @@ def test_in_training_sampler_draws_the_standalone_samplers_tokens(checkpoints, t
     ref = s(["a red circle", "the blue square left of it"], height=32, width=32, seed=5, progress=False, **settings)
     ref_model_order = s.groups.to_model(ref.tokens)
     results = run_distributed(_sample_worker, tp * pp, checkpoints / "dist", tp, pp, settings)
-    for tokens in results:
+    for tokens, _ in results:
         assert torch.equal(tokens, ref_model_order)
+    last_stage = [rows for _, rows in results if rows]
+    assert len(last_stage) == tp and all(max(r) <= 5 for r in last_stage)  # logits only per chunk, on the last stage
     assert not torch.equal(ref_model_order[0], ref_model_order[1])
