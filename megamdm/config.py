@@ -291,6 +291,7 @@ class SampleSettings:
     policy: str = choice("gumbel", "maskgit", "stratified")
     gumbel_temperature: float = 1.0
     edit_threshold: float = 0.0  # <= 0 disables token editing
+    cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide steps with lo <= k/steps < hi
 
     def validate(self) -> SampleSettings:
         """ValueError naming the setting and what is allowed (sampler calls pass settings directly)."""
@@ -306,7 +307,15 @@ class SampleSettings:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        lo_hi = list(self.cfg_interval)
+        if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] <= 1:
+            raise ValueError(f"cfg_interval must be two fractions 0 <= lo <= hi <= 1 of the steps, got {lo_hi}")
         return self
+
+    def guided(self, step: int) -> bool:
+        """Whether step ``step`` (0-based) runs classifier-free guidance."""
+        lo, hi = self.cfg_interval
+        return self.cfg != 0 and lo <= step / self.steps < hi
 
     @property
     def editing(self) -> bool:

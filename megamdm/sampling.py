@@ -57,26 +57,63 @@ def head_logits(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (x @ weight.t()).float()
 
 
+def trim_padding(ids: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts without the trailing positions that are padding in every row (they change nothing:
+    padding is masked out of attention, and it is always a suffix)."""
+    keep = int((~pad).sum(1).max()) if pad.numel() else 0
+    return ids[:, : max(keep, 1)], pad[:, : max(keep, 1)]
+
+
+def _peak_rss_during(fn) -> int:
+    """Bytes the process's peak RSS rose by while ``fn()`` ran (Linux; 0 where it cannot be read)."""
+    from pathlib import Path
+
+    def kb(field):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        fn()
+        return 0
+    before = kb("VmRSS")
+    fn()
+    return max(0, kb("VmHWM") - before)
+
+
+def _dilate(region: torch.Tensor, border: int) -> torch.Tensor:
+    """``region [h, w]`` grown by ``border`` tokens in every direction (a square neighbourhood)."""
+    if border <= 0:
+        return region.clone()
+    k = 2 * border + 1
+    grown = torch.nn.functional.max_pool2d(region.float()[None, None], k, stride=1, padding=border)
+    return grown[0, 0] > 0
+
+
 def chunk_rows(vocab_size: int, budget: int = 256 << 20) -> int:
     """Positions per chunk so that a chunk's fp32 logits take ``budget`` bytes (filtering and
     drawing need a few times that in temporaries)."""
     return max(1, budget // (4 * vocab_size))
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, then top-k, then nucleus filtering on ``[..., V]`` logits (fp32)."""
-    z = logits.float()
-    if temperature > 0:
-        z = z / temperature
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, *, inplace: bool = False):
+    """Temperature, then top-k, then nucleus filtering on ``[..., V]`` logits, in fp32 (``inplace``:
+    overwriting fp32 ``logits``, as the sampler does with its own chunk)."""
+    z = logits.float() if inplace else logits.float().clone()
+    if temperature > 0 and temperature != 1:
+        z.div_(temperature)
     if top_k and top_k < z.shape[-1]:
         kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
+        z.masked_fill_(z < kth, float("-inf"))
     if top_p < 1.0:
         sz, si = torch.sort(z, dim=-1, descending=True)
-        cum = torch.softmax(sz, -1).cumsum(-1)
-        drop = cum - torch.softmax(sz, -1) >= top_p  # keep the smallest prefix reaching top_p
-        sz = sz.masked_fill(drop, float("-inf"))
-        z = torch.empty_like(z).scatter_(-1, si, sz)
+        p = torch.softmax(sz, -1)
+        drop = p.cumsum(-1).sub_(p) >= top_p  # keep the smallest prefix reaching top_p
+        del p
+        z.scatter_(-1, si, sz.masked_fill_(drop, float("-inf")))
     return z
 
 
@@ -109,12 +146,10 @@ def stratified_order(h: int, w: int) -> torch.Tensor:
 
 
 def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One token per row of ``probs [n, V]``. CUDA uses ``torch.multinomial``; on CPU an
-    inverse-CDF draw (fp64 cumulative sums) is an order of magnitude faster."""
-    if probs.is_cuda:
-        return torch.multinomial(probs, 1, generator=gen).squeeze(1)
-    cdf = probs.double().cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, generator=gen, dtype=torch.float64) * cdf[:, -1:]
+    """One token per row of ``probs [n, V]`` by inverse CDF: one uniform per row from ``gen`` (rows in
+    order, so the draws do not depend on how rows are chunked), fp64 cumulative sums, on any device."""
+    cdf = torch.cumsum(probs, -1, dtype=torch.float64)
+    u = torch.rand(probs.shape[0], 1, generator=gen, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
@@ -147,6 +182,7 @@ def _predict(
     hidden: torch.Tensor,
     head_fn: Callable[[torch.Tensor], torch.Tensor],
     masked: torch.Tensor,
+    editable: torch.Tensor | None,
     st: SampleSettings,
     gen: torch.Generator,
     chunk: int,
@@ -154,13 +190,17 @@ def _predict(
     conf: torch.Tensor,
 ) -> None:
     """Sampled tokens ``x0`` and their confidences ``conf`` (one image, ``[N]``, filled in place)
-    where they matter: masked positions, and with editing the unmasked positions whose top
-    probability exceeds the threshold (no other sampled token there could pass it). Positions are
+    where they matter: masked positions, and with editing the unmasked (``editable``) positions whose
+    top probability exceeds the threshold (no other sampled token there could pass it). Positions are
     visited in ascending order, so the draws do not depend on ``chunk``."""
-    n = masked.numel()
-    cand = torch.arange(n, device=masked.device) if st.editing else masked.nonzero().squeeze(1)
+    if not st.editing:
+        cand = masked.nonzero().squeeze(1)
+    elif editable is None:
+        cand = torch.arange(masked.numel(), device=masked.device)
+    else:
+        cand = (masked | editable).nonzero().squeeze(1)
     for rows in cand.split(chunk):
-        z = filter_logits(head_fn(hidden[rows]), st.temperature, st.top_k, st.top_p)
+        z = filter_logits(head_fn(hidden[rows]), st.temperature, st.top_k, st.top_p, inplace=True)
         if st.editing:
             top = torch.exp(z.max(-1).values - torch.logsumexp(z, -1))
             keep = masked[rows] | (top > st.edit_threshold)
@@ -183,14 +223,16 @@ def sample_tokens(
     generators: Sequence[torch.Generator],
     *,
     chunk: int = 256,
+    editable: torch.Tensor | None = None,
     progress: tqdm | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> SampleResult:
     """Run the sampling loop from ``init [B, h, w]`` (MASK where to generate).
 
-    ``hidden_fn(x [B, h, w]) -> [B, h, w, d]``: the guided head input for the current tokens;
-    ``head_fn(rows [n, d]) -> [n, V]``: fp32 logits of some of those rows (:func:`head_logits`),
-    called with at most ``chunk`` rows (:func:`chunk_rows`)."""
+    ``hidden_fn(x [B, h, w], step) -> [B, h, w, d]``: the (guided, if ``settings.guided(step)``)
+    head input for the current tokens; ``head_fn(rows [n, d]) -> [n, V]``: fp32 logits of some of
+    those rows (:func:`head_logits`), called with at most ``chunk`` rows (:func:`chunk_rows`).
+    ``editable [B, h, w]``: where token editing may revise an unmasked token (default: everywhere)."""
     settings.validate()
     x = init.clone()
     b, h, w = x.shape
@@ -200,20 +242,24 @@ def sample_tokens(
         unmask_counts(int((flat[i] == mask_id).sum()), settings.steps, settings.schedule, settings.shift) for i in range(b)
     ]
     result = SampleResult(flat.view(b, h, w), [[] for _ in range(b)], [[] for _ in range(b)])
+    may_edit = editable.reshape(b, h * w) if editable is not None else None
     for k in range(settings.steps):
-        hidden = hidden_fn(flat.view(b, h, w)).reshape(b, h * w, -1)
+        hidden = hidden_fn(flat.view(b, h, w), k).reshape(b, h * w, -1)
         for i in range(b):
             masked = flat[i] == mask_id
             x0 = flat[i].clone()
             conf = torch.zeros(h * w, device=x.device)
-            _predict(hidden[i], head_fn, masked, settings, generators[i], chunk, x0, conf)
+            allowed = may_edit[i] if may_edit is not None else None
+            _predict(hidden[i], head_fn, masked, allowed, settings, generators[i], chunk, x0, conf)
             chosen = _choose(settings.policy, conf, masked, schedules[i][k], rank, settings.gumbel_temperature, generators[i])
             committed = torch.zeros_like(masked)
             committed[chosen] = True
             edits = 0
             if settings.editing:  # positions unmasked before this step, not the ones committed now
-                editable = ~masked & ~committed
-                changed = editable & (x0 != flat[i]) & (conf > settings.edit_threshold)
+                before = ~masked & ~committed
+                if allowed is not None:
+                    before &= allowed
+                changed = before & (x0 != flat[i]) & (conf > settings.edit_threshold)
                 flat[i][changed] = x0[changed]
                 edits = int(changed.sum())
             flat[i][chosen] = x0[chosen]
@@ -298,27 +344,61 @@ class MDMSampler:
         ]
         return tokenize_prompts(self.text_tokenizer, texts, t.max_len)
 
-    def guided_hidden_fn(self, text_ids, text_pad, guidance: float):
-        """``x -> `` the guided head input for prompts ``text_ids`` (cond and uncond in one forward)."""
+    def guided_hidden_fn(self, text_ids, text_pad, settings: SampleSettings, negative=None):
+        """``(x, step) ->`` the head input for prompts ``text_ids``: at guided steps
+        (``settings.guided``) ``(1 + s) h_cond - s h_uncond`` from one forward of both branches,
+        elsewhere the conditional branch alone. The unconditional branch is the masked prompt, or
+        ``negative = (ids, pad)``, tokenized negative prompts. Prompt positions that are padding in
+        every row of a forward are left out of it."""
         from .text import masked_prompt
 
         b = text_ids.shape[0]
-        text_ids, text_pad = text_ids.to(self.device), text_pad.to(self.device)
-        if guidance != 0:
+        dev = self.device
+        if negative is None:
             u_ids, u_pad = masked_prompt(self.text_tokenizer, b, text_ids.shape[1])
-            both_ids = torch.cat([text_ids, u_ids.to(self.device)])
-            both_pad = torch.cat([text_pad, u_pad.to(self.device)])
+        else:
+            u_ids, u_pad = negative
+        cond = trim_padding(text_ids, text_pad)
+        both = trim_padding(torch.cat([text_ids, u_ids]), torch.cat([text_pad, u_pad]))
+        cond = tuple(t.to(dev) for t in cond)
+        both = tuple(t.to(dev) for t in both)
 
-        def fn(x):
-            if guidance == 0:
-                return self._hidden(text_ids, text_pad, x)
-            hs = self._hidden(both_ids, both_pad, torch.cat([x, x])).float()
-            return cfg_combine(hs[:b], hs[b:], guidance)
+        def fn(x, step):
+            if not settings.guided(step):
+                return self._hidden(*cond, x)
+            hs = self._hidden(*both, torch.cat([x, x])).float()
+            return cfg_combine(hs[:b], hs[b:], settings.cfg)
 
         return fn
 
     def head_fn(self, rows: torch.Tensor) -> torch.Tensor:
         return head_logits(rows, self.model.head.weight)
+
+    def auto_batch_size(self, height: int, width: int, settings: SampleSettings, jobs: int) -> int:
+        """The largest batch (at most ``jobs``) whose sampling fits 80% of the free memory, from one
+        measured guided forward and the logits chunk: CUDA's free memory, or the host's available
+        memory on CPU."""
+        if jobs <= 1:
+            return 1
+        gh, gw = self.grid_for(height, width)
+        ids, pad = self.encode_prompts(["x"], height, width)
+        fn = self.guided_hidden_fn(ids, pad, settings)
+        x = torch.full((1, gh, gw), self.cfg.model.image_mask_id, dtype=torch.long, device=self.device)
+        v = self.cfg.model.image_vocab_size
+        fixed = 12 * chunk_rows(v) * v  # one chunk's logits and the filtering / draw temporaries
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn(x, 0)
+            per_image = torch.cuda.max_memory_allocated() - base
+            free = torch.cuda.mem_get_info()[0]
+        else:
+            import psutil
+
+            per_image = _peak_rss_during(lambda: fn(x, 0))
+            free = psutil.virtual_memory().available
+        return int(max(1, min(jobs, (0.8 * free - fixed) // max(per_image, 1))))
 
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
         from .vq import check_image_size
@@ -327,12 +407,11 @@ class MDMSampler:
         check_image_size(height, width, f)
         return height // f, width // f
 
-    def prepare_inpainting(self, init_image, mask, height, width):
-        """Model-order start tokens with MASK where the mask is white (any masked pixel masks its token)."""
-        from .vq import pil_to_tensor
-
+    def prepare_inpainting(self, init_image, mask, height, width, edit_border: int = 2):
+        """Model-order start tokens with MASK where the mask is white (any masked pixel masks its
+        token), and where token editing may act: the masked tokens and ``edit_border`` tokens around them."""
         if mask is None:
-            raise ValueError("--init-image needs --mask (white = regenerate)")
+            raise ValueError("--init-image needs --mask (white = regenerate) or --outpaint")
         if init_image.size != mask.size:
             raise ValueError(
                 f"mask size {mask.size[0]}x{mask.size[1]} does not match the image size "
@@ -343,12 +422,36 @@ class MDMSampler:
                 f"init image is {init_image.size[0]}x{init_image.size[1]}, but the requested size is {width}x{height}"
             )
         f = self.image_tokenizer.downsample
-        ids = self.image_tokenizer.encode(pil_to_tensor([init_image]).to(self.device))
+        start = self._encode(init_image)
         m = torch.from_numpy(np.asarray(mask.convert("L")) > 127)
         tm = m.view(height // f, f, width // f, f).any(3).any(1)
-        start = self.groups.to_model(ids[0].cpu())
         start[tm] = self.cfg.model.image_mask_id
-        return start
+        return start, _dilate(tm, edit_border)
+
+    def prepare_outpainting(self, init_image, outpaint: Sequence[int], edit_border: int = 2):
+        """The canvas extended by ``outpaint = (left, top, right, bottom)`` pixels around
+        ``init_image``: start tokens (the image's, MASK in the new region), where token editing
+        may act (the new region and ``edit_border`` tokens into the image), and the canvas (h, w) in pixels."""
+        f = self.image_tokenizer.downsample
+        if len(outpaint) != 4 or any(int(p) < 0 for p in outpaint) or not any(outpaint):
+            raise ValueError(f"outpaint takes four pixel margins left,top,right,bottom >= 0, not all 0; got {list(outpaint)}")
+        if any(int(p) % f for p in outpaint):
+            raise ValueError(f"outpaint margins {list(outpaint)} must be multiples of the tokenizer's {f} px patches")
+        left, top, right, bottom = (int(p) // f for p in outpaint)
+        w, h = init_image.size
+        self.grid_for(h, w)
+        height, width = h + (top + bottom) * f, w + (left + right) * f
+        gh, gw = self.grid_for(height, width)
+        start = torch.full((gh, gw), self.cfg.model.image_mask_id, dtype=torch.long)
+        start[top : top + h // f, left : left + w // f] = self._encode(init_image)
+        new = start == self.cfg.model.image_mask_id
+        return start, _dilate(new, edit_border), (height, width)
+
+    def _encode(self, image) -> torch.Tensor:
+        from .vq import pil_to_tensor
+
+        ids = self.image_tokenizer.encode(pil_to_tensor([image]).to(self.device))
+        return self.groups.to_model(ids[0].cpu())
 
     def __call__(
         self,
@@ -360,23 +463,45 @@ class MDMSampler:
         seed: int | None = None,
         seeds: Sequence[int] | None = None,
         batch_size: int | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
         init_image=None,
         mask=None,
+        outpaint: Sequence[int] | None = None,
+        edit_border: int = 2,
         progress: bool = True,
         **settings,
     ) -> SamplerOutput:
         """Generate ``num_images_per_prompt`` images per prompt. Image ``j`` of prompt ``i`` is drawn
         with seed ``seeds[i] + j`` (default ``seeds[i] = seed + i * num_images_per_prompt``), so it
-        does not depend on batching. Keyword settings override the checkpoint's sampling defaults."""
+        does not depend on batching. Keyword settings override the checkpoint's sampling defaults.
+
+        ``negative_prompt`` (one, or one per prompt) is the unconditional branch of guidance
+        instead of the masked prompt. ``init_image`` with ``mask`` regenerates the masked region;
+        with ``outpaint = (left, top, right, bottom)`` pixels it extends the canvas around the
+        image. Token editing then acts only within ``edit_border`` tokens of the new region.
+        ``batch_size=None``: as many images per forward as fit in memory (:meth:`auto_batch_size`)."""
         from .vq import tensor_to_pil
 
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
             raise ValueError("no prompts given")
+        if isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt] * len(prompts)
+        if negative_prompt is not None and len(negative_prompt) != len(prompts):
+            raise ValueError(f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts; give one, or one per prompt")
         st = self.default_settings(**settings)
+        start = editable = None
         if init_image is not None:
-            width, height = init_image.size
+            if outpaint is not None and mask is not None:
+                raise ValueError("give --mask (inpainting) or --outpaint (extend the canvas), not both")
+            if outpaint is not None:
+                start, editable, (height, width) = self.prepare_outpainting(init_image, outpaint, edit_border)
+            else:
+                width, height = init_image.size
+                start, editable = self.prepare_inpainting(init_image, mask, height, width, edit_border)
+        elif outpaint is not None or mask is not None:
+            raise ValueError("--outpaint and --mask need --init-image")
         height = height or self.cfg.sample.height
         width = width or self.cfg.sample.width
         gh, gw = self.grid_for(height, width)
@@ -386,28 +511,30 @@ class MDMSampler:
             seeds = [base + i * n for i in range(len(prompts))]
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        jobs = [(p, sd + j) for p, sd in zip(prompts, seeds) for j in range(n)]
-        bs = batch_size or len(jobs)
+        negs = negative_prompt or [None] * len(prompts)
+        jobs = [(p, sd + j, neg) for p, sd, neg in zip(prompts, seeds, negs) for j in range(n)]
+        bs = batch_size or self.auto_batch_size(height, width, st, len(jobs))
         mask_id = self.cfg.model.image_mask_id
-        start = self.prepare_inpainting(init_image, mask, height, width) if init_image is not None else None
         images, tokens, edits = [], [], []
         t0 = time.time()
         bar = tqdm(total=math.ceil(len(jobs) / bs) * st.steps, desc="sampling", unit="step", disable=not progress, leave=False)
         for s in range(0, len(jobs), bs):
             chunk = jobs[s : s + bs]
-            ids, pad = self.encode_prompts([p for p, _ in chunk], height, width)
+            ids, pad = self.encode_prompts([p for p, _, _ in chunk], height, width)
+            negative = self.encode_prompts([q for _, _, q in chunk], height, width) if negative_prompt else None
             init = torch.full((len(chunk), gh, gw), mask_id, dtype=torch.long)
             if start is not None:
                 init[:] = start
-            gens = [torch.Generator(self.device).manual_seed(sd) for _, sd in chunk]
+            gens = [torch.Generator(self.device).manual_seed(sd) for _, sd, _ in chunk]
             res = sample_tokens(
-                self.guided_hidden_fn(ids, pad, st.cfg),
+                self.guided_hidden_fn(ids, pad, st, negative),
                 self.head_fn,
                 init.to(self.device),
                 mask_id,
                 st,
                 gens,
                 chunk=chunk_rows(self.cfg.model.image_vocab_size),
+                editable=editable.expand(len(chunk), gh, gw).to(self.device) if editable is not None else None,
                 progress=bar,
             )
             tok = self.groups.to_tokenizer(res.tokens.cpu())
@@ -420,7 +547,12 @@ class MDMSampler:
             **st.__dict__,
             "height": height,
             "width": width,
-            "seeds": [sd for _, sd in jobs],
+            "seeds": [sd for _, sd, _ in jobs],
             "dtype": str(self.dtype).replace("torch.", ""),
+            "batch_size": bs,
         }
+        if negative_prompt is not None:
+            settings_out["negative_prompts"] = [q for _, _, q in jobs]
+        if outpaint is not None:
+            settings_out["outpaint"] = [int(p) for p in outpaint]
         return SamplerOutput(images, torch.cat(tokens), edits, settings_out, time.time() - t0)

@@ -23,7 +23,7 @@ class Stub:
     def __init__(self, tables, confs):
         self.tables, self.confs, self.calls, self.rows_seen = tables, confs, 0, []
 
-    def hidden(self, x):
+    def hidden(self, x, step=None):
         b, h, w = x.shape
         self.k = min(self.calls, len(self.tables) - 1)
         self.calls += 1
@@ -112,11 +112,11 @@ def test_cond_and_uncond_run_in_one_forward_and_guidance_acts_on_the_head_input(
     calls = []
     inner = s._hidden
     s._hidden = lambda *a: (calls.append(a[0].shape[0]), inner(*a))[1]
-    out = s(["a red circle", "a blue square"], steps=3, cfg=3.0, seed=1, progress=False)
+    out = s(["a red circle", "a blue square"], steps=3, cfg=3.0, seed=1, progress=False, batch_size=2)
     assert calls == [4, 4, 4]  # one forward per step, batch 2 cond + 2 uncond
     ids, pad = s.encode_prompts(["a red circle"], 32, 32)
     x = torch.full((1, 8, 8), s.cfg.model.image_mask_id)
-    guided = s.guided_hidden_fn(ids, pad, 3.0)(x)
+    guided = s.guided_hidden_fn(ids, pad, s.default_settings(cfg=3.0))(x, 0)
     from megamdm.text import masked_prompt
 
     uid, upad = masked_prompt(s.text_tokenizer, 1, ids.shape[1])
@@ -250,6 +250,9 @@ def test_cli_geneval_and_dpg_layouts(ckpt, tmp_path):
         (["--policy", "greedy"], "unknown policy 'greedy'"),
         (["--steps", "0"], "steps must be >= 1"),
         (["--height", "36"], "not allowed: height and width must be positive multiples of 2*f = 8"),
+        (["--cfg-interval", "0.5,1.5"], "cfg_interval must be two fractions 0 <= lo <= hi <= 1"),
+        (["--cfg-interval", "0.5"], "--cfg-interval takes 2 comma-separated numbers"),
+        (["--outpaint", "8,0,0,0"], "--mask and --outpaint need --init-image"),
     ],
 )
 def test_cli_bad_input(ckpt, tmp_path, args, message):
@@ -286,3 +289,143 @@ def test_cli_empty_prompt_file_and_bad_mask(ckpt, tmp_path):
     )
     assert r.returncode == 2 and "does not match the image size" in r.stderr
     assert not (tmp_path / "o").exists()
+    r = cli(
+        "--checkpoint",
+        ckpt,
+        "--prompt",
+        "x",
+        "--init-image",
+        tmp_path / "i.png",
+        "--outpaint",
+        "6,0,0,0",
+        "--out",
+        tmp_path / "o",
+    )
+    assert r.returncode == 2 and "multiples of the tokenizer's 4 px patches" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_cli_outpaints_and_records_it(ckpt, tmp_path):
+    Image.fromarray((np.random.default_rng(1).random((32, 32, 3)) * 255).astype("uint8")).save(tmp_path / "i.png")
+    r = cli(
+        "--checkpoint", ckpt, "--prompt", "x", "--init-image", tmp_path / "i.png", "--outpaint", "16,0,16,0",
+        "--negative-prompt", "a blue square", "--cfg-interval", "0,0.5", "--steps", 2, "--out", tmp_path / "o", "--quiet",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    img = Image.open(tmp_path / "o" / "00000_00.png")
+    meta = json.loads(img.info["megamdm"])
+    assert img.size == (64, 32) and meta["outpaint"] == [16, 0, 16, 0] and meta["cfg_interval"] == [0.0, 0.5]
+    assert meta["negative_prompt"] == "a blue square"
+
+
+def test_auto_batch_size_follows_the_memory_there_is(ckpt, monkeypatch):
+    import psutil
+
+    s = MDMSampler.from_pretrained(ckpt, device="cpu", dtype="fp32")
+    st = s.default_settings()
+    real = psutil.virtual_memory()
+    assert s.auto_batch_size(32, 32, st, 6) == 6  # a tiny model: all of them fit
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=1))
+    assert s.auto_batch_size(32, 32, st, 6) == 1  # never fewer than one
+
+
+@pytest.mark.parametrize("threshold,top_k,top_p", [(0.0, 0, 1.0), (0.3, 5, 1.0), (0.3, 0, 0.8), (0.2, 6, 0.9)])
+def test_chunked_prediction_equals_the_straightforward_one_for_the_same_draws(threshold, top_k, top_p):
+    """One step of the fused, chunked prediction against the whole-image computation: full logits,
+    filtering, the editing test, then inverse-CDF draws from the same uniforms (same generator
+    seed, rows in ascending order). The hidden states are one-hot rows through a logits table, so
+    both see bit-identical logits."""
+    from megamdm.sampling import _predict
+
+    n, vocab = 64, 40
+    g = torch.Generator().manual_seed(11)
+    table = torch.randn(n, vocab, generator=g) * 3
+    masked = torch.rand(n, generator=g) < 0.5
+    st = SampleSettings(temperature=0.7, top_k=top_k, top_p=top_p, edit_threshold=threshold)
+    x0 = torch.zeros(n, dtype=torch.long)
+    conf = torch.zeros(n)
+    _predict(torch.eye(n), lambda r: r @ table, masked, None, st, torch.Generator().manual_seed(5), 7, x0, conf)
+
+    z = filter_logits(table, st.temperature, top_k, top_p)
+    top = torch.softmax(z, -1).max(-1).values
+    rows = (masked | (top > threshold)).nonzero().squeeze(1) if threshold > 0 else masked.nonzero().squeeze(1)
+    probs = torch.softmax(z[rows], -1)
+    u = torch.rand(rows.numel(), 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    cdf = probs.double().cumsum(-1)
+    pick = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)
+    assert rows.numel() > masked.sum() or threshold == 0
+    assert torch.equal(x0[rows], pick)
+    assert torch.allclose(conf[rows], probs.gather(1, pick[:, None]).squeeze(1), rtol=1e-6, atol=0)
+    assert not conf[~torch.isin(torch.arange(n), rows)].any()  # nothing computed where nothing can change
+
+
+def _spy(sampler):
+    calls = []
+    inner = sampler._hidden
+
+    def hidden(ids, pad, x):
+        calls.append(ids.clone())
+        return inner(ids, pad, x)
+
+    sampler._hidden = hidden
+    return calls
+
+
+def test_negative_prompt_replaces_only_the_unconditional_branch(ckpt):
+    s = MDMSampler.from_pretrained(ckpt, device="cpu", dtype="fp32")
+    kw = dict(steps=3, cfg=3.0, seed=2, progress=False, batch_size=1)
+    calls = _spy(s)
+    plain = s("a red circle", **kw)
+    plain_calls, calls[:] = list(calls), []
+    neg = s("a red circle", negative_prompt="a blue square", **kw)
+    cond, _ = s.encode_prompts(["a red circle"], 32, 32)
+    uncond, _ = s.encode_prompts(["a blue square"], 32, 32)
+    width = max(int((cond != s.text_tokenizer.pad_id).sum()), int((uncond != s.text_tokenizer.pad_id).sum()))
+    for a, b in zip(plain_calls, calls):
+        assert torch.equal(b[0, :width], cond[0, :width])  # the conditional row: the same prompt
+        assert torch.equal(b[1], uncond[0, : b.shape[1]])  # the unconditional row: the negative prompt
+        assert torch.equal(a[1], torch.full_like(a[1], s.text_tokenizer.mask_id))  # before: the masked prompt
+    assert not torch.equal(plain.tokens, neg.tokens)
+    assert neg.settings["negative_prompts"] == ["a blue square"]
+    with pytest.raises(ValueError, match="2 negative prompts for 1 prompts"):
+        s("a red circle", negative_prompt=["x", "y"], **kw)
+
+
+def test_guidance_interval_runs_one_branch_outside_it(ckpt):
+    s = MDMSampler.from_pretrained(ckpt, device="cpu", dtype="fp32")
+    calls = _spy(s)
+    kw = dict(steps=4, cfg=3.0, seed=2, progress=False, batch_size=1)
+    late = s("a red circle", cfg_interval=[0.5, 1.0], **kw)
+    assert [c.shape[0] for c in calls] == [1, 1, 2, 2]  # steps 0, 1 unguided: the conditional branch alone
+    calls[:] = []
+    full = s("a red circle", **kw)
+    assert [c.shape[0] for c in calls] == [2, 2, 2, 2]
+    calls[:] = []
+    none = s("a red circle", **{**kw, "cfg": 0.0})
+    assert [c.shape[0] for c in calls] == [1, 1, 1, 1]
+    # the first half of the late-guidance run is the unguided run's, step for step
+    assert not torch.equal(late.tokens, full.tokens) and not torch.equal(late.tokens, none.tokens)
+    with pytest.raises(ValueError, match="cfg_interval must be two fractions"):
+        s("a red circle", cfg_interval=[0.5, 1.5], **kw)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.01])  # 0.01: below the random model's confidence, edits happen
+def test_outpainting_fills_the_new_region_and_edits_only_its_border(ckpt, threshold):
+    s = MDMSampler.from_pretrained(ckpt, device="cpu", dtype="fp32")
+    init = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8"))
+    out = s("a thing", init_image=init, outpaint=(8, 0, 16, 8), steps=4, edit_threshold=threshold, progress=False, seed=3)
+    assert out.images[0].size == (32 + 24, 32 + 8)
+    tok = out.tokens[0]  # tokenizer order, a 10 x 14 grid of 4 px patches; the image at rows 0-7, columns 2-9
+    assert tok.shape == (10, 14)
+    original = s.image_tokenizer.encode(torch.from_numpy(np.array(init)).permute(2, 0, 1)[None].float() / 255)[0]
+    region = tok[0:8, 2:10]
+    far = torch.zeros(8, 8, dtype=torch.bool)
+    far[0:6, 2:6] = True  # more than edit_border = 2 tokens from the new columns 0-1, 10-13 and rows 8-9
+    assert torch.equal(region[far], original[far])
+    if threshold == 0:
+        assert torch.equal(region, original)
+    else:
+        assert sum(out.edits_per_step[0]) > 0  # editing did act, near the new region
+    assert out.settings["outpaint"] == [8, 0, 16, 8]
+    with pytest.raises(ValueError, match="multiples of the tokenizer's 4 px patches"):
+        s("a thing", init_image=init, outpaint=(6, 0, 0, 0), progress=False)

@@ -6,6 +6,7 @@
         --num-images-per-prompt 4 --steps 20 --cfg 5 --edit-threshold 0.9
     megamdm-sample --checkpoint ckpt/ --dpg-prompts dpg_bench/prompts/ --out dpg/
     megamdm-sample --checkpoint ckpt/ --prompt "a blue square" --init-image in.png --mask mask.png --out edit/
+    megamdm-sample --checkpoint ckpt/ --prompt "a wide beach" --init-image in.png --outpaint 128,0,128,0 --out wide/
 
 Output layouts (megamdm/sample_outputs.py, also for MDMSampler users):
   plain     OUT/NNNNN_JJ.png
@@ -52,16 +53,34 @@ def parse_args(argv):
     ap.add_argument("--policy", help=f"{' | '.join(POLICIES)}")
     ap.add_argument("--gumbel-temperature", type=float)
     ap.add_argument("--edit-threshold", type=float, help="<= 0 disables token editing")
+    ap.add_argument("--cfg-interval", help="LO,HI: guidance only at steps k with LO <= k/steps < HI (default 0,1)")
+    ap.add_argument("--negative-prompt", help="the unconditional branch of guidance (default: the masked prompt)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-images-per-prompt", type=int)
-    ap.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    ap.add_argument("--batch-size", type=int, help="images per forward pass (default: as many as fit in memory)")
     ap.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     ap.add_argument("--dtype", default="auto", help="bf16 | fp16 | fp32 (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--init-image", help="inpainting / masked editing: the starting image")
     ap.add_argument("--mask", help="with --init-image: white pixels are regenerated")
+    ap.add_argument("--outpaint", help="with --init-image: LEFT,TOP,RIGHT,BOTTOM pixels to extend the canvas by")
+    ap.add_argument(
+        "--edit-border", type=int, default=2, help="with --init-image: tokens around the new region editing may revise"
+    )
     ap.add_argument("--quiet", action="store_true")
     return ap.parse_args(argv)
+
+
+def parse_floats(text: str | None, flag: str, count: int) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != count:
+        raise ValueError(f"{flag} takes {count} comma-separated numbers, got {text!r}")
+    return values
 
 
 def main(argv=None) -> int:
@@ -86,20 +105,30 @@ def main(argv=None) -> int:
             policy=args.policy,
             gumbel_temperature=args.gumbel_temperature,
             edit_threshold=args.edit_threshold,
+            cfg_interval=parse_floats(args.cfg_interval, "--cfg-interval", 2),
         )
-        init_image = mask = None
+        init_image = mask = outpaint = None
         if args.init_image:
             init_image = Image.open(args.init_image).convert("RGB")
-            if not args.mask:
-                raise ValueError("--init-image needs --mask (white = regenerate)")
-            mask = Image.open(args.mask)
-            height, width = init_image.size[1], init_image.size[0]
-            sampler.grid_for(height, width)
-            sampler.prepare_inpainting(init_image, mask, height, width)  # validates sizes now
+            if args.outpaint:
+                if args.mask:
+                    raise ValueError("give --mask (inpainting) or --outpaint (extend the canvas), not both")
+                outpaint = [int(v) for v in parse_floats(args.outpaint, "--outpaint", 4)]
+                _, _, (height, width) = sampler.prepare_outpainting(init_image, outpaint)  # validates now
+            else:
+                if not args.mask:
+                    raise ValueError("--init-image needs --mask (white = regenerate) or --outpaint")
+                mask = Image.open(args.mask)
+                height, width = init_image.size[1], init_image.size[0]
+                sampler.grid_for(height, width)
+                sampler.prepare_inpainting(init_image, mask, height, width)  # validates sizes now
+        elif args.mask or args.outpaint:
+            raise ValueError("--mask and --outpaint need --init-image")
         else:
             height = args.height or sampler.cfg.sample.height
             width = args.width or sampler.cfg.sample.width
             sampler.grid_for(height, width)
+        batch_size = args.batch_size or sampler.auto_batch_size(height, width, settings, len(jobs) * n_per)
     except (ValueError, CheckpointError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -114,7 +143,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     n_images = 0
     edits_total, edit_steps = 0, 0
-    per_call = max(1, args.batch_size // n_per)
+    per_call = max(1, batch_size // n_per)
     fields = {f: getattr(settings, f) for f in settings.__dataclass_fields__}
     bar = tqdm(total=len(todo), desc="prompts", unit="prompt", disable=args.quiet)
     for s in range(0, len(todo), per_call):
@@ -125,9 +154,12 @@ def main(argv=None) -> int:
             width=width,
             num_images_per_prompt=n_per,
             seeds=[args.seed + k * n_per for k, _, _, _ in batch],
-            batch_size=args.batch_size,
+            batch_size=batch_size,
+            negative_prompt=args.negative_prompt,
             init_image=init_image,
             mask=mask,
+            outpaint=outpaint,
+            edit_border=args.edit_border,
             progress=False,
             **fields,
         )
@@ -136,7 +168,10 @@ def main(argv=None) -> int:
             edit_steps += len(e)
         for b, (k, key, prompt, meta) in enumerate(batch):
             imgs = res.images[b * n_per : (b + 1) * n_per]
-            st = {**{x: v for x, v in res.settings.items() if x != "seeds"}, "seed": args.seed + k * n_per}
+            st = {x: v for x, v in res.settings.items() if x not in ("seeds", "negative_prompts")}
+            st["seed"] = args.seed + k * n_per
+            if args.negative_prompt is not None:
+                st["negative_prompt"] = args.negative_prompt
             writer.write(key, prompt, meta, imgs, st)
             n_images += len(imgs)
         bar.update(len(batch))

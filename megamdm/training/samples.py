@@ -83,9 +83,8 @@ def sample_token_grid(
     ]
     b = len(prompts)
     ids, pad = tokenize_prompts(text_tokenizer, texts, cfg.text.max_len)
-    if settings.cfg != 0:
-        uid, upad = masked_prompt(text_tokenizer, b, cfg.text.max_len)
-        ids, pad = torch.cat([ids, uid]), torch.cat([pad, upad])
+    uid, upad = masked_prompt(text_tokenizer, b, cfg.text.max_len)
+    both_ids, both_pad = torch.cat([ids, uid]).to(device), torch.cat([pad, upad]).to(device)
     ids, pad = ids.to(device), pad.to(device)
     inner = model
     while hasattr(inner, "module"):  # DDP(Float16Module(MDMModel))
@@ -93,12 +92,11 @@ def sample_token_grid(
     was_training = model.training
     model.eval()
 
-    def hidden_fn(x):
-        hs = _stage_hidden(model, ids, pad, torch.cat([x, x]) if settings.cfg != 0 else x)
-        if hs is None or settings.cfg == 0:
-            return hs
-        hs = hs.float()
-        return cfg_combine(hs[:b], hs[b:], settings.cfg)
+    def hidden_fn(x, step):
+        if not settings.guided(step):
+            return _stage_hidden(model, ids, pad, x)
+        hs = _stage_hidden(model, both_ids, both_pad, torch.cat([x, x]))
+        return None if hs is None else cfg_combine(hs[:b].float(), hs[b:].float(), settings.cfg)
 
     def head_fn(rows):
         return gather_from_tensor_model_parallel_region(head_logits(rows, inner.head.weight))
@@ -124,8 +122,8 @@ def sample_token_grid(
             on_step=send,
         ).tokens
     else:
-        for _ in range(settings.steps):
-            hidden_fn(x)
+        for k in range(settings.steps):
+            hidden_fn(x, k)
             dist.broadcast(x, src=src, group=group)
     model.train(was_training)
     return x
