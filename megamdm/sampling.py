@@ -10,8 +10,9 @@ position unmasked in an earlier step whose prediction differs from its token wit
 ``edit_threshold`` (nothing is re-masked). ``edit_threshold <= 0`` turns editing off: plain
 MaskGIT-style decoding, and the head runs only at masked positions.
 
-Logits exist only for a chunk of positions at a time (:func:`chunk_rows`: 256 MiB of fp32 logits),
-never for a whole image or batch: at 1024 px and a 131072-token vocabulary a whole image's logits are 2 GiB.
+Logits exist only for a chunk of positions at a time (:func:`chunk_rows`: 256 MiB of fp32 logits on
+GPUs, 16 MiB on CPUs), never for a whole image or batch: at 1024 px and a 131072-token vocabulary
+a whole image's logits are 2 GiB.
 Every random draw of image ``k`` comes from its own generator (``seed + k``), so an image does not
 depend on the batch it was generated in, nor on the chunk size. This module never imports megatron-core.
 """
@@ -93,10 +94,15 @@ def _dilate(region: torch.Tensor, border: int) -> torch.Tensor:
     return grown[0, 0] > 0
 
 
-def chunk_rows(vocab_size: int, budget: int = 256 << 20) -> int:
-    """Positions per chunk so that a chunk's fp32 logits take ``budget`` bytes (filtering and
-    drawing need a few times that in temporaries)."""
-    return max(1, budget // (4 * vocab_size))
+LOGITS_BUDGET = {"cuda": 256 << 20, "cpu": 16 << 20}  # bytes of fp32 logits per chunk of positions
+
+
+def chunk_rows(vocab_size: int, device="cpu") -> int:
+    """Positions per chunk so that a chunk's fp32 logits take ``LOGITS_BUDGET`` bytes (filtering and
+    drawing need a few times that in temporaries). On CPU the chunks are small enough for the
+    allocator to reuse its heap (256 MiB chunks, each a fresh ``mmap``, sampled up to 2.3x slower there)."""
+    kind = torch.device(device).type
+    return max(1, LOGITS_BUDGET.get(kind, LOGITS_BUDGET["cuda"]) // (4 * vocab_size))
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, *, inplace: bool = False):
@@ -242,6 +248,7 @@ def sample_tokens(
         unmask_counts(int((flat[i] == mask_id).sum()), settings.steps, settings.schedule, settings.shift) for i in range(b)
     ]
     result = SampleResult(flat.view(b, h, w), [[] for _ in range(b)], [[] for _ in range(b)])
+    edit_counts: list[list[torch.Tensor]] = [[] for _ in range(b)]
     may_edit = editable.reshape(b, h * w) if editable is not None else None
     for k in range(settings.steps):
         hidden = hidden_fn(flat.view(b, h, w), k).reshape(b, h * w, -1)
@@ -254,22 +261,26 @@ def sample_tokens(
             chosen = _choose(settings.policy, conf, masked, schedules[i][k], rank, settings.gumbel_temperature, generators[i])
             committed = torch.zeros_like(masked)
             committed[chosen] = True
-            edits = 0
+            edits = torch.zeros((), dtype=torch.long, device=x.device)
             if settings.editing:  # positions unmasked before this step, not the ones committed now
                 before = ~masked & ~committed
                 if allowed is not None:
                     before &= allowed
                 changed = before & (x0 != flat[i]) & (conf > settings.edit_threshold)
-                flat[i][changed] = x0[changed]
-                edits = int(changed.sum())
+                flat[i].copy_(torch.where(changed, x0, flat[i]))  # no host sync, unlike a masked assignment
+                edits = changed.sum()
             flat[i][chosen] = x0[chosen]
-            result.edits_per_step[i].append(edits)
+            edit_counts[i].append(edits)
             result.committed_per_step[i].append(int(chosen.numel()))
         if on_step is not None:
             on_step(k, flat.view(b, h, w))
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(edits=sum(e[-1] for e in result.edits_per_step))
+            if settings.editing:
+                progress.set_postfix(edits=int(sum(e[-1] for e in edit_counts)))
+    # the edit counts stay on the device until the end: one host sync instead of one per image and step
+    counts = torch.stack([torch.stack(e) for e in edit_counts]).tolist() if b else []
+    result.edits_per_step = counts
     return result
 
 
@@ -385,7 +396,7 @@ class MDMSampler:
         fn = self.guided_hidden_fn(ids, pad, settings)
         x = torch.full((1, gh, gw), self.cfg.model.image_mask_id, dtype=torch.long, device=self.device)
         v = self.cfg.model.image_vocab_size
-        fixed = 12 * chunk_rows(v) * v  # one chunk's logits and the filtering / draw temporaries
+        fixed = 24 * chunk_rows(v, self.device) * v  # a chunk's fp32 logits and its temporaries, ~24 B per entry
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
@@ -533,7 +544,7 @@ class MDMSampler:
                 mask_id,
                 st,
                 gens,
-                chunk=chunk_rows(self.cfg.model.image_vocab_size),
+                chunk=chunk_rows(self.cfg.model.image_vocab_size, self.device),
                 editable=editable.expand(len(chunk), gh, gw).to(self.device) if editable is not None else None,
                 progress=bar,
             )

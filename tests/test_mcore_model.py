@@ -363,7 +363,7 @@ def _sample_worker(ckpt, tp, pp, settings):
             return real(x, w)
 
         # 5 positions per chunk (at this vocabulary the default chunk would hold a whole image)
-        with mock.patch.object(sampling, "chunk_rows", lambda v: 5), mock.patch.object(sampling, "head_logits", head_logits):
+        with mock.patch.object(sampling, "chunk_rows", lambda v, d: 5), mock.patch.object(sampling, "head_logits", head_logits):
             tokens = sample_token_grid(
                 model, cfg, single.text_tokenizer, prompts, device="cpu", grid=(8, 8), size=(32, 32), seed=5
             )

@@ -118,7 +118,7 @@ def sample_token_grid(
             cfg.model.image_mask_id,
             settings,
             gens,
-            chunk=chunk_rows(cfg.model.image_vocab_size),
+            chunk=chunk_rows(cfg.model.image_vocab_size, device),
             on_step=send,
         ).tokens
     else:
