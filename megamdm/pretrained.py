@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -133,10 +134,15 @@ def write_single(
     overwrite: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
-    """Write a single-GPU-format directory from a stream of ``(name, tensor)`` pairs."""
+    """Write a single-GPU-format directory from a stream of ``(name, tensor)`` pairs.
+
+    ``overwrite`` replaces an existing megamdm checkpoint, and only its own files (anything else in
+    the folder stays); a folder that is not one is refused, never deleted."""
     out = Path(directory)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+    if out.exists():
+        _check_replaceable(out)
     if groups.vocab_size != cfg.model.image_vocab_size:
         raise CheckpointError(
             f"GCE groups cover {groups.vocab_size} ids but the model's image vocabulary is {cfg.model.image_vocab_size}"
@@ -158,12 +164,53 @@ def write_single(
         cfg_json = _config_json(cfg, groups, text_rel, image_kind)
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg_json, indent=2) + "\n")
         if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+            _replace_own_files(tmp, out)
+        else:
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _own_files(directory: Path) -> list[Path]:
+    """The files and folders a megamdm checkpoint consists of."""
+    names = {CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, GROUPS_FILE, IMAGE_TOKENIZER_DIR, TEXT_TOKENIZER_DIR}
+    return sorted(
+        p for p in directory.iterdir() if p.name in names or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", p.name)
+    )
+
+
+def _check_replaceable(out: Path) -> None:
+    if not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a folder; refusing to replace it")
+    if not any(out.iterdir()):
+        return
+    try:
+        marker = json.loads((out / CONFIG_FILE).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        marker = None
+    if marker != FORMAT:
+        raise CheckpointError(
+            f"{out} is not a megamdm checkpoint (no {CONFIG_FILE} of format {FORMAT!r}); --overwrite replaces "
+            "only a checkpoint's own files, so nothing was deleted: choose another output folder"
+        )
+
+
+def _replace_own_files(new: Path, out: Path) -> None:
+    """Move the checkpoint in ``new`` over the one in ``out``. ``config.json`` goes first and comes
+    back last, so an interrupted replacement leaves a folder that does not load as a checkpoint."""
+    (out / CONFIG_FILE).unlink(missing_ok=True)
+    for old in _own_files(out):
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    for item in _own_files(new):
+        if item.name != CONFIG_FILE:
+            os.replace(item, out / item.name)
+    os.replace(new / CONFIG_FILE, out / CONFIG_FILE)
+    shutil.rmtree(new, ignore_errors=True)
 
 
 def save_single(

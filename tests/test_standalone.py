@@ -87,6 +87,28 @@ def test_sharded_weights_round_trip(tiny_model_cfg, tmp_path):
         assert torch.equal(loaded.model.state_dict()[k], v)
 
 
+def test_overwrite_replaces_only_a_checkpoints_own_files(tiny_model_cfg, tmp_path):
+    """--overwrite never deletes a folder that is not a megamdm checkpoint, and in one that is it
+    replaces the checkpoint's files only (a sharded one by a single-file one, here)."""
+    conf, tok, groups = bundle(tiny_model_cfg, tmp_path)
+    a, b = MDMTransformer(tiny_model_cfg), MDMTransformer(tiny_model_cfg)
+    b.reset_parameters(seed=1)
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_bytes(b"not ours")
+    with pytest.raises(CheckpointError, match="is not a megamdm checkpoint .* nothing was deleted"):
+        save_single(other, a, conf, groups, tok, ByteTokenizer(), overwrite=True)
+    assert (other / "holiday.jpg").read_bytes() == b"not ours" and len(list(other.iterdir())) == 1
+    ck = tmp_path / "ckpt"
+    save_single(ck, a, conf, groups, tok, ByteTokenizer(), max_shard_bytes=60_000)
+    (ck / "README.md").write_text("my notes")
+    save_single(ck, b, conf, groups, tok, ByteTokenizer(), overwrite=True)
+    assert (ck / "README.md").read_text() == "my notes"
+    assert not list(ck.glob("model-*-of-*.safetensors")) and not (ck / "model.safetensors.index.json").exists()
+    loaded = load_single(ck).model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in b.state_dict().items())
+
+
 def test_bad_checkpoints_fail_clearly(tiny_model_cfg, tmp_path):
     m = MDMTransformer(tiny_model_cfg)
     conf, tok, groups = bundle(tiny_model_cfg, tmp_path)
