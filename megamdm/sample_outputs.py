@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from .errors import MegamdmError
 from .grid import image_grid
 
 LAYOUTS = ("plain", "geneval", "dpg")
@@ -89,8 +90,13 @@ def save_png(img: Image.Image, path: Path, info) -> None:
     os.replace(tmp, path)
 
 
+class StaleOutputError(MegamdmError):
+    """An output folder holds samples made from other prompts or settings than those asked for."""
+
+
 class SampleWriter:
-    """Writes one prompt's images in a layout; :meth:`pending` skips prompts already finished."""
+    """Writes one prompt's images in a layout; :meth:`pending` skips prompts already finished with
+    the same prompt and settings, and refuses (or, with ``overwrite``, redoes) the others."""
 
     def __init__(self, out, layout: str, *, images_per_prompt: int, checkpoint: str):
         if layout not in LAYOUTS:
@@ -107,8 +113,42 @@ class SampleWriter:
             self.layout
         ]
 
-    def pending(self, jobs: Iterable[Job]) -> list[Job]:
-        return [j for j in jobs if not self.target(j[0]).exists()]
+    def first_png(self, key: str) -> Path:
+        return {
+            "plain": self.out / f"{key}_00.png",
+            "geneval": self.out / key / "samples" / "0000.png",
+            "dpg": self.out / f"{key}.png",
+        }[self.layout]
+
+    def pending(
+        self, jobs: Iterable[Job], expected: Callable[[int], dict] | None = None, *, overwrite: bool = False
+    ) -> list[Job]:
+        """The jobs still to do. A finished one is compared with ``expected(k)`` (the settings its
+        PNGs must record, beside its prompt): it is kept only where they match."""
+        todo = []
+        for k, job in enumerate(jobs):
+            if not self.target(job[0]).exists():
+                todo.append(job)
+                continue
+            if expected is None:
+                continue
+            png = self.first_png(job[0])
+            try:
+                info = Image.open(png).info
+                stored, prompt = json.loads(info.get("megamdm", "{}")), info.get("prompt")
+            except (OSError, ValueError):
+                stored, prompt = {}, None
+            want = json.loads(json.dumps(expected(k)))
+            diff = sorted(x for x in want if stored.get(x) != want[x]) + (["prompt"] if prompt != job[1] else [])
+            if not diff:
+                continue
+            if not overwrite:
+                raise StaleOutputError(
+                    f"{png} was made with another {', '.join(diff)} than asked; pass --overwrite to redo such "
+                    "samples, or choose another --out"
+                )
+            todo.append(job)
+        return todo
 
     def write(self, key: str, prompt: str, meta: dict | None, images: Sequence[Image.Image], settings: dict) -> None:
         self.out.mkdir(parents=True, exist_ok=True)

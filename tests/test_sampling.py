@@ -429,3 +429,25 @@ def test_outpainting_fills_the_new_region_and_edits_only_its_border(ckpt, thresh
     assert out.settings["outpaint"] == [8, 0, 16, 8]
     with pytest.raises(ValueError, match="multiples of the tokenizer's 4 px patches"):
         s("a thing", init_image=init, outpaint=(6, 0, 0, 0), progress=False)
+
+
+def test_cli_rerun_resumes_only_what_matches_and_never_returns_stale_images(ckpt, tmp_path):
+    base = ["--checkpoint", ckpt, "--prompt", "a red circle", "--prompt", "a blue square", "--steps", 2]
+    base += ["--out", tmp_path / "o", "--num-images-per-prompt", 2]
+    r = cli(*base, "--seed", 3)
+    assert r.returncode == 0, r.stderr
+    before = (tmp_path / "o/00000_00.png").read_bytes()
+    again = cli(*base, "--seed", 3)
+    assert again.returncode == 0 and "skipping 2 prompts already finished" in again.stdout
+    for changed, word in ((["--seed", 4], "seed"), (["--seed", 3, "--steps", 3], "steps")):
+        r = cli(*base, *changed)
+        assert r.returncode == 2 and word in r.stderr and "--overwrite" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert (tmp_path / "o/00000_00.png").read_bytes() == before  # nothing stale returned, nothing touched
+    other = ["--checkpoint", ckpt, "--prompt", "a green triangle", "--prompt", "a blue square", "--steps", 2]
+    r = cli(*other, "--out", tmp_path / "o", "--num-images-per-prompt", 2, "--seed", 3)
+    assert r.returncode == 2 and "prompt" in r.stderr
+    r = cli(*base, "--seed", 4, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads(Image.open(tmp_path / "o/00001_01.png").info["megamdm"])
+    assert meta["seed"] == 6 and (tmp_path / "o/00000_00.png").read_bytes() != before

@@ -67,6 +67,7 @@ def parse_args(argv):
     ap.add_argument(
         "--edit-border", type=int, default=2, help="with --init-image: tokens around the new region editing may revise"
     )
+    ap.add_argument("--overwrite", action="store_true", help="redo finished samples made with other prompts or settings")
     ap.add_argument("--quiet", action="store_true")
     return ap.parse_args(argv)
 
@@ -128,14 +129,31 @@ def main(argv=None) -> int:
             height = args.height or sampler.cfg.sample.height
             width = args.width or sampler.cfg.sample.width
             sampler.grid_for(height, width)
-        batch_size = args.batch_size or sampler.auto_batch_size(height, width, settings, len(jobs) * n_per)
+        fields = {f: getattr(settings, f) for f in settings.__dataclass_fields__}
+        recorded = {
+            **fields,
+            "height": height,
+            "width": width,
+            "dtype": str(sampler.dtype).replace("torch.", ""),
+            "checkpoint": args.checkpoint,
+        }
+        if args.negative_prompt is not None:
+            recorded["negative_prompt"] = args.negative_prompt
+        if outpaint is not None:
+            recorded["outpaint"] = outpaint
+        pending = {
+            key
+            for key, _, _ in writer.pending(
+                jobs, lambda k: {**recorded, "seed": args.seed + k * n_per}, overwrite=args.overwrite
+            )
+        }
+        batch_size = args.batch_size or sampler.auto_batch_size(height, width, settings, len(pending) * n_per)
     except (ValueError, CheckpointError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pending = {key for key, _, _ in writer.pending(jobs)}
     todo = [(k, key, prompt, meta) for k, (key, prompt, meta) in enumerate(jobs) if key in pending]
     done = len(jobs) - len(todo)
     if done and not args.quiet:
@@ -144,7 +162,6 @@ def main(argv=None) -> int:
     n_images = 0
     edits_total, edit_steps = 0, 0
     per_call = max(1, batch_size // n_per)
-    fields = {f: getattr(settings, f) for f in settings.__dataclass_fields__}
     bar = tqdm(total=len(todo), desc="prompts", unit="prompt", disable=args.quiet)
     for s in range(0, len(todo), per_call):
         batch = todo[s : s + per_call]
