@@ -127,6 +127,56 @@ def test_preprocess_real_tars_through_dali(shards_dir, tokenizer_dir, tmp_path):
     assert '"parts_already_done": 2' in log2
 
 
+def run_preprocess(inputs, out, tokenizer_dir, *extra):
+    argv = [sys.executable, str(ROOT / "tools/preprocess.py"), "--out", str(out), "--tokenizer", str(tokenizer_dir)]
+    argv += ["--quiet", "--batch-size", "4", "--input", *map(str, inputs), *map(str, extra)]
+    return subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "RANK": "0", "WORLD_SIZE": "1"})
+
+
+def test_same_named_tars_in_two_folders_are_two_parts(shards_dir, tokenizer_dir, tmp_path):
+    """img2dataset names every folder's shards 00000.tar, ...: both folders' data must arrive."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "00000.tar").write_bytes((shards_dir / "00000.tar").read_bytes())
+    out = tmp_path / "ds.zarr"
+    r = run_preprocess([tmp_path / "a/00000.tar", tmp_path / "b/00000.tar"], out, tokenizer_dir, "--resolution", 64)
+    assert r.returncode == 0, r.stderr
+    assert TokenShards(out).counts == {"64x64": 2 * 12}
+
+
+def test_a_rerun_that_does_not_fit_the_dataset_is_refused_before_writing(shards_dir, tokenizer_dir, tmp_path):
+    tar = tmp_path / "00000.tar"
+    tar.write_bytes((shards_dir / "00000.tar").read_bytes())
+    out = tmp_path / "ds.zarr"
+    assert run_preprocess([tar], out, tokenizer_dir, "--resolution", 64).returncode == 0
+    parts = sorted(p.name for p in (out / "parts").iterdir())
+    # other options for the same tar
+    r = run_preprocess([tar], out, tokenizer_dir, "--resolution", 128)
+    assert r.returncode == 2 and "--resolution 64 (now 128)" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # the tar's contents changed
+    tar.write_bytes((shards_dir / "00000.tar").read_bytes() + b"\0" * 1024)
+    r = run_preprocess([tar], out, tokenizer_dir, "--resolution", 64)
+    assert r.returncode == 2 and "its tar changed" in r.stderr
+    # a new tar with another tokenizer: refused before its part is written
+    other_tok = tmp_path / "tok2"
+    KMeansPatchTokenizer(torch.rand(V, 48, generator=torch.Generator().manual_seed(9)), 4).save(other_tok)
+    new = tmp_path / "00009.tar"
+    new.write_bytes((shards_dir / "00000.tar").read_bytes())
+    r = run_preprocess([new], out, other_tok, "--resolution", 64)
+    assert r.returncode == 2 and "tokenised with codebook" in r.stderr
+    assert sorted(p.name for p in (out / "parts").iterdir()) == parts
+
+
+@pytest.mark.parametrize("resolution", ["36", "0", "-64"])
+def test_resolution_and_tokenizer_are_checked_before_any_output(shards_dir, tokenizer_dir, tmp_path, resolution):
+    out = tmp_path / "ds.zarr"
+    r = run_preprocess([shards_dir / "00000.tar"], out, tokenizer_dir, "--resolution", resolution)
+    assert r.returncode == 2 and "is not allowed: height and width must be positive multiples of 2*f = 8" in r.stderr
+    r = run_preprocess([shards_dir / "00000.tar"], out, tmp_path / "no_tok", "--resolution", 64)
+    assert r.returncode == 2 and "image tokenizer folder not found" in r.stderr
+    assert not out.exists()
+
+
 def _bucket(n, h, w, seed):
     g = np.random.default_rng(seed)
     b = BucketBuffer()

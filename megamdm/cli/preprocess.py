@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     import torch
 
     from megamdm.config import PreprocessConfig
-    from megamdm.data.preprocess import env_rank, finalize, rank_slice, run
+    from megamdm.data.preprocess import check_rerun, env_rank, finalize, rank_slice, run
     from megamdm.data.shards import ShardError
 
     out, tok = Path(args.out), Path(args.tokenizer)
@@ -56,6 +56,12 @@ def main(argv=None) -> int:
                 f"error: no input tar files{' (not found: ' + ', '.join(missing[:3]) + ')' if missing else ''}", file=sys.stderr
             )
             return 2
+        from megamdm.vq import check_image_size, load_image_tokenizer, tokenizer_kind
+
+        if not tok.is_dir():
+            raise FileNotFoundError(f"image tokenizer folder not found: {tok}")
+        tokenizer = load_image_tokenizer(tokenizer_kind(tok), tok)
+        check_image_size(args.resolution, args.resolution, tokenizer.downsample)
         rank, world = env_rank()
         rank = args.rank if args.rank is not None else rank
         world = args.world if args.world is not None else world
@@ -68,7 +74,9 @@ def main(argv=None) -> int:
             device=device,
             device_id=int(os.environ.get("LOCAL_RANK", 0)) if device == "cuda" else None,
         )
-        stats = run(rank_slice(tars, rank, world), out, tok, opts, workers=args.workers, progress=not args.quiet)
+        mine = rank_slice([Path(t) for t in tars], rank, world)
+        check_rerun(out, mine, tokenizer, opts)
+        stats = run(mine, out, tok, opts, workers=args.workers, progress=not args.quiet)
         print(f"rank {rank}/{world}: {json.dumps(stats)}")
         if world > 1 and "MASTER_ADDR" in os.environ:
             import torch.distributed as dist

@@ -139,6 +139,16 @@ def part_done(root, name: str) -> bool:
     return (Path(root) / "parts" / name / "zarr.json").is_file()
 
 
+def part_attrs(root) -> dict[str, dict]:
+    """The attributes of every complete part, by part name."""
+    import zarr
+
+    parts = Path(root) / "parts"
+    if not parts.is_dir():
+        return {}
+    return {p.name: dict(zarr.open_group(str(p), mode="r").attrs) for p in sorted(parts.iterdir()) if part_done(root, p.name)}
+
+
 def consolidate(root, *, tokenizer: str, codebook_hash: str) -> dict:
     """Write the dataset index (parts, per-resolution counts, skip counts) into the root attrs."""
     import zarr
