@@ -149,7 +149,7 @@ def test_a_rerun_that_does_not_fit_the_dataset_is_refused_before_writing(shards_
     tar.write_bytes((shards_dir / "00000.tar").read_bytes())
     out = tmp_path / "ds.zarr"
     assert run_preprocess([tar], out, tokenizer_dir, "--resolution", 64).returncode == 0
-    parts = sorted(p.name for p in (out / "parts").iterdir())
+    parts = sorted(p.name for p in (out / "parts").iterdir() if p.is_dir())
     # other options for the same tar
     r = run_preprocess([tar], out, tokenizer_dir, "--resolution", 128)
     assert r.returncode == 2 and "--resolution 64 (now 128)" in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -164,7 +164,25 @@ def test_a_rerun_that_does_not_fit_the_dataset_is_refused_before_writing(shards_
     new.write_bytes((shards_dir / "00000.tar").read_bytes())
     r = run_preprocess([new], out, other_tok, "--resolution", 64)
     assert r.returncode == 2 and "tokenised with codebook" in r.stderr
-    assert sorted(p.name for p in (out / "parts").iterdir()) == parts
+    assert sorted(p.name for p in (out / "parts").iterdir() if p.is_dir()) == parts
+
+
+def test_a_part_written_by_0_1_counts_as_done(shards_dir, tokenizer_dir, tmp_path):
+    """0.1.x named a part after its tar alone; a rerun over such a dataset must not add the tar twice."""
+    import zarr
+
+    tar = tmp_path / "00000.tar"
+    tar.write_bytes((shards_dir / "00000.tar").read_bytes())
+    out = tmp_path / "ds.zarr"
+    assert run_preprocess([tar], out, tokenizer_dir, "--resolution", 64).returncode == 0
+    (part,) = [p for p in (out / "parts").iterdir() if p.is_dir()]
+    legacy = out / "parts" / "00000"
+    part.rename(legacy)
+    zarr.open_group(str(legacy), mode="r+").attrs["source"] = str(tar)
+    r = run_preprocess([tar], out, tokenizer_dir, "--resolution", 64)
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in (out / "parts").iterdir() if p.is_dir()] == ["00000"]
+    assert TokenShards(out).counts == {"64x64": 12}
 
 
 @pytest.mark.parametrize("resolution", ["36", "0", "-64"])

@@ -1,103 +1,233 @@
-#!/usr/bin/env python
-"""Tokenise img2dataset webdataset shards into a zarr token-shard dataset.
+"""Preprocessing: webdataset tar shards -> DALI decode -> image tokenizer -> zarr token shards.
 
-    python tools/preprocess.py --input 'laion/*.tar' --out data/laion_256.zarr --tokenizer tok/ --resolution 256
-    torchrun --nproc-per-node 8 tools/preprocess.py --input ... --device cuda     # one GPU per rank
-    srun ... python tools/preprocess.py --input ...; python tools/preprocess.py --out ... --tokenizer tok/ --consolidate
-
-Each rank takes a slice of the input shards (RANK/WORLD_SIZE from torchrun or srun, or --rank/--world)
-and writes its own parts; --workers runs several local processes. Finished parts are skipped on a
-rerun. Corrupt, uncaptioned and too-small samples are skipped and counted in the part attrs.
+Each input tar becomes one part of the output dataset (``shards.write_part``); parts are
+independent, so ranks (torchrun / srun / local worker processes) take disjoint slices of the
+input shards, a rerun skips parts already complete, and a final step consolidates the index.
 """
 
 from __future__ import annotations
 
-import argparse
-import glob
-import json
 import os
-import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import torch
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", nargs="*", default=[], help="tar files or glob patterns")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--tokenizer", required=True, help="image tokenizer directory")
-    ap.add_argument("--resolution", type=int, default=256)
-    ap.add_argument("--aspect-buckets", action="store_true", help="aspect-ratio buckets of about the same area")
-    ap.add_argument("--crop", choices=["center", "random"], default="center")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--workers", type=int, default=1, help="local worker processes")
-    ap.add_argument("--rank", type=int, default=None)
-    ap.add_argument("--world", type=int, default=None)
-    ap.add_argument("--consolidate", action="store_true", help="only write the index of finished parts")
-    ap.add_argument("--quiet", action="store_true")
-    args = ap.parse_args(argv)
+from ..config import PreprocessConfig
+from ..vq import codebook_hash, load_image_tokenizer, tokenizer_kind
+from . import dali
+from .shards import BucketBuffer, consolidate, part_attrs, part_done, res_key, write_part
 
-    import torch
 
-    from megamdm.config import PreprocessConfig
-    from megamdm.data.preprocess import check_rerun, env_rank, finalize, rank_slice, run
-    from megamdm.data.shards import ShardError
+def _stem(tar: Path) -> str:
+    return tar.name[: -len(".tar")] if tar.name.endswith(".tar") else tar.name
 
-    out, tok = Path(args.out), Path(args.tokenizer)
-    try:
-        if args.consolidate:
-            index = finalize(out, tok)
-            print(f"consolidated {out}: {len(index['parts'])} parts, {index['totals']} samples, skipped {index['skipped']}")
-            return 0
-        tars = sorted({p for pat in args.input for p in (glob.glob(pat) or [pat])})
-        missing = [t for t in tars if not Path(t).is_file()]
-        if not tars or missing:
-            print(
-                f"error: no input tar files{' (not found: ' + ', '.join(missing[:3]) + ')' if missing else ''}", file=sys.stderr
+
+def part_name(tar: Path) -> str:
+    """The tar's name and a hash of its absolute path: img2dataset names every folder's shards
+    ``00000.tar``, ``00001.tar``..., so the name alone would merge different inputs."""
+    import hashlib
+
+    return f"{_stem(tar)}-{hashlib.sha1(str(tar.resolve()).encode()).hexdigest()[:10]}"
+
+
+def legacy_part_done(out: Path, tar: Path) -> bool:
+    """A part that 0.1.x wrote for this tar (named after the tar alone, its ``source`` the path given)."""
+    import zarr
+
+    if not part_done(out, _stem(tar)):
+        return False
+    source = zarr.open_group(str(out / "parts" / _stem(tar)), mode="r").attrs.get("source")
+    return source is not None and Path(source).resolve() == tar.resolve()
+
+
+def source_identity(tar: Path, opts: PreprocessConfig) -> dict:
+    """What a part records about how it was made; a rerun must match it to reuse the part."""
+    st = tar.stat()
+    return {
+        "source": str(tar.resolve()),
+        "source_size": st.st_size,
+        "source_mtime_ns": st.st_mtime_ns,
+        "options": {"resolution": opts.resolution, "aspect_buckets": opts.aspect_buckets, "crop": opts.crop},
+    }
+
+
+def check_rerun(out: Path, tars: Sequence[Path], tokenizer, opts: PreprocessConfig) -> None:
+    """Refuse, before anything is written, a run that does not fit the dataset already at ``out``:
+    parts of another codebook, or a finished part of one of ``tars`` made from other contents or
+    with other options. (The same ones resume: their parts are skipped.)"""
+    from .shards import ShardError
+
+    existing = part_attrs(out)
+    want_hash = codebook_hash(tokenizer.codebook())
+    for name, attrs in existing.items():
+        if attrs.get("codebook_hash") != want_hash:
+            raise ShardError(
+                f"{out} holds parts tokenised with codebook {attrs.get('codebook_hash')} (part {name}); "
+                f"this tokenizer's is {want_hash}: use another --out"
             )
-            return 2
-        from megamdm.vq import check_image_size, load_image_tokenizer, tokenizer_kind
+    for tar in tars:
+        attrs = existing.get(part_name(tar))
+        if attrs is None:
+            continue
+        want = source_identity(tar, opts)
+        had = attrs.get("options", {})
+        if any(attrs.get(k) != want[k] for k in ("source_size", "source_mtime_ns")):
+            raise ShardError(f"{out}: the part of {tar} exists but its tar changed since; use another --out")
+        for k, v in want["options"].items():
+            if had.get(k) != v:
+                raise ShardError(
+                    f"{out}: the part of {tar} exists but was made with --{k.replace('_', '-')} {had.get(k)!r} "
+                    f"(now {v!r}); use another --out"
+                )
 
-        if not tok.is_dir():
-            raise FileNotFoundError(f"image tokenizer folder not found: {tok}")
-        tokenizer = load_image_tokenizer(tokenizer_kind(tok), tok)
-        check_image_size(args.resolution, args.resolution, tokenizer.downsample)
-        rank, world = env_rank()
-        rank = args.rank if args.rank is not None else rank
-        world = args.world if args.world is not None else world
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        opts = PreprocessConfig(
-            resolution=args.resolution,
-            aspect_buckets=args.aspect_buckets,
-            crop=args.crop,
-            batch_size=args.batch_size,
-            device=device,
-            device_id=int(os.environ.get("LOCAL_RANK", 0)) if device == "cuda" else None,
-        )
-        mine = rank_slice([Path(t) for t in tars], rank, world)
-        check_rerun(out, mine, tokenizer, opts)
-        stats = run(mine, out, tok, opts, workers=args.workers, progress=not args.quiet)
-        print(f"rank {rank}/{world}: {json.dumps(stats)}")
-        if world > 1 and "MASTER_ADDR" in os.environ:
-            import torch.distributed as dist
 
-            dist.init_process_group("gloo")
-            dist.barrier()
-            if rank == 0:
-                index = finalize(out, tok)
-                print(f"consolidated {out}: {index['totals']} samples, skipped {index['skipped']}")
-            dist.barrier()
-            dist.destroy_process_group()
-        elif world == 1:
-            index = finalize(out, tok)
-            print(f"consolidated {out}: {index['totals']} samples, skipped {index['skipped']}")
+def preprocess_shard(tar: Path, out: Path, tokenizer, opts: PreprocessConfig, decoder: dali.Decoder) -> dict:
+    """Tokenise one tar into ``out/parts/<name>``; returns counts (``written``, ``skipped``...)."""
+    name = part_name(tar)
+    if part_done(out, name) or legacy_part_done(out, tar):
+        return {"name": name, "skipped_part": True}
+    idx_dir = out / ".tmp" / "index"
+    idx_dir.mkdir(parents=True, exist_ok=True)
+    idx = idx_dir / f"{name}.idx"
+    keys, truncated = dali.write_index(tar, idx)
+    skipped: Counter = Counter()
+    if truncated:
+        skipped["truncated_tar"] += 1
+    step = 2 * tokenizer.downsample
+    buckets = dali.buckets_for(opts.resolution, opts.aspect_buckets, step)
+    buffers: dict[str, BucketBuffer] = {}
+    dev = "cuda" if opts.device == "cuda" else "cpu"
+    for batch in dali.read_tar(tar, idx, keys, opts.batch_size, opts.num_threads):
+        items, infos = [], []
+        for s in batch:
+            if not s.caption:
+                skipped["missing_caption"] += 1
+                continue
+            try:
+                w, h = dali.image_header(s.image)
+            except ValueError:
+                skipped["corrupt_image"] += 1
+                continue
+            bucket = dali.choose_bucket(w, h, buckets)
+            plan = dali.crop_plan(w, h, bucket, opts.crop, s.key)
+            if plan is None:
+                skipped["too_small"] += 1
+                continue
+            items.append((s.image, plan[0], plan[1], bucket))
+            infos.append((s, (w, h), plan[1], bucket))
+        decoded = decoder.decode(items)
+        by_bucket: dict[tuple, list] = {}
+        for img, info in zip(decoded, infos):
+            if img is None:
+                skipped["corrupt_image"] += 1
+                continue
+            by_bucket.setdefault(info[3], []).append((img, info))
+        for bucket, rows in by_bucket.items():
+            x = torch.from_numpy(np.stack([r[0] for r in rows])).to(dev).permute(0, 3, 1, 2).float() / 255.0
+            ids = tokenizer.encode(x).cpu().numpy()
+            buf = buffers.setdefault(res_key(*bucket), BucketBuffer())
+            for tok, (_, (s, size, crop, _b)) in zip(ids, rows):
+                score = s.meta.get("aesthetic_score", s.meta.get("score"))
+                buf.add(tok, s.caption, s.key, size, crop, float(score) if isinstance(score, (int, float)) else None)
+    written = sum(len(b) for b in buffers.values())
+    write_part(
+        out,
+        name,
+        buffers,
+        {
+            **source_identity(tar, opts),
+            "samples_in": len(keys),
+            "skipped": dict(skipped),
+            "tokenizer": tokenizer.name,
+            "codebook_hash": codebook_hash(tokenizer.codebook()),
+        },
+    )
+    idx.unlink(missing_ok=True)
+    return {"name": name, "samples_in": len(keys), "written": written, "skipped": dict(skipped)}
+
+
+def _worker(args):
+    tars, out, tok_path, opts, queue = args
+    torch.set_num_threads(1)
+    tok = load_image_tokenizer(tokenizer_kind(tok_path), tok_path)
+    if opts.device == "cuda" and hasattr(tok, "vq"):
+        tok.vq.to("cuda")
+    decoder = dali.Decoder(opts.device, opts.device_id, opts.batch_size, opts.num_threads)
+    for t in tars:
+        queue.put(preprocess_shard(Path(t), Path(out), tok, opts, decoder))
+    queue.put(None)
+
+
+def run(
+    tars: Sequence[Path], out: Path, tokenizer_path: Path, opts: PreprocessConfig, *, workers: int = 1, progress: bool = True
+) -> dict:
+    """Preprocess ``tars`` with ``workers`` local processes; returns summed counts."""
+    import multiprocessing as mp
+    import queue as queue_lib
+
+    from tqdm.auto import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    tars = sorted(Path(t) for t in tars)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    workers = max(1, min(workers, len(tars)))
+    procs = [ctx.Process(target=_worker, args=((tars[i::workers], out, tokenizer_path, opts, queue),)) for i in range(workers)]
+    for p in procs:
+        p.start()
+    totals: Counter = Counter()
+    t0, done = time.time(), 0
+    bar = tqdm(total=len(tars), desc="preprocess", unit="shard", disable=not progress)
+    while done < workers:
+        try:
+            res = queue.get(timeout=5)
+        except queue_lib.Empty:  # a worker that died never sends its end marker: stop instead of waiting
+            failed = [p.exitcode for p in procs if p.exitcode]
+            if failed:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"a preprocessing worker failed with exit code {failed[0]} (its error is above)") from None
+            continue
+        if res is None:
+            done += 1
+            continue
+        if res.get("skipped_part"):
+            totals["parts_already_done"] += 1
         else:
-            print(f"rank {rank} done; when all ranks are: tools/preprocess.py --out {out} --tokenizer {tok} --consolidate")
-    except (ShardError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+            totals["samples_in"] += res["samples_in"]
+            totals["written"] += res["written"]
+            for k, v in res["skipped"].items():
+                totals[f"skipped_{k}"] += v
+        bar.update(1)
+        bar.set_postfix(
+            samples_per_s=f"{totals['written'] / max(time.time() - t0, 1e-9):.0f}",
+            skipped=sum(v for k, v in totals.items() if k.startswith("skipped_")),
+        )
+    bar.close()
+    for p in procs:
+        p.join()
+        if p.exitcode:
+            raise RuntimeError(f"a preprocessing worker failed with exit code {p.exitcode}")
+    totals["seconds"] = round(time.time() - t0, 2)
+    return dict(totals)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def finalize(out: Path, tokenizer_path: Path) -> dict:
+    tok = load_image_tokenizer(tokenizer_kind(tokenizer_path), tokenizer_path)
+    return consolidate(out, tokenizer=tok.name, codebook_hash=codebook_hash(tok.codebook()))
+
+
+def rank_slice(items: Sequence, rank: int, world: int) -> list:
+    return list(items)[rank::world]
+
+
+def env_rank() -> tuple[int, int]:
+    """(rank, world) from torchrun or srun variables; (0, 1) otherwise."""
+    for r, w in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if r in os.environ and w in os.environ:
+            return int(os.environ[r]), int(os.environ[w])
+    return 0, 1
