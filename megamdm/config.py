@@ -207,6 +207,7 @@ class CheckpointConfig:
     init_from: str | None = None  # model weights to start from: a single-GPU-format dir or a torch_dist checkpoint
     # optimizer state loadable at any TP/PP: dp = never (resumes at any DP), final = the run's last save, always
     reshardable: str = choice("dp", "final", "always")
+    resume_changed_model: bool = False  # resume although the model / tokenizer settings differ from the checkpoint's
 
 
 @dataclass
@@ -431,6 +432,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         cfg = _merge_checked(cfg, _moved_keys(layer, "command line", False), "command line")
     obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     return obj.validate()
+
+
+def load_config_text(text: str, source: str = "a checkpoint's config") -> Config:
+    """A :class:`Config` from YAML text (a checkpoint's saved config; older layouts migrated)."""
+    cfg = _merge_checked(OmegaConf.structured(Config), _moved_keys(OmegaConf.create(text), source, True), source)
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 
 def section_from_dict(cls: type, data: dict, source: str) -> Any:

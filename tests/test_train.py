@@ -145,6 +145,22 @@ def test_resume_at_another_tensor_parallel_size(toy_dataset, init_ckpt, referenc
         assert abs(a - b) / b < 2e-5, (first["losses"] + rest["losses"], reference["losses"])
 
 
+def test_resume_onto_another_model_is_refused_in_one_line(toy_dataset, tmp_path):
+    """A shape-compatible change (RoPE base) would resume silently onto another model; a shape change
+    ended in each rank's traceback. Both stop before any tensor is loaded, naming the keys."""
+    run = tmp_path / "run"
+    common = {"checkpoint.save_dir": run, "train.steps": 2}
+    train(1, overrides(toy_dataset, **{**common, "train.exit_after_steps": 1}))
+    for change, key in (
+        ({"model.rope_theta": 500.0}, "model.rope_theta: 10000.0 -> 500.0"),
+        ({"model.ffn_hidden_size": 96}, "model.ffn_hidden_size: 128 -> 96"),
+    ):
+        with pytest.raises(RuntimeError, match=f"CheckpointError: .*checkpoint of another model \\({re.escape(key)}"):
+            train(1, overrides(toy_dataset, **{**common, **change}))
+    done = train(1, overrides(toy_dataset, **{**common, "model.rope_theta": 500.0, "checkpoint.resume_changed_model": True}))
+    assert done["step"] == 2  # an intended change, asked for explicitly
+
+
 def test_dp_reshardable_checkpoint_resumes_at_another_data_parallel_size(toy_dataset, init_ckpt, reference, tmp_path):
     """Periodic saves write each rank's optimizer shard as it is (dp_reshardable, spread over the DP
     ranks): saved at DP 2, resumed at DP 1, the run follows the uninterrupted one."""

@@ -91,6 +91,27 @@ def _rng_object(device: str):
 
 RESHARDABLE_FORMAT = "fully_reshardable"
 
+# what a checkpoint's weights and data order mean: resuming with any of these changed is another model
+IDENTITY_SECTIONS = ("model",)
+IDENTITY_KEYS = ("text.tokenizer", "text.mask_token", "gce.groups_file", "gce.group_sizes", "image_tokenizer.path")
+
+
+def identity_changes(saved_yaml: str, cfg) -> list[str]:
+    """``key: saved -> now`` for each model or tokenizer setting that differs from the checkpoint's."""
+    import dataclasses
+
+    from ..config import load_config_text
+
+    saved = load_config_text(saved_yaml)
+    flat = {}
+    for section in IDENTITY_SECTIONS:
+        for k, v in dataclasses.asdict(getattr(saved, section)).items():
+            flat[f"{section}.{k}"] = (v, getattr(getattr(cfg, section), k))
+    for key in IDENTITY_KEYS:
+        section, k = key.split(".")
+        flat[key] = (getattr(getattr(saved, section), k), getattr(getattr(cfg, section), k))
+    return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in flat.items() if a != b]
+
 
 def optim_metadata(sharding: str) -> dict:
     """The sharded-state-dict metadata of a distributed-optimizer format.
@@ -213,8 +234,9 @@ class Checkpointer:
             if it < newest and it not in its[-self.keep_last :]:
                 shutil.rmtree(iteration_dir(self.run_dir, it), ignore_errors=True)
 
-    def load(self, it_dir, model, optimizer, scheduler, loader) -> int:
-        """Restore a full training state; returns the iteration to continue from."""
+    def load(self, it_dir, model, optimizer, scheduler, loader, *, config=None, allow_changed_model=False) -> int:
+        """Restore a full training state; returns the iteration to continue from. With ``config``,
+        a checkpoint of another model (or tokenizers) is refused unless ``allow_changed_model``."""
         from megatron.core import dist_checkpointing
 
         from .optim import init_torch_adam_state, uses_torch_adam
@@ -223,6 +245,15 @@ class Checkpointer:
         common = dist_checkpointing.load_common_state_dict(str(it_dir))
         if "optimizer" not in common and not (it_dir / ".metadata").is_file():
             raise RuntimeError(f"{it_dir}: not a megamdm training checkpoint")
+        if config is not None and not allow_changed_model and common.get("config"):
+            changes = identity_changes(common["config"], config)
+            if changes:
+                from ..pretrained import CheckpointError
+
+                raise CheckpointError(
+                    f"{it_dir} is a checkpoint of another model ({'; '.join(changes[:4])}); resume with its settings, "
+                    "start from its weights with checkpoint.init_from, or set checkpoint.resume_changed_model=true"
+                )
         sharding = common.get("optim_sharding", RESHARDABLE_FORMAT)  # 0.1.x saved fully reshardable
         saved, now = common.get("layout", {}), _layout()
         same_model_layout = (saved.get("tp"), saved.get("pp")) == (now["tp"], now["pp"])

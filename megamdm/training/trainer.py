@@ -289,7 +289,15 @@ class Trainer:
         if resume is not None:
             if self.ckpt is None:
                 self.ckpt = Checkpointer(resume.parent, keep_last=ck.keep_last, device=device, reshardable=ck.reshardable)
-            self.step = self.ckpt.load(resume, self.state_module, self.optimizer, self.scheduler, self.loader)
+            self.step = self.ckpt.load(
+                resume,
+                self.state_module,
+                self.optimizer,
+                self.scheduler,
+                self.loader,
+                config=cfg,
+                allow_changed_model=ck.resume_changed_model,
+            )
             self.resumed = True
             self.log.info(f"resumed from {resume} at step {self.step}")
         elif ck.init_from:
