@@ -185,6 +185,26 @@ def test_a_part_written_by_0_1_counts_as_done(shards_dir, tokenizer_dir, tmp_pat
     assert TokenShards(out).counts == {"64x64": 12}
 
 
+def test_consolidate_refuses_a_half_written_dataset_unless_marked_partial(shards_dir, tokenizer_dir, tmp_path):
+    """One rank of two finished: consolidating must not make the dataset look complete."""
+    out = tmp_path / "ds.zarr"
+    tars = [shards_dir / "00000.tar", shards_dir / "00001.tar"]
+    r = run_preprocess(tars, out, tokenizer_dir, "--resolution", 64, "--rank", 1, "--world", 2)
+    assert r.returncode == 0 and "--consolidate" in r.stdout, r.stderr
+    r = run_preprocess(tars, out, tokenizer_dir, "--resolution", 64, "--consolidate")
+    assert r.returncode == 2 and "1 of 2 parts are not finished" in r.stderr and "--partial" in r.stderr
+    r = run_preprocess([], out, tokenizer_dir, "--consolidate")
+    assert r.returncode == 2 and "--consolidate needs the --input" in r.stderr
+    with pytest.raises(ShardError, match="no consolidated index"):
+        TokenShards(out)
+    r = run_preprocess(tars, out, tokenizer_dir, "--resolution", 64, "--consolidate", "--partial")
+    assert r.returncode == 0 and "PARTIAL: 1 expected parts missing" in r.stdout
+    ds = TokenShards(out)
+    assert ds.partial and len(ds.missing_parts) == 1
+    info = subprocess.run([sys.executable, str(ROOT / "tools/inspect_shards.py"), str(out)], capture_output=True, text=True)
+    assert "PARTIAL" in info.stdout, info.stdout + info.stderr
+
+
 @pytest.mark.parametrize("resolution", ["36", "0", "-64"])
 def test_resolution_and_tokenizer_are_checked_before_any_output(shards_dir, tokenizer_dir, tmp_path, resolution):
     out = tmp_path / "ds.zarr"

@@ -39,6 +39,10 @@ def main(argv=None) -> int:
     for rk in ds.resolutions:
         print(f"{rk:<12}{ds.counts[rk]:>10}{ds.counts[rk] / total:>8.1%}")
     print(f"skipped: {a.get('skipped') or 'none'}")
+    if ds.partial:
+        print(
+            f"PARTIAL: consolidated with --partial; {len(ds.missing_parts)} expected parts missing ({ds.missing_parts[0]}, ...)"
+        )
     rng = np.random.default_rng(args.seed)
     rk = max(ds.counts, key=ds.counts.get)
     idx = np.sort(rng.choice(ds.counts[rk], size=min(args.samples, ds.counts[rk]), replace=False))

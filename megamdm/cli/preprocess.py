@@ -3,7 +3,8 @@
 
     python tools/preprocess.py --input 'laion/*.tar' --out data/laion_256.zarr --tokenizer tok/ --resolution 256
     torchrun --nproc-per-node 8 tools/preprocess.py --input ... --device cuda     # one GPU per rank
-    srun ... python tools/preprocess.py --input ...; python tools/preprocess.py --out ... --tokenizer tok/ --consolidate
+    srun ... python tools/preprocess.py --input ...
+    python tools/preprocess.py --input ... --out ... --tokenizer tok/ --consolidate     # after all ranks
 
 Each rank takes a slice of the input shards (RANK/WORLD_SIZE from torchrun or srun, or --rank/--world)
 and writes its own parts; --workers runs several local processes. Finished parts are skipped on a
@@ -33,7 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="local worker processes")
     ap.add_argument("--rank", type=int, default=None)
     ap.add_argument("--world", type=int, default=None)
-    ap.add_argument("--consolidate", action="store_true", help="only write the index of finished parts")
+    ap.add_argument("--consolidate", action="store_true", help="only write the index (with the --input it was made from)")
+    ap.add_argument("--partial", action="store_true", help="with --consolidate: index the finished parts, mark partial")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
@@ -45,11 +47,19 @@ def main(argv=None) -> int:
 
     out, tok = Path(args.out), Path(args.tokenizer)
     try:
-        if args.consolidate:
-            index = finalize(out, tok)
-            print(f"consolidated {out}: {len(index['parts'])} parts, {index['totals']} samples, skipped {index['skipped']}")
-            return 0
         tars = sorted({p for pat in args.input for p in (glob.glob(pat) or [pat])})
+        if args.consolidate:
+            if not tars and not args.partial:
+                raise ValueError(
+                    "--consolidate needs the --input the dataset was made from (to know which parts to expect), "
+                    "or --partial to index the finished parts and mark the dataset partial"
+                )
+            index = finalize(out, tok, [Path(t) for t in tars] if tars else None, partial=args.partial)
+            print(
+                f"consolidated {out}: {len(index['parts'])} parts, {index['totals']} samples, skipped {index['skipped']}"
+                + (f", PARTIAL: {len(index['missing_parts'])} expected parts missing" if index["partial"] else "")
+            )
+            return 0
         missing = [t for t in tars if not Path(t).is_file()]
         if not tars or missing:
             print(
@@ -84,15 +94,18 @@ def main(argv=None) -> int:
             dist.init_process_group("gloo")
             dist.barrier()
             if rank == 0:
-                index = finalize(out, tok)
+                index = finalize(out, tok, [Path(t) for t in tars])
                 print(f"consolidated {out}: {index['totals']} samples, skipped {index['skipped']}")
             dist.barrier()
             dist.destroy_process_group()
         elif world == 1:
-            index = finalize(out, tok)
+            index = finalize(out, tok, [Path(t) for t in tars])
             print(f"consolidated {out}: {index['totals']} samples, skipped {index['skipped']}")
         else:
-            print(f"rank {rank} done; when all ranks are: tools/preprocess.py --out {out} --tokenizer {tok} --consolidate")
+            print(
+                f"rank {rank} done; when all ranks are: tools/preprocess.py --out {out} --tokenizer {tok} "
+                f"--input {' '.join(args.input)} --consolidate"
+            )
     except (ShardError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -229,6 +230,13 @@ class TrainLoader:
         self.num_micro_batches = per_rank // d.micro_batch_size
         backend = None if d.reader == "auto" else d.reader
         self.datasets = [TokenShards(p, backend=backend, codebook_hash=codebook_hash) for p in d.shards]
+        for ds in self.datasets:
+            if ds.partial:
+                warnings.warn(
+                    f"{ds.root} is a partial dataset (consolidated with --partial): {len(ds.missing_parts)} of its "
+                    "expected parts are missing",
+                    stacklevel=2,
+                )
         self.plan = EpochPlan([s.counts for s in self.datasets], d.global_batch_size, d.seed, d.resolutions or None)
         self.steps = StepBatches(
             self.datasets,

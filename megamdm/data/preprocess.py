@@ -216,9 +216,14 @@ def run(
     return dict(totals)
 
 
-def finalize(out: Path, tokenizer_path: Path) -> dict:
+def finalize(out: Path, tokenizer_path: Path, tars: Sequence[Path] | None, *, partial: bool = False) -> dict:
+    """Consolidate ``out``, expecting a part of each of ``tars`` (None: unknown, with ``partial``)."""
     tok = load_image_tokenizer(tokenizer_kind(tokenizer_path), tokenizer_path)
-    return consolidate(out, tokenizer=tok.name, codebook_hash=codebook_hash(tok.codebook()))
+    expected = None
+    if tars is not None:
+        expected = [p for p in map(Path, tars) if not legacy_part_done(out, p)]
+        expected = [part_name(p) for p in expected]
+    return consolidate(out, tokenizer=tok.name, codebook_hash=codebook_hash(tok.codebook()), expected=expected, partial=partial)
 
 
 def rank_slice(items: Sequence, rank: int, world: int) -> list:

@@ -149,14 +149,24 @@ def part_attrs(root) -> dict[str, dict]:
     return {p.name: dict(zarr.open_group(str(p), mode="r").attrs) for p in sorted(parts.iterdir()) if part_done(root, p.name)}
 
 
-def consolidate(root, *, tokenizer: str, codebook_hash: str) -> dict:
-    """Write the dataset index (parts, per-resolution counts, skip counts) into the root attrs."""
+def consolidate(root, *, tokenizer: str, codebook_hash: str, expected: list[str] | None = None, partial=False) -> dict:
+    """Write the dataset index (parts, per-resolution counts, skip counts) into the root attrs.
+
+    ``expected``: the part names the inputs make (None: the parts there are all there should be); a
+    missing one is refused unless ``partial``, which the index then records (``partial: true``,
+    ``missing_parts``) for the loader and inspect_shards."""
     import zarr
 
     root = Path(root)
     parts_dir = root / "parts"
     if not parts_dir.is_dir():
         raise ShardError(f"{root}: no parts/ directory; nothing was preprocessed")
+    missing = sorted(set(expected or []) - {q.name for q in parts_dir.iterdir() if (q / "zarr.json").is_file()})
+    if missing and not partial:
+        raise ShardError(
+            f"{root}: {len(missing)} of {len(expected)} parts are not finished (first: {missing[0]}); rerun "
+            "preprocessing for them, or pass --partial to index the finished ones and mark the dataset partial"
+        )
     parts, totals, skipped = [], {}, {}
     for p in sorted(q for q in parts_dir.iterdir() if (q / "zarr.json").is_file()):
         attrs = json.loads((p / "zarr.json").read_text()).get("attributes", {})
@@ -176,6 +186,8 @@ def consolidate(root, *, tokenizer: str, codebook_hash: str) -> dict:
         "parts": parts,
         "totals": totals,
         "skipped": skipped,
+        "partial": bool(missing),
+        "missing_parts": missing,
     }
     g.attrs.update(index)
     shutil.rmtree(root / ".tmp", ignore_errors=True)
@@ -241,7 +253,10 @@ class TokenShards:
             raise ShardError(f"{self.root}: not a zarr token-shard dataset (no zarr.json)")
         attrs = json.loads(zj.read_text()).get("attributes", {})
         if attrs.get("schema") != SCHEMA:
-            raise ShardError(f"{self.root}: no consolidated index; run tools/preprocess.py --consolidate")
+            raise ShardError(
+                f"{self.root}: no consolidated index: its preprocessing has not finished (rerun it with the same "
+                "--input; it resumes), or index what is there with --consolidate --input ... [--partial]"
+            )
         if int(attrs["schema_version"]) > SCHEMA_VERSION:
             raise ShardError(f"{self.root}: schema version {attrs['schema_version']} is newer than this megamdm")
         if codebook_hash is not None and attrs["codebook_hash"] != codebook_hash:
@@ -250,6 +265,8 @@ class TokenShards:
                 f"configured image tokenizer has codebook {codebook_hash}; re-run preprocessing with this tokenizer"
             )
         self.attrs = attrs
+        self.missing_parts: list[str] = list(attrs.get("missing_parts", []))
+        self.partial = bool(attrs.get("partial"))
         self.backend = backend or ("tensorstore" if _have_tensorstore() else "zarr")
         if self.backend not in ("tensorstore", "zarr"):
             raise ValueError(f"unknown backend {self.backend!r}; allowed: tensorstore, zarr")
