@@ -105,7 +105,7 @@ def test_preprocess_real_tars_through_dali(shards_dir, tokenizer_dir, tmp_path):
     log = preprocess(shards_dir, out, tokenizer_dir, "--workers", "2")
     ds = TokenShards(out)
     sk = ds.attrs["skipped"]
-    assert sk == {"corrupt_image": 2, "missing_caption": 1, "too_small": 1, "truncated_tar": 1}, sk
+    assert sk == {"corrupt_image": 2, "missing_caption": 1, "too_small": 1, "truncated_tar": 1, "incomplete_sample": 1}, sk
     second = ds.attrs["parts"][1]["counts"]["64x64"]
     assert 2 <= second < 6  # the complete samples before the cut survive
     assert ds.counts == {"64x64": 12 + second}
@@ -131,6 +131,23 @@ def run_preprocess(inputs, out, tokenizer_dir, *extra):
     argv = [sys.executable, str(ROOT / "tools/preprocess.py"), "--out", str(out), "--tokenizer", str(tokenizer_dir)]
     argv += ["--quiet", "--batch-size", "4", "--input", *map(str, inputs), *map(str, extra)]
     return subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "RANK": "0", "WORLD_SIZE": "1"})
+
+
+@pytest.mark.parametrize("where", ["first member data", "second member data", "first member header"])
+def test_a_cut_tar_keeps_every_complete_sample(tmp_path, where):
+    """Cut inside sample 3 (of 0..5): samples 0, 1 and 2 are complete and all kept; 3 is dropped."""
+    import tarfile
+
+    samples = [(f"{i:09d}", encode(smooth(i, 16, 16), "PNG"), "png", f"caption {i}", {}) for i in range(6)]
+    write_shard(tmp_path / "full.tar", samples)
+    with tarfile.open(tmp_path / "full.tar") as t:
+        members = [m for m in t.getmembers() if m.name.startswith("000000003")]
+    m = members[0] if where.startswith("first") else members[1]
+    cut = m.offset + 100 if where.endswith("header") else m.offset_data + 5
+    raw = (tmp_path / "full.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(raw[:cut])
+    keys, truncated = dali.write_index(tmp_path / "cut.tar", tmp_path / "cut.idx")
+    assert truncated and keys == [f"{i:09d}" for i in range(3)]
 
 
 def test_same_named_tars_in_two_folders_are_two_parts(shards_dir, tokenizer_dir, tmp_path):

@@ -51,30 +51,42 @@ def split_name(name: str) -> tuple[str, str]:
 def write_index(tar_path: Path, idx_path: Path) -> tuple[list[str], bool]:
     """Write a DALI webdataset index for the complete samples of ``tar_path``.
 
-    Returns the sample keys in order and whether the tar was cut short."""
+    Returns the sample keys in order and whether the tar was cut short (then the one sample being
+    written at the cut is incomplete and dropped). A sample is complete when a later member starts a
+    new sample, or when it has every component the tar's first sample had (img2dataset writes the
+    same ones for each): a cut inside the next sample's first member keeps the one before it."""
     size = tar_path.stat().st_size
     samples: dict[str, list[str]] = {}
+    exts: dict[str, set[str]] = {}
     order: list[str] = []
-    truncated = False
+    truncated, cut_base, end = False, None, 0
     try:
         with tarfile.open(tar_path, "r:") as t:
             for m in t:
+                end = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                 if not m.isreg():
                     continue
-                if m.offset_data + m.size > size:
-                    truncated = True
-                    break
                 base, ext = split_name(m.name)
+                if m.offset_data + m.size > size:
+                    truncated, cut_base = True, base
+                    break
                 if not base or base.endswith("/") or not ext:
                     continue
                 if base not in samples:
                     samples[base] = []
+                    exts[base] = set()
                     order.append(base)
                 samples[base].append(f"{ext} {m.offset_data} {m.size} {m.name}")
+                exts[base].add(ext)
     except (tarfile.ReadError, EOFError, OSError):
         truncated = True
-    if truncated and order:  # the last sample may be missing components that were cut off
-        order.pop()
+    # tarfile ends quietly at a cut header: a complete tar ends with two zero blocks after its last member
+    truncated = truncated or size < end + 2 * tarfile.BLOCKSIZE
+    if truncated and order:
+        last = order[-1]
+        layout = exts[order[0]] if len(order) > 1 else set()
+        if cut_base == last or not (layout and exts[last] >= layout):
+            order.pop()  # the cut fell inside it, or it lacks components the others have
     idx_path.write_text(f"v1.2 {len(order)}\n" + "".join(" ".join(samples[k]) + "\n" for k in order))
     return order, truncated
 

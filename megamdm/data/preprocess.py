@@ -95,8 +95,9 @@ def preprocess_shard(tar: Path, out: Path, tokenizer, opts: PreprocessConfig, de
     idx = idx_dir / f"{name}.idx"
     keys, truncated = dali.write_index(tar, idx)
     skipped: Counter = Counter()
-    if truncated:
+    if truncated:  # the sample being written at the cut is lost: count it
         skipped["truncated_tar"] += 1
+        skipped["incomplete_sample"] += 1
     step = 2 * tokenizer.downsample
     buckets = dali.buckets_for(opts.resolution, opts.aspect_buckets, step)
     buffers: dict[str, BucketBuffer] = {}
