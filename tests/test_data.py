@@ -150,6 +150,71 @@ def test_a_cut_tar_keeps_every_complete_sample(tmp_path, where):
     assert truncated and keys == [f"{i:09d}" for i in range(3)]
 
 
+def test_killing_preprocessing_kills_its_workers_and_a_rerun_completes(shards_dir, tokenizer_dir, tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    tars = []
+    for i in range(40):  # seconds of work left when the kill comes
+        tars.append(tmp_path / f"{i:05d}.tar")
+        tars[-1].write_bytes((shards_dir / "00000.tar").read_bytes())
+    out = tmp_path / "ds.zarr"
+    argv = [sys.executable, str(ROOT / "tools/preprocess.py"), "--out", str(out), "--tokenizer", str(tokenizer_dir)]
+    argv += ["--quiet", "--batch-size", "4", "--resolution", "64", "--workers", "2", "--input", *map(str, tars)]
+    p = subprocess.Popen(
+        argv, env={**os.environ, "RANK": "0", "WORLD_SIZE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    parent = psutil.Process(p.pid)
+    deadline = time.time() + 60
+    while len(parent.children()) < 2 or not (out / "parts").is_dir():  # workers up and writing
+        assert time.time() < deadline and p.poll() is None, "preprocessing ended before it could be killed"
+        time.sleep(0.05)
+    workers = parent.children()
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=2)
+    alive = [w for w in alive if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"workers outlived their parent: {alive}"
+    r = run_preprocess(tars, out, tokenizer_dir, "--resolution", 64)
+    assert r.returncode == 0, r.stderr
+    assert TokenShards(out).counts == {"64x64": 40 * 12}
+
+
+def test_a_worker_dies_with_its_parent():
+    """The mechanism alone: a worker that would sleep for a minute dies when its parent is killed."""
+    import multiprocessing as mp
+    import signal
+    import time
+
+    import psutil
+
+    from megamdm.data.preprocess import die_with_parent
+
+    def worker(parent):
+        die_with_parent(parent)
+        time.sleep(60)
+
+    def parent(q):
+        w = mp.get_context("fork").Process(target=worker, args=(os.getpid(),))
+        w.start()
+        q.put(w.pid)
+        time.sleep(60)
+
+    q = mp.get_context("fork").Queue()
+    p = mp.get_context("fork").Process(target=parent, args=(q,))
+    p.start()
+    w = psutil.Process(q.get(timeout=10))
+    time.sleep(0.3)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+    deadline = time.time() + 3
+    while time.time() < deadline and w.is_running() and w.status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.05)
+    assert not w.is_running() or w.status() == psutil.STATUS_ZOMBIE, "the worker outlived its parent"
+
+
 def test_same_named_tars_in_two_folders_are_two_parts(shards_dir, tokenizer_dir, tmp_path):
     """img2dataset names every folder's shards 00000.tar, ...: both folders' data must arrive."""
     for folder in ("a", "b"):

@@ -151,8 +151,23 @@ def preprocess_shard(tar: Path, out: Path, tokenizer, opts: PreprocessConfig, de
     return {"name": name, "samples_in": len(keys), "written": written, "skipped": dict(skipped)}
 
 
+def die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when its parent dies (Linux ``PR_SET_PDEATHSIG``), so a
+    killed preprocessing run leaves no worker writing; elsewhere, exit if the parent is already gone."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before the call took effect
+        os._exit(1)
+
+
 def _worker(args):
-    tars, out, tok_path, opts, queue = args
+    tars, out, tok_path, opts, queue, parent = args
+    die_with_parent(parent)
     torch.set_num_threads(1)
     tok = load_image_tokenizer(tokenizer_kind(tok_path), tok_path)
     if opts.device == "cuda" and hasattr(tok, "vq"):
@@ -177,7 +192,10 @@ def run(
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     workers = max(1, min(workers, len(tars)))
-    procs = [ctx.Process(target=_worker, args=((tars[i::workers], out, tokenizer_path, opts, queue),)) for i in range(workers)]
+    me = os.getpid()
+    procs = [
+        ctx.Process(target=_worker, args=((tars[i::workers], out, tokenizer_path, opts, queue, me),)) for i in range(workers)
+    ]
     for p in procs:
         p.start()
     totals: Counter = Counter()
