@@ -358,6 +358,17 @@ class Config:
         self.diffusion.validate()
         self.train.validate()
         self.optim.validate()
+        for section, name, least in (
+            ("checkpoint", "save_interval", 1),
+            ("checkpoint", "keep_last", 0),
+            ("logging", "log_interval", 1),
+            ("logging", "sample_interval", 0),
+            ("data", "micro_batch_size", 1),
+            ("data", "global_batch_size", 1),
+        ):
+            v = getattr(getattr(self, section), name)
+            if v < least:
+                raise ConfigError(f"{section}.{name}={v} must be >= {least}")
         try:
             self.sample.validate()
         except ValueError as e:

@@ -214,11 +214,15 @@ class TorchDistReader:
 # ---- the converters -----------------------------------------------------------------------------
 def resolve_iteration_dir(path) -> Path:
     """A run directory (with ``latest_checkpointed_iteration.txt``) or an ``iter_NNNNNNN`` directory."""
+    from .run_layout import RunLayoutError, iteration_dir, latest_iteration
+
     p = Path(path)
-    tracker = p / "latest_checkpointed_iteration.txt"
-    if tracker.is_file():
-        it = int(tracker.read_text().strip())
-        return p / f"iter_{it:07d}"
+    try:
+        it = latest_iteration(p)
+    except RunLayoutError as e:
+        raise ConversionError(str(e)) from None
+    if it is not None:
+        return iteration_dir(p, it)
     if (p / ".metadata").is_file():
         return p
     raise ConversionError(

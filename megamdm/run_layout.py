@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import MegamdmError
+
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
@@ -25,8 +27,26 @@ def finalize_tracker(run_dir, iteration: int) -> None:
     os.replace(tmp, run_dir / TRACKER)
 
 
+class RunLayoutError(MegamdmError):
+    """A run directory whose ``latest`` tracker does not name a checkpoint that is there."""
+
+
 def latest_iteration(run_dir) -> int | None:
+    """The iteration ``latest`` names (None: no tracker), checked to be a number whose
+    ``iter_NNNNNNN`` folder exists."""
     p = Path(run_dir) / TRACKER
     if not p.is_file():
         return None
-    return int(p.read_text().strip())
+    text = p.read_text().strip()
+    if not text.isdigit():
+        raise RunLayoutError(
+            f"{p} holds {text[:40]!r}, not an iteration number; training writes it (restore it, or point at "
+            "an iter_NNNNNNN folder)"
+        )
+    it = int(text)
+    if not (iteration_dir(run_dir, it) / ".metadata").is_file():
+        raise RunLayoutError(
+            f"{p} names iteration {it}, but {iteration_dir(run_dir, it).name} is not a complete checkpoint there; "
+            "point at an iter_NNNNNNN folder that is"
+        )
+    return it

@@ -105,6 +105,8 @@ class SampleWriter:
             raise ValueError("DPG-Bench expects 2x2 grids: --num-images-per-prompt must be 4")
         if images_per_prompt < 1:
             raise ValueError("--num-images-per-prompt must be >= 1")
+        if Path(out).exists() and not Path(out).is_dir():
+            raise ValueError(f"--out {out} is an existing file; give a folder")
         self.out, self.layout, self.n, self.checkpoint = Path(out), layout, images_per_prompt, str(checkpoint)
 
     def target(self, key: str) -> Path:

@@ -120,3 +120,26 @@ def test_every_shipped_config_loads_and_validates():
     for path in files:
         cfg = load_config(path)
         assert cfg.model.hidden_size > 0, path
+
+
+@pytest.mark.parametrize(
+    "key,value", [("checkpoint.save_interval", 0), ("logging.log_interval", 0), ("data.micro_batch_size", 0)]
+)
+def test_intervals_and_batch_sizes_are_checked_at_load(key, value):
+    with pytest.raises(ConfigError, match=f"{key}={value} must be >= 1"):
+        load_config(None, [f"{key}={value}"])
+
+
+def test_a_broken_latest_tracker_is_one_clear_error(tmp_path):
+    from megamdm.convert import ConversionError, resolve_iteration_dir
+    from megamdm.run_layout import TRACKER, RunLayoutError, latest_iteration
+
+    (tmp_path / TRACKER).write_text("garbage\n")
+    with pytest.raises(RunLayoutError, match="holds 'garbage', not an iteration number"):
+        latest_iteration(tmp_path)
+    (tmp_path / TRACKER).write_text("12\n")
+    with pytest.raises(ConversionError, match="names iteration 12, but iter_0000012 is not a complete checkpoint"):
+        resolve_iteration_dir(tmp_path)
+    (tmp_path / "iter_0000012").mkdir()
+    (tmp_path / "iter_0000012" / ".metadata").write_bytes(b"")
+    assert resolve_iteration_dir(tmp_path) == tmp_path / "iter_0000012"

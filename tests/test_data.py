@@ -295,6 +295,9 @@ def test_resolution_and_tokenizer_are_checked_before_any_output(shards_dir, toke
     r = run_preprocess([shards_dir / "00000.tar"], out, tmp_path / "no_tok", "--resolution", 64)
     assert r.returncode == 2 and "image tokenizer folder not found" in r.stderr
     assert not out.exists()
+    out.write_text("a file")
+    r = run_preprocess([shards_dir / "00000.tar"], out, tokenizer_dir, "--resolution", 64)
+    assert r.returncode == 2 and "is an existing file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def _bucket(n, h, w, seed):

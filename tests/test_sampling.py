@@ -451,3 +451,11 @@ def test_cli_rerun_resumes_only_what_matches_and_never_returns_stale_images(ckpt
     assert r.returncode == 0, r.stderr
     meta = json.loads(Image.open(tmp_path / "o/00001_01.png").info["megamdm"])
     assert meta["seed"] == 6 and (tmp_path / "o/00000_00.png").read_bytes() != before
+
+
+def test_cli_out_that_is_a_file_is_one_line(ckpt, tmp_path):
+    f = tmp_path / "a_file"
+    f.write_text("mine")
+    r = cli("--checkpoint", ckpt, "--prompt", "x", "--out", f)
+    assert r.returncode == 2 and "is an existing file; give a folder" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and f.read_text() == "mine"

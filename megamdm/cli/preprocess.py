@@ -47,6 +47,8 @@ def main(argv=None) -> int:
 
     out, tok = Path(args.out), Path(args.tokenizer)
     try:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is an existing file; give a folder (the dataset is a zarr directory)")
         tars = sorted({p for pat in args.input for p in (glob.glob(pat) or [pat])})
         if args.consolidate:
             if not tars and not args.partial:
