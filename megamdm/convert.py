@@ -192,8 +192,20 @@ class TorchDistReader:
         if not (self.dir / ".metadata").is_file():
             raise ConversionError(f"{self.dir}: not a torch_dist checkpoint (no .metadata)")
         self.reader = FileSystemReader(str(self.dir))
-        md = self.reader.read_metadata()
+        try:
+            md = self.reader.read_metadata()
+        except Exception as e:  # noqa: BLE001 - a cut or foreign .metadata: any unpickling error
+            raise ConversionError(
+                f"{self.dir}/.metadata cannot be read ({type(e).__name__}); the checkpoint is damaged"
+            ) from None
         self.meta = {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+        files = {getattr(info, "relative_path", None) for info in (md.storage_data or {}).values()} - {None}
+        missing = sorted(f for f in files if not (self.dir / f).is_file())
+        if missing:
+            raise ConversionError(
+                f"{self.dir}: {len(missing)} of its {len(files)} shard files are missing ({missing[0]}, ...); the "
+                "checkpoint is incomplete"
+            )
 
     def keys(self) -> list[str]:
         return list(self.meta)
@@ -207,7 +219,12 @@ class TorchDistReader:
         t = torch.empty(md.size, dtype=md.properties.dtype)
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load({key: t}, storage_reader=self.reader, no_dist=True)
+            try:
+                dcp.load({key: t}, storage_reader=self.reader, no_dist=True)
+            except (OSError, EOFError, RuntimeError, ValueError, dcp.api.CheckpointException) as e:
+                raise ConversionError(
+                    f"{self.dir}: cannot read {key} ({type(e).__name__}); a shard file is cut short or damaged"
+                ) from None
         return t if dtype is None else t.to(dtype)
 
 

@@ -14,6 +14,7 @@ error and nothing half-loaded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -269,7 +270,7 @@ def weight_files(directory) -> dict[str, Path]:
             raise CheckpointError(f"{d}: index lists shard files that are missing: {', '.join(missing)}")
         return files
     if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
+        with _open_weights(single) as f:
             return {k: single for k in f.keys()}
     pickles = sorted(p.name for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
@@ -280,6 +281,20 @@ def weight_files(directory) -> dict[str, Path]:
     raise CheckpointError(f"{d}: missing {WEIGHTS_FILE} (or {INDEX_FILE})")
 
 
+@contextlib.contextmanager
+def _open_weights(path: Path, device: str = "cpu"):
+    """``safe_open`` with a truncated or corrupt file as one :class:`CheckpointError`."""
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(
+            f"{path}: not a complete safetensors file ({str(e).splitlines()[0]}); re-download or re-convert it"
+        ) from None
+
+
 def _check_weights(files: dict[str, Path], model: MDMTransformer, where) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     problems = []
@@ -288,7 +303,7 @@ def _check_weights(files: dict[str, Path], model: MDMTransformer, where) -> None
         by_file.setdefault(p, []).append(name)
     found = {}
     for p, names in by_file.items():
-        with safe_open(str(p), framework="pt") as f:
+        with _open_weights(p) as f:
             for name in names:
                 found[name] = tuple(f.get_slice(name).get_shape())
     for k in sorted(set(expected) - set(found)):
@@ -343,7 +358,7 @@ def load_single(
     for name, p in files.items():
         by_file.setdefault(p, []).append(name)
     for p, names in by_file.items():
-        with safe_open(str(p), framework="pt", device=str(device)) as f:
+        with _open_weights(p, device=str(device)) as f:
             for name in names:
                 t = f.get_tensor(name)
                 state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t

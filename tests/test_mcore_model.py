@@ -249,6 +249,25 @@ def test_converters_refuse_mismatched_inputs(checkpoints, tmp_path):
         TorchDistReader(tmp_path)
 
 
+def test_a_damaged_dist_checkpoint_is_one_conversion_error(checkpoints, tmp_path):
+    import shutil
+
+    from megamdm.convert import ConversionError
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpoints / "dist", run)
+    it = run / "iter_0000000"
+    shard = sorted(it.glob("*.distcp"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ConversionError, match="a shard file is cut short or damaged"):
+        to_single(run, tmp_path / "a")
+    shard.unlink()
+    with pytest.raises(ConversionError, match="shard files are missing"):
+        to_single(run, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_from_hf_llama_backbone_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")

@@ -109,6 +109,15 @@ def test_overwrite_replaces_only_a_checkpoints_own_files(tiny_model_cfg, tmp_pat
     assert all(torch.equal(loaded[k], v) for k, v in b.state_dict().items())
 
 
+def test_truncated_weights_are_one_checkpoint_error(tiny_model_cfg, tmp_path):
+    conf, tok, groups = bundle(tiny_model_cfg, tmp_path)
+    ck = save_single(tmp_path / "ckpt", MDMTransformer(tiny_model_cfg), conf, groups, tok, ByteTokenizer())
+    w = ck / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors: not a complete safetensors file"):
+        load_single(ck)
+
+
 def test_bad_checkpoints_fail_clearly(tiny_model_cfg, tmp_path):
     m = MDMTransformer(tiny_model_cfg)
     conf, tok, groups = bundle(tiny_model_cfg, tmp_path)

@@ -161,6 +161,16 @@ def test_resume_onto_another_model_is_refused_in_one_line(toy_dataset, tmp_path)
     assert done["step"] == 2  # an intended change, asked for explicitly
 
 
+def test_resume_from_a_damaged_checkpoint_is_one_line(toy_dataset, tmp_path):
+    run = tmp_path / "run"
+    common = {"checkpoint.save_dir": run, "train.steps": 2}
+    train(1, overrides(toy_dataset, **{**common, "train.exit_after_steps": 1}))
+    for shard in (run / "iter_0000001").glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match=r"CheckpointError: .*iter_0000001: cannot be read .*resume from an earlier"):
+        train(1, overrides(toy_dataset, **common))
+
+
 def test_dp_reshardable_checkpoint_resumes_at_another_data_parallel_size(toy_dataset, init_ckpt, reference, tmp_path):
     """Periodic saves write each rank's optimizer shard as it is (dp_reshardable, spread over the DP
     ranks): saved at DP 2, resumed at DP 1, the run follows the uninterrupted one."""

@@ -127,6 +127,23 @@ def optim_metadata(sharding: str) -> dict:
     return md
 
 
+def _read_checkpoint(read, it_dir):
+    """``read()``, with a missing, cut or damaged file of ``it_dir`` as one CheckpointError."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from ..pretrained import CheckpointError
+
+    try:
+        return read()
+    except (OSError, EOFError, CheckpointException, CheckpointingException) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(
+            f"{it_dir}: cannot be read ({type(e).__name__}: {first}); a file is missing, cut short or damaged: "
+            "resume from an earlier iter_NNNNNNN"
+        ) from None
+
+
 class Checkpointer:
     """Saves and loads the whole training state with megatron-core dist_checkpointing.
 
@@ -242,7 +259,7 @@ class Checkpointer:
         from .optim import init_torch_adam_state, uses_torch_adam
 
         it_dir = Path(it_dir)
-        common = dist_checkpointing.load_common_state_dict(str(it_dir))
+        common = _read_checkpoint(lambda: dist_checkpointing.load_common_state_dict(str(it_dir)), it_dir)
         if "optimizer" not in common and not (it_dir / ".metadata").is_file():
             raise RuntimeError(f"{it_dir}: not a megamdm training checkpoint")
         if config is not None and not allow_changed_model and common.get("config"):
@@ -277,7 +294,7 @@ class Checkpointer:
         same_layout = saved == now
         if same_layout:
             request["rng"] = _rng_object(self.device)
-        state = dist_checkpointing.load(request, str(it_dir))
+        state = _read_checkpoint(lambda: dist_checkpointing.load(request, str(it_dir)), it_dir)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(common["scheduler"])
