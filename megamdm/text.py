@@ -10,6 +10,7 @@ unconditional branch of classifier-free guidance.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -120,7 +121,14 @@ def tokenize_prompts(tokenizer: TextTokenizer, prompts: Sequence[str], max_len: 
     ids = torch.full((len(prompts), max_len), tokenizer.pad_id, dtype=torch.long)
     pad = torch.ones((len(prompts), max_len), dtype=torch.bool)
     for i, p in enumerate(prompts):
-        t = tokenizer.encode(p)[:max_len]
+        t = tokenizer.encode(p)
+        if len(t) > max_len:  # shown once per process (Python's default warning filter)
+            warnings.warn(
+                f"a prompt of {len(t)} tokens was cut to text.max_len={max_len}, losing its end (the "
+                "micro-conditioning); raise text.max_len if prompts are this long",
+                stacklevel=2,
+            )
+            t = t[:max_len]
         ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         pad[i, : len(t)] = False
     return ids, pad

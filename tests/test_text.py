@@ -11,6 +11,7 @@ def test_template_carries_micro_conditioning():
     assert format_prompt("x", width=1, height=1, micro_conditioning=False) == "x"
 
 
+@pytest.mark.filterwarnings("ignore:a prompt of .* tokens was cut")
 def test_byte_tokenizer_padding_and_truncation():
     tok = ByteTokenizer()
     ids, pad = tokenize_prompts(tok, ["ab", "héllo", "x" * 20], max_len=6)
@@ -37,3 +38,11 @@ def test_hf_tokenizer_from_local_directory(tmp_path):
     assert ids[1, 1].item() == 2  # unknown word
     with pytest.raises(ValueError, match="not in the vocabulary"):
         HFTokenizer(tmp_path, mask_token="<nope>")
+
+
+def test_a_cut_prompt_is_said_not_silent():
+    from megamdm.text import ByteTokenizer, tokenize_prompts
+
+    with pytest.warns(UserWarning, match="a prompt of 11 tokens was cut to text.max_len=4"):
+        ids, pad = tokenize_prompts(ByteTokenizer(), ["hello world", "hi"], 4)
+    assert not pad[0].any() and pad[1].tolist() == [False, False, True, True]

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..diffusion import Corrupted, corrupt_batch
 from ..gce import GCEGroups
 from ..text import format_prompt, tokenize_prompts
@@ -220,10 +220,10 @@ class TrainLoader:
     ):
         d = cfg.data
         if not d.shards:
-            raise ValueError("data.shards is empty: give one or more token-shard datasets")
+            raise ConfigError("data.shards is empty: give one or more token-shard datasets")
         per_rank = d.global_batch_size // dp_size
         if d.global_batch_size % (dp_size * d.micro_batch_size):
-            raise ValueError(
+            raise ConfigError(
                 f"data.global_batch_size={d.global_batch_size} is not a multiple of "
                 f"data-parallel size {dp_size} x micro_batch_size {d.micro_batch_size}"
             )
