@@ -124,7 +124,7 @@ def tokenize_prompts(tokenizer: TextTokenizer, prompts: Sequence[str], max_len: 
         t = tokenizer.encode(p)
         if len(t) > max_len:  # shown once per process (Python's default warning filter)
             warnings.warn(
-                f"a prompt of {len(t)} tokens was cut to text.max_len={max_len}, losing its end (the "
+                f"a prompt longer than text.max_len={max_len} tokens was cut, losing its end (the "
                 "micro-conditioning); raise text.max_len if prompts are this long",
                 stacklevel=2,
             )
