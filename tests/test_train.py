@@ -368,3 +368,17 @@ def test_train_step_can_be_driven_and_the_window_counts_what_happened(toy_datase
     assert r["window_samples"] == 16 and r["window_tokens"] == 16 * h * w  # 2 steps x global batch 8
     assert all(x["logged_flops"] == pytest.approx(x["flops"]) for x in r["steps"])  # what the log counts
     assert r["summary"]["tflops_per_gpu"] > 0
+
+
+def test_train_cli_prints_bad_input_as_one_line(toy_dataset, tmp_path):
+    """A config that only the data can refuse (7 samples over micro-batches of 2) ends in one line, exit 2."""
+    ov = overrides(toy_dataset, **{"data.global_batch_size": 7})
+    cmd = [sys.executable, "-m", "megamdm.train", "--config", str(ROOT / "configs/model/tiny.yaml")]
+    for o in ov:
+        cmd += ["--set", o]
+    env = {**os.environ, "MASTER_PORT": str(free_port()), "MASTER_ADDR": "127.0.0.1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: data.global_batch_size=7 is not a multiple of data-parallel size 1 x micro_batch_size 2"]
+    assert "Traceback" not in r.stderr

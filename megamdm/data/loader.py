@@ -92,7 +92,7 @@ class EpochPlan:
         if resolutions:
             unknown = set(resolutions) - set(keys)
             if unknown:
-                raise ValueError(f"data.resolutions {sorted(unknown)} are not in the datasets (have {keys})")
+                raise ConfigError(f"data.resolutions {sorted(unknown)} are not in the datasets (have {keys})")
             keys = [r for r in keys if r in set(resolutions)]
         self.buckets = keys
         self.cum = {r: np.cumsum([0] + [c.get(r, 0) for c in counts]) for r in keys}
@@ -100,7 +100,7 @@ class EpochPlan:
         self.batches_per_bucket = {r: self.sizes[r] // global_batch for r in keys}
         self.steps_per_epoch = sum(self.batches_per_bucket.values())
         if self.steps_per_epoch == 0:
-            raise ValueError(f"no bucket holds a full global batch of {global_batch} samples (sizes {self.sizes})")
+            raise ConfigError(f"no bucket holds a full global batch of {global_batch} samples (sizes {self.sizes})")
         self._order_epoch, self._order = None, None
 
     def order(self, epoch: int) -> list[tuple[str, int]]:
@@ -263,7 +263,7 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state["global_batch"] != self.plan.global_batch or state["sizes"] != self.plan.sizes:
-            raise ValueError(
+            raise ConfigError(
                 f"data-loader state does not fit this data: saved global batch {state['global_batch']} "
                 f"and bucket sizes {state['sizes']}, now {self.plan.global_batch} and {self.plan.sizes}"
             )
