@@ -215,6 +215,19 @@ def test_a_worker_dies_with_its_parent():
     assert not w.is_running() or w.status() == psutil.STATUS_ZOMBIE, "the worker outlived its parent"
 
 
+def test_a_non_utf8_caption_is_kept_said_and_counted(tokenizer_dir, tmp_path):
+    samples = [(f"{i:09d}", encode(smooth(i, 64, 64), "PNG"), "png", f"caption {i}", {}) for i in range(3)]
+    samples.append(("000000009", encode(smooth(9, 64, 64), "PNG"), "png", b"caf\xe9 au lait", {}))  # Latin-1
+    write_shard(tmp_path / "00000.tar", samples)
+    out = tmp_path / "ds.zarr"
+    r = run_preprocess([tmp_path / "00000.tar"], out, tokenizer_dir, "--resolution", 64)
+    assert r.returncode == 0, r.stderr
+    assert '"replaced_non_utf8_caption": 1' in r.stdout
+    ds = TokenShards(out)
+    assert ds.attrs["replaced"] == {"non_utf8_caption": 1} and ds.counts == {"64x64": 4}
+    assert ds.captions("64x64", [3]) == ["caf\ufffd au lait"]
+
+
 def test_same_named_tars_in_two_folders_are_two_parts(shards_dir, tokenizer_dir, tmp_path):
     """img2dataset names every folder's shards 00000.tar, ...: both folders' data must arrive."""
     for folder in ("a", "b"):

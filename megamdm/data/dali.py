@@ -37,6 +37,7 @@ class RawSample:
     image: bytes
     caption: str | None
     meta: dict
+    caption_replaced: bool = False  # the caption was not UTF-8: undecodable bytes became U+FFFD
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -123,13 +124,18 @@ def read_tar(
         img, txt, meta = pipe.run()
         batch = []
         for j in range(min(batch_size, n - start)):
-            cap = bytes(np.asarray(txt[j])).decode("utf-8", errors="replace").strip()
+            raw_cap = bytes(np.asarray(txt[j]))
+            try:
+                cap, replaced = raw_cap.decode("utf-8").strip(), False
+            except UnicodeDecodeError:
+                cap, replaced = raw_cap.decode("utf-8", errors="replace").strip(), True
             raw_meta = bytes(np.asarray(meta[j]))
             try:
                 m = json.loads(raw_meta) if raw_meta else {}
             except json.JSONDecodeError:
                 m = {}
-            batch.append(RawSample(keys[start + j], bytes(np.asarray(img[j])), cap or None, m if isinstance(m, dict) else {}))
+            meta_d = m if isinstance(m, dict) else {}
+            batch.append(RawSample(keys[start + j], bytes(np.asarray(img[j])), cap or None, meta_d, replaced))
         yield batch
 
 

@@ -95,6 +95,7 @@ def preprocess_shard(tar: Path, out: Path, tokenizer, opts: PreprocessConfig, de
     idx = idx_dir / f"{name}.idx"
     keys, truncated = dali.write_index(tar, idx)
     skipped: Counter = Counter()
+    replaced: Counter = Counter()  # kept, with a value replaced
     if truncated:  # the sample being written at the cut is lost: count it
         skipped["truncated_tar"] += 1
         skipped["incomplete_sample"] += 1
@@ -108,6 +109,7 @@ def preprocess_shard(tar: Path, out: Path, tokenizer, opts: PreprocessConfig, de
             if not s.caption:
                 skipped["missing_caption"] += 1
                 continue
+            replaced["non_utf8_caption"] += s.caption_replaced
             try:
                 w, h = dali.image_header(s.image)
             except ValueError:
@@ -143,12 +145,19 @@ def preprocess_shard(tar: Path, out: Path, tokenizer, opts: PreprocessConfig, de
             **source_identity(tar, opts),
             "samples_in": len(keys),
             "skipped": dict(skipped),
+            "replaced": {k: v for k, v in replaced.items() if v},
             "tokenizer": tokenizer.name,
             "codebook_hash": codebook_hash(tokenizer.codebook()),
         },
     )
     idx.unlink(missing_ok=True)
-    return {"name": name, "samples_in": len(keys), "written": written, "skipped": dict(skipped)}
+    return {
+        "name": name,
+        "samples_in": len(keys),
+        "written": written,
+        "skipped": dict(skipped),
+        "replaced": {k: v for k, v in replaced.items() if v},
+    }
 
 
 def die_with_parent(parent: int) -> None:
@@ -221,6 +230,8 @@ def run(
             totals["written"] += res["written"]
             for k, v in res["skipped"].items():
                 totals[f"skipped_{k}"] += v
+            for k, v in res.get("replaced", {}).items():
+                totals[f"replaced_{k}"] += v
         bar.update(1)
         bar.set_postfix(
             samples_per_s=f"{totals['written'] / max(time.time() - t0, 1e-9):.0f}",

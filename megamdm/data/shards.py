@@ -167,7 +167,7 @@ def consolidate(root, *, tokenizer: str, codebook_hash: str, expected: list[str]
             f"{root}: {len(missing)} of {len(expected)} parts are not finished (first: {missing[0]}); rerun "
             "preprocessing for them, or pass --partial to index the finished ones and mark the dataset partial"
         )
-    parts, totals, skipped = [], {}, {}
+    parts, totals, skipped, replaced = [], {}, {}, {}
     for p in sorted(q for q in parts_dir.iterdir() if (q / "zarr.json").is_file()):
         attrs = json.loads((p / "zarr.json").read_text()).get("attributes", {})
         if attrs.get("codebook_hash") != codebook_hash:
@@ -177,6 +177,8 @@ def consolidate(root, *, tokenizer: str, codebook_hash: str, expected: list[str]
             totals[rk] = totals.get(rk, 0) + n
         for k, v in attrs.get("skipped", {}).items():
             skipped[k] = skipped.get(k, 0) + v
+        for k, v in attrs.get("replaced", {}).items():
+            replaced[k] = replaced.get(k, 0) + v
     g = zarr.open_group(str(root), mode="a")
     index = {
         "schema": SCHEMA,
@@ -186,6 +188,7 @@ def consolidate(root, *, tokenizer: str, codebook_hash: str, expected: list[str]
         "parts": parts,
         "totals": totals,
         "skipped": skipped,
+        "replaced": replaced,  # samples kept with a value replaced (a non-UTF-8 caption's bad bytes)
         "partial": bool(missing),
         "missing_parts": missing,
     }
