@@ -354,7 +354,7 @@ def _sample_worker(ckpt, tp, pp, settings):
 
     from megamdm import sampling
     from megamdm.compat.megatron_cpu import megatron_on_cpu
-    from megamdm.models.mcore.model import build_model
+    from megamdm.models.mcore.model import MDMModel, build_model
     from megamdm.training import parallel
     from megamdm.training.checkpoint import load_model_weights
     from megamdm.training.samples import sample_token_grid
@@ -375,14 +375,14 @@ def _sample_worker(ckpt, tp, pp, settings):
         model = build_model(cfg, SPEC, device="cpu", use_te=False)
         load_model_weights(model, ckpt / "iter_0000000")
         prompts = ["a red circle", "the blue square left of it"]
-        rows, real = [], sampling.head_logits
+        rows, real = [], MDMModel.logits
 
-        def head_logits(x, w):
+        def logits(self, x):
             rows.append(x.shape[0])
-            return real(x, w)
+            return real(self, x)
 
         # 5 positions per chunk (at this vocabulary the default chunk would hold a whole image)
-        with mock.patch.object(sampling, "chunk_rows", lambda v, d: 5), mock.patch.object(sampling, "head_logits", head_logits):
+        with mock.patch.object(sampling, "chunk_rows", lambda v, d: 5), mock.patch.object(MDMModel, "logits", logits):
             tokens = sample_token_grid(
                 model, cfg, single.text_tokenizer, prompts, device="cpu", grid=(8, 8), size=(32, 32), seed=5
             )

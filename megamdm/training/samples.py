@@ -65,9 +65,8 @@ def sample_token_grid(
     :class:`~megamdm.sampling.MDMSampler` does) on every rank; ``size`` is the (height, width) in
     pixels that the prompts' micro-conditioning states. ``model``: megatron's wrappers or the bare model."""
     from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
-    from ..sampling import cfg_combine, chunk_rows, head_logits, sample_tokens
+    from ..sampling import cfg_combine, chunk_rows, sample_tokens
     from ..text import format_prompt, masked_prompt, tokenize_prompts
 
     settings = cfg.sample.settings()
@@ -98,9 +97,6 @@ def sample_token_grid(
         hs = _stage_hidden(model, both_ids, both_pad, torch.cat([x, x]))
         return None if hs is None else cfg_combine(hs[:b].float(), hs[b:].float(), settings.cfg)
 
-    def head_fn(rows):
-        return gather_from_tensor_model_parallel_region(head_logits(rows, inner.head.weight))
-
     x = torch.full((b, *grid), cfg.model.image_mask_id, dtype=torch.long, device=device)
     pp = ps.get_pipeline_model_parallel_world_size()
     src, group = ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group()
@@ -113,7 +109,7 @@ def sample_token_grid(
 
         x = sample_tokens(
             hidden_fn,
-            head_fn,
+            inner.logits,
             x,
             cfg.model.image_mask_id,
             settings,

@@ -41,6 +41,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from ...config import ModelConfig, ParallelConfig, TrainConfig
 from ...gce import gce_loss
 from ...objective import LossSpec, loss_parts, pack_metric_sums, select_supervised
+from ...sampling import head_logits
 from ..rope import rope_angles
 from ..standalone import check_grid, merge_2x2, unmerge_2x2
 from .spec import layer_spec
@@ -232,11 +233,10 @@ class MDMModel(MegatronModule):
         return parts.loss_sum, parts.num_tokens, pack_metric_sums(parts)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary logits ``[..., V]`` from image hidden states (gathered over TP), for sampling.
-        (The head's own forward would all-gather the sequence under sequence parallelism; the
-        hidden states here are already complete.)"""
-        w = self.head.weight
-        return gather_from_tensor_model_parallel_region(F.linear(hidden.to(w.dtype), w))
+        """Full-vocabulary fp32 logits ``[n, V]`` of head inputs ``[n, d]`` (gathered over TP), for
+        sampling (:func:`megamdm.sampling.head_logits` on this rank's shard). The head's own forward
+        would all-gather the sequence under sequence parallelism; the rows here are already complete."""
+        return gather_from_tensor_model_parallel_region(head_logits(hidden, self.head.weight))
 
 
 def build_model(cfg, loss_spec: LossSpec, *, device: str, use_te: bool, vp_stage: int | None = None) -> MDMModel:
