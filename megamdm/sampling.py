@@ -65,26 +65,6 @@ def trim_padding(ids: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, to
     return ids[:, : max(keep, 1)], pad[:, : max(keep, 1)]
 
 
-def _peak_rss_during(fn) -> int:
-    """Bytes the process's peak RSS rose by while ``fn()`` ran (Linux; 0 where it cannot be read)."""
-    from pathlib import Path
-
-    def kb(field):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        return 0
-
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        fn()
-        return 0
-    before = kb("VmRSS")
-    fn()
-    return max(0, kb("VmHWM") - before)
-
-
 def _dilate(region: torch.Tensor, border: int) -> torch.Tensor:
     """``region [h, w]`` grown by ``border`` tokens in every direction (a square neighbourhood)."""
     if border <= 0:
@@ -407,7 +387,9 @@ class MDMSampler:
         else:
             import psutil
 
-            per_image = _peak_rss_during(lambda: fn(x, 0))
+            from .memory import peak_rise_during
+
+            per_image = peak_rise_during(lambda: fn(x, 0))
             free = psutil.virtual_memory().available
         return int(max(1, min(jobs, (0.8 * free - fixed) // max(per_image, 1))))
 

@@ -30,13 +30,6 @@ SIZES = {  # name: (layers, hidden, ffn, heads, kv heads, image vocab); tiny is 
 }
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 class _Position:
     """The data-loader position a checkpoint records (a bench has no data)."""
 
@@ -54,6 +47,7 @@ def _rank(rank: int, world: int, port: int, size: str, out: str, queue) -> None:
     from megamdm.compat.megatron_cpu import megatron_on_cpu
     from megamdm.compat.quiet import library_notices_hidden
     from megamdm.config import Config, ModelConfig, ParallelConfig, TrainConfig
+    from megamdm.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
     from megamdm.models.mcore.model import build_model
     from megamdm.objective import LossSpec
     from megamdm.training import parallel
@@ -87,8 +81,8 @@ def _rank(rank: int, world: int, port: int, size: str, out: str, queue) -> None:
         for mode, reshardable in (("dp_reshardable", "dp"), ("fully_reshardable", "always")):
             ck = Checkpointer(Path(out) / mode, keep_last=1, reshardable=reshardable)
             dist.barrier()
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-            before = _status_kb("VmRSS")
+            reset_peak_rss()
+            before = rss_bytes()
             t0 = time.perf_counter()
             ck.save(1, ddp.module, opt, sched, _Position(), "model: {}\n")
             seconds = time.perf_counter() - t0
@@ -98,7 +92,7 @@ def _rank(rank: int, world: int, port: int, size: str, out: str, queue) -> None:
                     "format": mode,
                     "rank": rank,
                     "params": n_params,
-                    "peak_added_mb": (_status_kb("VmHWM") - before) / 1024,
+                    "peak_added_mb": (peak_rss_bytes() - before) / 2**20,
                     "save_s": seconds,
                     "format_holds_mb": 12 * n_params / (world if mode == "dp_reshardable" else 1) / 2**20
                     if mode == "dp_reshardable" or rank == 0

@@ -26,21 +26,9 @@ import time
 import torch
 
 from megamdm.gce import gce_loss
+from megamdm.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _rss_peak_reset():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _rss(kind: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(kind):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{kind} not in /proc/self/status")
 
 
 def _loss_fn(impl: str, sizes, lams, block_v=None, block_n=None):
@@ -93,10 +81,10 @@ def measure(impl, n, v, d, dtype, device, sizes, lams, repeat, block_v=None, blo
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated() - base
     else:
-        base = _rss("VmRSS")
-        _rss_peak_reset()
+        base = rss_bytes()
+        reset_peak_rss()
         step()
-        extra = _rss("VmHWM") - base - (n * d + v * d) * esize
+        extra = peak_rss_bytes() - base - (n * d + v * d) * esize
     return {
         "impl": impl,
         "loss": float(loss.detach()),

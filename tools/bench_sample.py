@@ -24,6 +24,7 @@ import torch
 
 from megamdm.config import load_config
 from megamdm.gce import GCEGroups
+from megamdm.memory import peak_rss_bytes, reset_peak_rss
 from megamdm.models.standalone import MDMTransformer
 from megamdm.pretrained import Pretrained
 from megamdm.sampling import MDMSampler
@@ -145,16 +146,11 @@ def reset_peak(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+        reset_peak_rss()
 
 
 def peak_gb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**30
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    raise RuntimeError("/proc/self/status has no VmHWM")
+    return (torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss_bytes()) / 2**30
 
 
 if __name__ == "__main__":

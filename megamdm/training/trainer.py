@@ -193,9 +193,9 @@ def peak_memory_gb() -> float:
     """This rank's peak memory so far: CUDA's allocator peak on GPUs, the process's peak RSS on CPU."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**30
-    import resource
+    from ..memory import peak_rss_bytes
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return peak_rss_bytes() / 2**30
 
 
 class Trainer:
