@@ -19,7 +19,7 @@ import torch
 from ..config import PreprocessConfig
 from ..vq import codebook_hash, load_image_tokenizer, tokenizer_kind
 from . import dali
-from .shards import BucketBuffer, consolidate, part_attrs, part_done, res_key, write_part
+from .shards import BucketBuffer, consolidate, part_attrs, part_done, read_part_attrs, res_key, write_part
 
 
 def _stem(tar: Path) -> str:
@@ -36,11 +36,7 @@ def part_name(tar: Path) -> str:
 
 def legacy_part_done(out: Path, tar: Path) -> bool:
     """A part that 0.1.x wrote for this tar (named after the tar alone, its ``source`` the path given)."""
-    import zarr
-
-    if not part_done(out, _stem(tar)):
-        return False
-    source = zarr.open_group(str(out / "parts" / _stem(tar)), mode="r").attrs.get("source")
+    source = (read_part_attrs(out, _stem(tar)) or {}).get("source")
     return source is not None and Path(source).resolve() == tar.resolve()
 
 

@@ -139,14 +139,20 @@ def part_done(root, name: str) -> bool:
     return (Path(root) / "parts" / name / "zarr.json").is_file()
 
 
-def part_attrs(root) -> dict[str, dict]:
-    """The attributes of every complete part, by part name."""
-    import zarr
+def read_part_attrs(root, name: str) -> dict | None:
+    """The attributes of part ``name``, or None while it is not complete."""
+    if not part_done(root, name):
+        return None
+    return json.loads((Path(root) / "parts" / name / "zarr.json").read_text()).get("attributes", {})
 
+
+def part_attrs(root) -> dict[str, dict]:
+    """The attributes of every complete part, by part name (in name order)."""
     parts = Path(root) / "parts"
     if not parts.is_dir():
         return {}
-    return {p.name: dict(zarr.open_group(str(p), mode="r").attrs) for p in sorted(parts.iterdir()) if part_done(root, p.name)}
+    found = {p.name: read_part_attrs(root, p.name) for p in sorted(parts.iterdir())}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def consolidate(root, *, tokenizer: str, codebook_hash: str, expected: list[str] | None = None, partial=False) -> dict:
@@ -161,18 +167,20 @@ def consolidate(root, *, tokenizer: str, codebook_hash: str, expected: list[str]
     parts_dir = root / "parts"
     if not parts_dir.is_dir():
         raise ShardError(f"{root}: no parts/ directory; nothing was preprocessed")
-    missing = sorted(set(expected or []) - {q.name for q in parts_dir.iterdir() if (q / "zarr.json").is_file()})
+    done = part_attrs(root)
+    missing = sorted(set(expected or []) - set(done))
     if missing and not partial:
         raise ShardError(
             f"{root}: {len(missing)} of {len(expected)} parts are not finished (first: {missing[0]}); rerun "
             "preprocessing for them, or pass --partial to index the finished ones and mark the dataset partial"
         )
     parts, totals, skipped, replaced = [], {}, {}, {}
-    for p in sorted(q for q in parts_dir.iterdir() if (q / "zarr.json").is_file()):
-        attrs = json.loads((p / "zarr.json").read_text()).get("attributes", {})
+    for name, attrs in done.items():
         if attrs.get("codebook_hash") != codebook_hash:
-            raise ShardError(f"{p}: written with codebook {attrs.get('codebook_hash')}, expected {codebook_hash}")
-        parts.append({"name": p.name, "counts": attrs["counts"]})
+            raise ShardError(
+                f"{parts_dir / name}: written with codebook {attrs.get('codebook_hash')}, expected {codebook_hash}"
+            )
+        parts.append({"name": name, "counts": attrs["counts"]})
         for rk, n in attrs["counts"].items():
             totals[rk] = totals.get(rk, 0) + n
         for k, v in attrs.get("skipped", {}).items():
