@@ -184,11 +184,12 @@ class Checkpointer:
             )
         return self._strategies[sharding]
 
-    def sharding_for(self, final: bool) -> str:
+    def _sharding_for(self, final: bool) -> str:
         full = self.reshardable == "always" or (final and self.reshardable == "final")
         return RESHARDABLE_FORMAT if full else "dp_reshardable"
 
-    def save(self, iteration: int, model, optimizer, scheduler, loader, config_yaml: str, *, final: bool = False) -> None:
+    def save(self, iteration: int, model, optimizer, scheduler, loader, config_yaml: str, *, final: bool = False) -> str:
+        """Save (or schedule, with ``async_save``) ``iteration``; returns the optimizer format written."""
         import shutil
 
         import torch.distributed as dist
@@ -201,7 +202,7 @@ class Checkpointer:
                 shutil.rmtree(it_dir)
             it_dir.mkdir(parents=True)
         dist.barrier()
-        sharding = self.sharding_for(final)
+        sharding = self._sharding_for(final)
         md = optim_metadata(sharding)
         model_sd = model.sharded_state_dict(metadata=md)
         state = {
@@ -231,6 +232,7 @@ class Checkpointer:
         else:
             dist_checkpointing.save(state, str(it_dir), sharded_strategy=strategy)
             finalize()
+        return sharding
 
     def maybe_finalize(self, blocking: bool = False) -> None:
         if self.queue is not None:

@@ -421,8 +421,9 @@ class Trainer:
 
     def save(self, why: str = "", *, final: bool = False) -> None:
         t0 = time.perf_counter()
-        self.ckpt.save(self.step, self.state_module, self.optimizer, self.scheduler, self.loader, self.config_yaml, final=final)
-        sharding = self.ckpt.sharding_for(final)
+        sharding = self.ckpt.save(
+            self.step, self.state_module, self.optimizer, self.scheduler, self.loader, self.config_yaml, final=final
+        )
         self.log.info(
             f"saved checkpoint {iteration_dir(self.run_dir, self.step)}{why}: optimizer {sharding}, "
             f"{time.perf_counter() - t0:.1f} s{' to schedule' if self.ckpt.queue is not None else ''}"
