@@ -227,8 +227,8 @@ def sample_tokens(
     schedules = [
         unmask_counts(int((flat[i] == mask_id).sum()), settings.steps, settings.schedule, settings.shift) for i in range(b)
     ]
-    result = SampleResult(flat.view(b, h, w), [[] for _ in range(b)], [[] for _ in range(b)])
-    edit_counts: list[list[torch.Tensor]] = [[] for _ in range(b)]
+    result = SampleResult(flat.view(b, h, w), committed_per_step=[[] for _ in range(b)])
+    edit_counts: list[list[torch.Tensor]] = [[] for _ in range(b)]  # on the device until the end
     may_edit = editable.reshape(b, h * w) if editable is not None else None
     for k in range(settings.steps):
         hidden = hidden_fn(flat.view(b, h, w), k).reshape(b, h * w, -1)
@@ -258,9 +258,8 @@ def sample_tokens(
             progress.update(1)
             if settings.editing:
                 progress.set_postfix(edits=int(sum(e[-1] for e in edit_counts)))
-    # the edit counts stay on the device until the end: one host sync instead of one per image and step
-    counts = torch.stack([torch.stack(e) for e in edit_counts]).tolist() if b else []
-    result.edits_per_step = counts
+    # one host sync for the edit counts instead of one per image and step
+    result.edits_per_step = torch.stack([torch.stack(e) for e in edit_counts]).tolist() if b else []
     return result
 
 
