@@ -271,6 +271,7 @@ class SamplerOutput:
     edits_per_step: list[list[int]]
     settings: dict
     seconds: float = 0.0
+    prompts_cut: int = 0  # prompts (and negative prompts) longer than text.max_len, truncated
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -371,7 +372,7 @@ class MDMSampler:
         if jobs <= 1:
             return 1
         gh, gw = self.grid_for(height, width)
-        ids, pad = self.encode_prompts(["x"], height, width)
+        ids, pad, _ = self.encode_prompts(["x"], height, width)
         fn = self.guided_hidden_fn(ids, pad, settings)
         x = torch.full((1, gh, gw), self.cfg.model.image_mask_id, dtype=torch.long, device=self.device)
         v = self.cfg.model.image_vocab_size
@@ -498,6 +499,10 @@ class MDMSampler:
         width = width or self.cfg.sample.width
         gh, gw = self.grid_for(height, width)
         n = num_images_per_prompt
+        if n < 1 or (batch_size is not None and batch_size < 1):
+            raise ValueError(
+                f"num_images_per_prompt={n} and batch_size={batch_size}: give 1 or more (batch_size None: fit memory)"
+            )
         if seeds is None:
             base = self.cfg.sample.seed if seed is None else seed
             seeds = [base + i * n for i in range(len(prompts))]
@@ -508,12 +513,13 @@ class MDMSampler:
         bs = batch_size or self.auto_batch_size(height, width, st, len(jobs))
         mask_id = self.cfg.model.image_mask_id
         images, tokens, edits = [], [], []
+        cut = self.encode_prompts([*prompts, *(negative_prompt or [])], height, width).cut
         t0 = time.time()
         bar = tqdm(total=math.ceil(len(jobs) / bs) * st.steps, desc="sampling", unit="step", disable=not progress, leave=False)
         for s in range(0, len(jobs), bs):
             chunk = jobs[s : s + bs]
-            ids, pad = self.encode_prompts([p for p, _, _ in chunk], height, width)
-            negative = self.encode_prompts([q for _, _, q in chunk], height, width) if negative_prompt else None
+            ids, pad, _ = self.encode_prompts([p for p, _, _ in chunk], height, width)
+            negative = self.encode_prompts([q for _, _, q in chunk], height, width)[:2] if negative_prompt else None
             init = torch.full((len(chunk), gh, gw), mask_id, dtype=torch.long)
             if start is not None:
                 init[:] = start
@@ -547,4 +553,4 @@ class MDMSampler:
             settings_out["negative_prompts"] = [q for _, _, q in jobs]
         if outpaint is not None:
             settings_out["outpaint"] = [int(p) for p in outpaint]
-        return SamplerOutput(images, torch.cat(tokens), edits, settings_out, time.time() - t0)
+        return SamplerOutput(images, torch.cat(tokens), edits, settings_out, time.time() - t0, prompts_cut=cut)

@@ -13,7 +13,7 @@ import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -113,13 +113,20 @@ def load_text_tokenizer(spec: str, mask_token: str | None = None) -> TextTokeniz
     return HFTokenizer(spec, mask_token=mask_token)
 
 
-def tokenize_prompts(tokenizer: TextTokenizer, prompts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids ``[B, max_len]`` (long) and the padding mask ``[B, max_len]`` (True = padding).
+class TokenizedPrompts(NamedTuple):
+    ids: torch.Tensor  # [B, max_len] long
+    pad: torch.Tensor  # [B, max_len] bool, True = padding
+    cut: int  # how many prompts were longer than max_len and lost their end
+
+
+def tokenize_prompts(tokenizer: TextTokenizer, prompts: Sequence[str], max_len: int) -> TokenizedPrompts:
+    """Token ids and padding mask of ``prompts``, padded to ``max_len``.
 
     Prompts longer than ``max_len`` are truncated at the end (the micro-conditioning suffix would
-    be lost first, so keep ``max_len`` generous)."""
+    be lost first, so keep ``max_len`` generous): warned once per process and counted in ``cut``."""
     ids = torch.full((len(prompts), max_len), tokenizer.pad_id, dtype=torch.long)
     pad = torch.ones((len(prompts), max_len), dtype=torch.bool)
+    cut = 0
     for i, p in enumerate(prompts):
         t = tokenizer.encode(p)
         if len(t) > max_len:  # shown once per process (Python's default warning filter)
@@ -129,9 +136,10 @@ def tokenize_prompts(tokenizer: TextTokenizer, prompts: Sequence[str], max_len: 
                 stacklevel=2,
             )
             t = t[:max_len]
+            cut += 1
         ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         pad[i, : len(t)] = False
-    return ids, pad
+    return TokenizedPrompts(ids, pad, cut)
 
 
 def masked_prompt(tokenizer: TextTokenizer, batch: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:

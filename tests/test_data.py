@@ -262,6 +262,40 @@ def test_a_rerun_that_does_not_fit_the_dataset_is_refused_before_writing(shards_
     assert sorted(p.name for p in (out / "parts").iterdir() if p.is_dir()) == parts
 
 
+def test_add_buckets_writes_another_size_beside_the_dataset_and_reruns_resume(shards_dir, tokenizer_dir, tmp_path):
+    tar = tmp_path / "00000.tar"
+    tar.write_bytes((shards_dir / "00000.tar").read_bytes())
+    out = tmp_path / "ds.zarr"
+    assert run_preprocess([tar], out, tokenizer_dir, "--resolution", 64).returncode == 0
+    r = run_preprocess([tar], out, tokenizer_dir, "--resolution", 32)
+    assert r.returncode == 2 and "pass --add-buckets" in r.stderr, r.stderr
+    r = run_preprocess([tar], out, tokenizer_dir, "--resolution", 32, "--add-buckets")
+    assert r.returncode == 0, r.stderr
+    assert TokenShards(out).counts == {"32x32": 13, "64x64": 12}  # the 32x48 image fits 32 px
+    for res in (32, 64):  # either option set now resumes, with or without the flag
+        r = run_preprocess([tar], out, tokenizer_dir, "--resolution", res)
+        assert r.returncode == 0 and '"parts_already_done": 1' in r.stdout, r.stdout + r.stderr
+    # random crops at 64 px would put the tar in the 64x64 bucket twice
+    r = run_preprocess([tar], out, tokenizer_dir, "--resolution", 64, "--crop", "random", "--add-buckets")
+    assert r.returncode == 2 and "64x64 buckets already" in r.stderr, r.stderr
+    assert TokenShards(out).counts == {"32x32": 13, "64x64": 12}
+
+
+def test_consolidate_expects_every_part_a_run_planned(shards_dir, tokenizer_dir, tmp_path):
+    """A killed --add-buckets run leaves every tar with some part; its unfinished parts must still count."""
+    from megamdm.config import PreprocessConfig
+    from megamdm.data.preprocess import finalize, plan_parts
+
+    tar = tmp_path / "00000.tar"
+    tar.write_bytes((shards_dir / "00000.tar").read_bytes())
+    out = tmp_path / "ds.zarr"
+    assert run_preprocess([tar], out, tokenizer_dir, "--resolution", 64).returncode == 0
+    plan = plan_parts(out, [tar], KMeansPatchTokenizer.load(tokenizer_dir), PreprocessConfig(resolution=32), add_buckets=True)
+    assert len(plan) == 1  # planned, then killed before the part was written
+    with pytest.raises(ShardError, match="1 of 2 parts are not finished"):
+        finalize(out, tokenizer_dir, [tar])
+
+
 def test_a_part_written_by_0_1_counts_as_done(shards_dir, tokenizer_dir, tmp_path):
     """0.1.x named a part after its tar alone; a rerun over such a dataset must not add the tar twice."""
     import zarr
@@ -457,12 +491,12 @@ def test_codebook_hash_helper(tokenizer_dir):
 @pytest.mark.timeout(120)
 def test_preprocess_stops_when_a_worker_dies(shards_dir, tmp_path):
     from megamdm.config import PreprocessConfig
-    from megamdm.data.preprocess import run
+    from megamdm.data.preprocess import part_name, run
 
     # the workers cannot load the tokenizer: they die before sending their end-of-work marker
     with pytest.raises(RuntimeError, match="a preprocessing worker failed with exit code 1"):
         run(
-            sorted(shards_dir.glob("*.tar")),
+            {t: part_name(t) for t in shards_dir.glob("*.tar")},
             tmp_path / "ds.zarr",
             tmp_path / "no_tokenizer",
             PreprocessConfig(resolution=64, batch_size=4),

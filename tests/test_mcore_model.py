@@ -31,7 +31,7 @@ SPEC = LossSpec([8], [0.2], impl="torch")
 
 def batch(cfg, b=2, grid=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    ids, pad = tokenize_prompts(ByteTokenizer(), ["a red circle", "the blue square left of it"][:b], 24)
+    ids, pad, _ = tokenize_prompts(ByteTokenizer(), ["a red circle", "the blue square left of it"][:b], 24)
     img = torch.randint(0, cfg.image_vocab_size, (b, grid, grid), generator=g)
     dcfg = DiffusionConfig(prompt_drop=0.0, flip_ratio=0.3)
     return corrupt_batch(

@@ -114,7 +114,7 @@ def test_cond_and_uncond_run_in_one_forward_and_guidance_acts_on_the_head_input(
     s._hidden = lambda *a: (calls.append(a[0].shape[0]), inner(*a))[1]
     out = s(["a red circle", "a blue square"], steps=3, cfg=3.0, seed=1, progress=False, batch_size=2)
     assert calls == [4, 4, 4]  # one forward per step, batch 2 cond + 2 uncond
-    ids, pad = s.encode_prompts(["a red circle"], 32, 32)
+    ids, pad, _ = s.encode_prompts(["a red circle"], 32, 32)
     x = torch.full((1, 8, 8), s.cfg.model.image_mask_id)
     guided = s.guided_hidden_fn(ids, pad, s.default_settings(cfg=3.0))(x, 0)
     from megamdm.text import masked_prompt
@@ -378,8 +378,8 @@ def test_negative_prompt_replaces_only_the_unconditional_branch(ckpt):
     plain = s("a red circle", **kw)
     plain_calls, calls[:] = list(calls), []
     neg = s("a red circle", negative_prompt="a blue square", **kw)
-    cond, _ = s.encode_prompts(["a red circle"], 32, 32)
-    uncond, _ = s.encode_prompts(["a blue square"], 32, 32)
+    cond, _, _ = s.encode_prompts(["a red circle"], 32, 32)
+    uncond, _, _ = s.encode_prompts(["a blue square"], 32, 32)
     width = max(int((cond != s.text_tokenizer.pad_id).sum()), int((uncond != s.text_tokenizer.pad_id).sum()))
     for a, b in zip(plain_calls, calls):
         assert torch.equal(b[0, :width], cond[0, :width])  # the conditional row: the same prompt
@@ -459,3 +459,22 @@ def test_cli_out_that_is_a_file_is_one_line(ckpt, tmp_path):
     r = cli("--checkpoint", ckpt, "--prompt", "x", "--out", f)
     assert r.returncode == 2 and "is an existing file; give a folder" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and f.read_text() == "mine"
+
+
+@pytest.mark.parametrize("flag", [("--num-images-per-prompt", 0), ("--num-images-per-prompt", -2), ("--batch-size", 0)])
+def test_cli_a_count_below_one_is_refused_not_replaced(ckpt, tmp_path, flag):
+    """0 used to become the default silently (`args.n or default`)."""
+    r = cli("--checkpoint", ckpt, "--prompt", "x", "--steps", 1, "--out", tmp_path / "o", *flag)
+    assert r.returncode == 2 and flag[0].lstrip("-").replace("-", "_") in r.stderr.replace("-", "_"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_a_cut_prompt_is_counted_once_per_prompt(ckpt):
+    s = MDMSampler.from_pretrained(ckpt, device="cpu", dtype="fp32")
+    s.cfg.text.micro_conditioning = False  # its suffix alone would not fit the tiny model's 24 tokens
+    long = "a red circle " * (s.cfg.text.max_len // 4)
+    with pytest.warns(UserWarning, match="was cut"):
+        out = s([long, "a blue square"], num_images_per_prompt=2, steps=1, batch_size=1, progress=False)
+    assert out.prompts_cut == 1
+    out = s(["a blue square"], negative_prompt=long, steps=1, progress=False)
+    assert out.prompts_cut == 1

@@ -16,7 +16,7 @@ from megamdm.vq import KMeansPatchTokenizer
 
 def inputs(cfg, b=2, h=4, w=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    ids, pad = tokenize_prompts(ByteTokenizer(), ["a red circle", "two blue squares"][:b], 16)
+    ids, pad, _ = tokenize_prompts(ByteTokenizer(), ["a red circle", "two blue squares"][:b], 16)
     img = torch.randint(0, cfg.image_vocab_size + 1, (b, h, w), generator=g)
     return ids, pad, img
 
@@ -154,7 +154,7 @@ def test_tiny_model_overfits_a_few_token_grids(tiny_model_cfg):
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     grids = torch.randint(0, cfg.image_vocab_size, (4, 8, 8), generator=g)
-    ids, pad = tokenize_prompts(ByteTokenizer(), ["grid zero", "grid one", "grid two", "grid three"], 12)
+    ids, pad, _ = tokenize_prompts(ByteTokenizer(), ["grid zero", "grid one", "grid two", "grid three"], 12)
     dcfg = DiffusionConfig(prompt_drop=0.0, flip_ratio=0.2)
     spec = LossSpec([8], [0.2], impl="torch")
     losses = []

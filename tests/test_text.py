@@ -14,7 +14,8 @@ def test_template_carries_micro_conditioning():
 @pytest.mark.filterwarnings("ignore:a prompt longer than text.max_len")
 def test_byte_tokenizer_padding_and_truncation():
     tok = ByteTokenizer()
-    ids, pad = tokenize_prompts(tok, ["ab", "héllo", "x" * 20], max_len=6)
+    ids, pad, cut = tokenize_prompts(tok, ["ab", "héllo", "x" * 20], max_len=6)
+    assert cut == 1  # "héllo" is 6 bytes: it fits exactly and is not counted
     assert ids[0, :2].tolist() == [97, 98] and pad[0].tolist() == [False, False] + [True] * 4
     assert (ids[0, 2:] == tok.pad_id).all()
     assert tok.decode(ids[1][~pad[1]].tolist()) == "héllo"
@@ -33,7 +34,7 @@ def test_hf_tokenizer_from_local_directory(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>", "mask_token": "<mask>"}))
     tok = HFTokenizer(tmp_path)
     assert (tok.pad_id, tok.mask_id, tok.vocab_size) == (0, 1, 6)
-    ids, pad = tokenize_prompts(tok, ["a red circle", "a blue circle"], max_len=4)
+    ids, pad, _ = tokenize_prompts(tok, ["a red circle", "a blue circle"], max_len=4)
     assert ids[0, :3].tolist() == [3, 4, 5] and pad[0, 3]
     assert ids[1, 1].item() == 2  # unknown word
     with pytest.raises(ValueError, match="not in the vocabulary"):
@@ -44,5 +45,5 @@ def test_a_cut_prompt_is_said_not_silent():
     from megamdm.text import ByteTokenizer, tokenize_prompts
 
     with pytest.warns(UserWarning, match="a prompt longer than text.max_len=4 tokens was cut"):
-        ids, pad = tokenize_prompts(ByteTokenizer(), ["hello world", "hi"], 4)
-    assert not pad[0].any() and pad[1].tolist() == [False, False, True, True]
+        ids, pad, cut = tokenize_prompts(ByteTokenizer(), ["hello world", "hi"], 4)
+    assert cut == 1 and not pad[0].any() and pad[1].tolist() == [False, False, True, True]

@@ -368,6 +368,9 @@ def test_train_step_can_be_driven_and_the_window_counts_what_happened(toy_datase
     assert r["window_samples"] == 16 and r["window_tokens"] == 16 * h * w  # 2 steps x global batch 8
     assert all(x["logged_flops"] == pytest.approx(x["flops"]) for x in r["steps"])  # what the log counts
     assert r["summary"]["tflops_per_gpu"] > 0
+    # "pattern 3 | size 32x32 | crop 0,0 | score 6.0" is longer than text.max_len 24: all 16 are cut
+    # and counted over both data-parallel ranks
+    assert r["summary"]["prompts_cut"] == 16
 
 
 def test_train_cli_prints_bad_input_as_one_line(toy_dataset, tmp_path):

@@ -5,10 +5,13 @@
     torchrun --nproc-per-node 8 tools/preprocess.py --input ... --device cuda     # one GPU per rank
     srun ... python tools/preprocess.py --input ...
     python tools/preprocess.py --input ... --out ... --tokenizer tok/ --consolidate     # after all ranks
+    python tools/preprocess.py --input ... --out data/laion.zarr ... --resolution 512 --add-buckets
 
 Each rank takes a slice of the input shards (RANK/WORLD_SIZE from torchrun or srun, or --rank/--world)
 and writes its own parts; --workers runs several local processes. Finished parts are skipped on a
-rerun. Corrupt, uncaptioned and too-small samples are skipped and counted in the part attrs.
+rerun with the same options; other options are refused, or with --add-buckets written as new bucket
+sizes beside the existing ones (one dataset for a 256 -> 512 -> 1024 curriculum). Corrupt,
+uncaptioned and too-small samples are skipped and counted in the part attrs.
 """
 
 from __future__ import annotations
@@ -36,13 +39,18 @@ def main(argv=None) -> int:
     ap.add_argument("--world", type=int, default=None)
     ap.add_argument("--consolidate", action="store_true", help="only write the index (with the --input it was made from)")
     ap.add_argument("--partial", action="store_true", help="with --consolidate: index the finished parts, mark partial")
+    ap.add_argument(
+        "--add-buckets",
+        action="store_true",
+        help="into an existing dataset: add these options' bucket sizes (e.g. another --resolution) beside its own",
+    )
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
     import torch
 
     from megamdm.config import PreprocessConfig
-    from megamdm.data.preprocess import check_rerun, env_rank, finalize, rank_slice, run
+    from megamdm.data.preprocess import env_rank, finalize, plan_parts, rank_slice, run
     from megamdm.data.shards import ShardError
 
     out, tok = Path(args.out), Path(args.tokenizer)
@@ -87,8 +95,10 @@ def main(argv=None) -> int:
             device_id=int(os.environ.get("LOCAL_RANK", 0)) if device == "cuda" else None,
         )
         mine = rank_slice([Path(t) for t in tars], rank, world)
-        check_rerun(out, mine, tokenizer, opts)
-        stats = run(mine, out, tok, opts, workers=args.workers, progress=not args.quiet)
+        plan = plan_parts(out, mine, tokenizer, opts, add_buckets=args.add_buckets)
+        stats = run(plan, out, tok, opts, workers=args.workers, progress=not args.quiet)
+        if len(mine) > len(plan):
+            stats["parts_already_done"] = len(mine) - len(plan)
         print(f"rank {rank}/{world}: {json.dumps(stats)}")
         if world > 1 and "MASTER_ADDR" in os.environ:
             import torch.distributed as dist

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         jobs, layout = load_prompts(
             prompts=args.prompt, prompts_file=args.prompts, geneval_metadata=args.geneval_metadata, dpg_prompts=args.dpg_prompts
         )
-        n_per = args.num_images_per_prompt or (4 if layout == "dpg" else 1)
+        n_per = args.num_images_per_prompt if args.num_images_per_prompt is not None else (4 if layout == "dpg" else 1)
         writer = SampleWriter(args.out, layout, images_per_prompt=n_per, checkpoint=args.checkpoint)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
@@ -147,6 +147,8 @@ def main(argv=None) -> int:
                 jobs, lambda k: {**recorded, "seed": args.seed + k * n_per}, overwrite=args.overwrite
             )
         }
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size} is not allowed: give 1 or more, or leave it out to fit memory")
         batch_size = args.batch_size or sampler.auto_batch_size(height, width, settings, len(pending) * n_per)
     except (ValueError, CheckpointError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -160,7 +162,7 @@ def main(argv=None) -> int:
         print(f"skipping {done} prompts already finished in {out}")
     t0 = time.time()
     n_images = 0
-    edits_total, edit_steps = 0, 0
+    edits_total, edit_steps, prompts_cut = 0, 0, 0
     per_call = max(1, batch_size // n_per)
     bar = tqdm(total=len(todo), desc="prompts", unit="prompt", disable=args.quiet)
     for s in range(0, len(todo), per_call):
@@ -180,6 +182,7 @@ def main(argv=None) -> int:
             progress=False,
             **fields,
         )
+        prompts_cut += res.prompts_cut
         for e in res.edits_per_step:
             edits_total += sum(e)
             edit_steps += len(e)
@@ -200,6 +203,8 @@ def main(argv=None) -> int:
             f"wrote {n_images} images for {len(todo)} prompts to {out} in {dt:.1f}s "
             f"({dt / max(n_images, 1):.3f} s/image, {edits_total / max(edit_steps, 1):.2f} edits/step/image)"
         )
+    if prompts_cut:
+        print(f"warning: {prompts_cut} prompts were longer than text.max_len tokens and lost their end", file=sys.stderr)
     return 0
 
 

@@ -79,6 +79,7 @@ class MicroBatch:
     corrupted: Corrupted
     resolution: str
     sample_ids: torch.Tensor  # [B, 2] (dataset index, sample index within its resolution bucket)
+    prompts_cut: int = 0  # captions longer than text.max_len, truncated
 
 
 class EpochPlan:
@@ -166,7 +167,7 @@ class StepBatches(torch.utils.data.Dataset):
             )
             for c, o, cr, s in zip(captions, orig, crop, score)
         ]
-        ids, pad = tokenize_prompts(self.tok, texts, t.max_len)
+        ids, pad, cut = tokenize_prompts(self.tok, texts, t.max_len)
         img = self.groups.to_model(torch.from_numpy(np.stack(tokens).astype(np.int64)))
         seeds = [_mix(self.cfg.data.seed, epoch, zlib.crc32(res.encode()), int(i)) for i in idx]
         c = corrupt_batch(
@@ -179,7 +180,7 @@ class StepBatches(torch.utils.data.Dataset):
             flip_group_size=self.groups.group_sizes[0] if self.groups.group_sizes else 1,
             seeds=seeds,
         )
-        return MicroBatch(c, res, torch.from_numpy(np.stack([ds, idx], axis=1)))
+        return MicroBatch(c, res, torch.from_numpy(np.stack([ds, idx], axis=1)), cut)
 
     def __getitem__(self, step: int) -> list[MicroBatch]:
         return [self.micro_batch(step, m) for m in range(self.nmb)]

@@ -19,7 +19,7 @@ import torch
 from ..config import PreprocessConfig
 from ..vq import codebook_hash, load_image_tokenizer, tokenizer_kind
 from . import dali
-from .shards import BucketBuffer, consolidate, part_attrs, part_done, read_part_attrs, res_key, write_part
+from .shards import BucketBuffer, consolidate, part_attrs, res_key, write_part
 
 
 def _stem(tar: Path) -> str:
@@ -34,12 +34,6 @@ def part_name(tar: Path) -> str:
     return f"{_stem(tar)}-{hashlib.sha1(str(tar.resolve()).encode()).hexdigest()[:10]}"
 
 
-def legacy_part_done(out: Path, tar: Path) -> bool:
-    """A part that 0.1.x wrote for this tar (named after the tar alone, its ``source`` the path given)."""
-    source = (read_part_attrs(out, _stem(tar)) or {}).get("source")
-    return source is not None and Path(source).resolve() == tar.resolve()
-
-
 def source_identity(tar: Path, opts: PreprocessConfig) -> dict:
     """What a part records about how it was made; a rerun must match it to reuse the part."""
     st = tar.stat()
@@ -47,14 +41,39 @@ def source_identity(tar: Path, opts: PreprocessConfig) -> dict:
         "source": str(tar.resolve()),
         "source_size": st.st_size,
         "source_mtime_ns": st.st_mtime_ns,
-        "options": {"resolution": opts.resolution, "aspect_buckets": opts.aspect_buckets, "crop": opts.crop},
+        "options": _options(opts),
     }
 
 
-def check_rerun(out: Path, tars: Sequence[Path], tokenizer, opts: PreprocessConfig) -> None:
-    """Refuse, before anything is written, a run that does not fit the dataset already at ``out``:
-    parts of another codebook, or a finished part of one of ``tars`` made from other contents or
-    with other options. (The same ones resume: their parts are skipped.)"""
+def _options(opts: PreprocessConfig) -> dict:
+    return {"resolution": opts.resolution, "aspect_buckets": opts.aspect_buckets, "crop": opts.crop}
+
+
+def _bucket_keys(options: dict, downsample: int) -> set[str]:
+    return {res_key(*b) for b in dali.buckets_for(options["resolution"], options["aspect_buckets"], 2 * downsample)}
+
+
+def _of_tar(attrs: dict, tar: Path) -> bool:
+    source = attrs.get("source")  # 0.1.x recorded the path as given, later versions the absolute one
+    return source is not None and Path(source).resolve() == tar.resolve()
+
+
+def _difference(had: dict | None, had_keys: set[str], want: dict, want_keys: set[str]) -> str | None:
+    """How a part's options differ from this run's (None: the part is what this run would write)."""
+    if had is None:  # a 0.1.x part records no options: compare the buckets it holds
+        return None if had_keys <= want_keys else f"holds buckets {sorted(had_keys)} (now {sorted(want_keys)})"
+    diff = [f"--{k.replace('_', '-')} {had.get(k)!r} (now {v!r})" for k, v in want.items() if had.get(k) != v]
+    return f"was made with {', '.join(diff)}" if diff else None
+
+
+def plan_parts(
+    out: Path, tars: Sequence[Path], tokenizer, opts: PreprocessConfig, *, add_buckets: bool = False
+) -> dict[Path, str]:
+    """The part name each of ``tars`` still needs; a tar with a finished part made with these options
+    is left out (a rerun resumes). Before anything is written, refuses parts of another codebook and
+    a tar whose part was made from other contents or, unless ``add_buckets``, with other options;
+    ``add_buckets`` writes a second part of the tar at bucket sizes the dataset does not hold yet.
+    The plan is recorded in ``.tmp/planned/`` so that consolidation expects these parts."""
     from .shards import ShardError
 
     existing = part_attrs(out)
@@ -65,27 +84,51 @@ def check_rerun(out: Path, tars: Sequence[Path], tokenizer, opts: PreprocessConf
                 f"{out} holds parts tokenised with codebook {attrs.get('codebook_hash')} (part {name}); "
                 f"this tokenizer's is {want_hash}: use another --out"
             )
+    want = _options(opts)
+    want_keys = _bucket_keys(want, tokenizer.downsample)
+    plan = {}
     for tar in tars:
-        attrs = existing.get(part_name(tar))
-        if attrs is None:
-            continue
-        want = source_identity(tar, opts)
-        had = attrs.get("options", {})
-        if any(attrs.get(k) != want[k] for k in ("source_size", "source_mtime_ns")):
-            raise ShardError(f"{out}: the part of {tar} exists but its tar changed since; use another --out")
-        for k, v in want["options"].items():
-            if had.get(k) != v:
+        mine = {n: a for n, a in existing.items() if _of_tar(a, tar)}
+        st = tar.stat()
+        differences = []
+        for name, attrs in mine.items():
+            if attrs.get("source_size", st.st_size) != st.st_size or attrs.get("source_mtime_ns", st.st_mtime_ns) != (
+                st.st_mtime_ns
+            ):
+                raise ShardError(f"{out}: the part of {tar} exists but its tar changed since; use another --out")
+            had = attrs.get("options")
+            had_keys = _bucket_keys(had, tokenizer.downsample) if had else set(attrs.get("counts", {}))
+            diff = _difference(had, had_keys, want, want_keys)
+            if diff is None:
+                break
+            differences.append((name, diff, had_keys))
+        else:
+            if differences and not add_buckets:
                 raise ShardError(
-                    f"{out}: the part of {tar} exists but was made with --{k.replace('_', '-')} {had.get(k)!r} "
-                    f"(now {v!r}); use another --out"
+                    f"{out}: the part of {tar} {differences[0][1]}; pass --add-buckets to add these buckets "
+                    "beside it, or use another --out"
                 )
+            taken = sorted({k for _, _, keys in differences for k in keys} & want_keys)
+            if taken:
+                raise ShardError(
+                    f"{out}: --add-buckets adds bucket sizes the dataset lacks, but {tar} is in its "
+                    f"{', '.join(taken)} buckets already; use another --out"
+                )
+            plan[tar] = part_name(tar) + (f"-{_options_tag(want)}" if mine else "")
+    planned = out / ".tmp" / "planned"
+    planned.mkdir(parents=True, exist_ok=True)
+    for name in plan.values():
+        (planned / name).touch()
+    return plan
 
 
-def preprocess_shard(tar: Path, out: Path, tokenizer, opts: PreprocessConfig, decoder: dali.Decoder) -> dict:
+def _options_tag(options: dict) -> str:
+    tag = str(options["resolution"]) + ("-aspect" if options["aspect_buckets"] else "")
+    return tag + ("" if options["crop"] == "center" else f"-{options['crop']}")
+
+
+def preprocess_shard(tar: Path, name: str, out: Path, tokenizer, opts: PreprocessConfig, decoder: dali.Decoder) -> dict:
     """Tokenise one tar into ``out/parts/<name>``; returns counts (``written``, ``skipped``...)."""
-    name = part_name(tar)
-    if part_done(out, name) or legacy_part_done(out, tar):
-        return {"name": name, "skipped_part": True}
     idx_dir = out / ".tmp" / "index"
     idx_dir.mkdir(parents=True, exist_ok=True)
     idx = idx_dir / f"{name}.idx"
@@ -171,29 +214,30 @@ def die_with_parent(parent: int) -> None:
 
 
 def _worker(args):
-    tars, out, tok_path, opts, queue, parent = args
+    parts, out, tok_path, opts, queue, parent = args
     die_with_parent(parent)
     torch.set_num_threads(1)
     tok = load_image_tokenizer(tokenizer_kind(tok_path), tok_path)
     if opts.device == "cuda" and hasattr(tok, "vq"):
         tok.vq.to("cuda")
     decoder = dali.Decoder(opts.device, opts.device_id, opts.batch_size, opts.num_threads)
-    for t in tars:
-        queue.put(preprocess_shard(Path(t), Path(out), tok, opts, decoder))
+    for tar, name in parts:
+        queue.put(preprocess_shard(Path(tar), name, Path(out), tok, opts, decoder))
     queue.put(None)
 
 
 def run(
-    tars: Sequence[Path], out: Path, tokenizer_path: Path, opts: PreprocessConfig, *, workers: int = 1, progress: bool = True
+    plan: dict[Path, str], out: Path, tokenizer_path: Path, opts: PreprocessConfig, *, workers: int = 1, progress: bool = True
 ) -> dict:
-    """Preprocess ``tars`` with ``workers`` local processes; returns summed counts."""
+    """Write the parts of ``plan`` (tar -> part name, from :func:`plan_parts`) with ``workers`` local
+    processes; returns summed counts."""
     import multiprocessing as mp
     import queue as queue_lib
 
     from tqdm.auto import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
-    tars = sorted(Path(t) for t in tars)
+    tars = sorted((Path(t), name) for t, name in plan.items())
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     workers = max(1, min(workers, len(tars)))
@@ -219,15 +263,12 @@ def run(
         if res is None:
             done += 1
             continue
-        if res.get("skipped_part"):
-            totals["parts_already_done"] += 1
-        else:
-            totals["samples_in"] += res["samples_in"]
-            totals["written"] += res["written"]
-            for k, v in res["skipped"].items():
-                totals[f"skipped_{k}"] += v
-            for k, v in res.get("replaced", {}).items():
-                totals[f"replaced_{k}"] += v
+        totals["samples_in"] += res["samples_in"]
+        totals["written"] += res["written"]
+        for k, v in res["skipped"].items():
+            totals[f"skipped_{k}"] += v
+        for k, v in res.get("replaced", {}).items():
+            totals[f"replaced_{k}"] += v
         bar.update(1)
         bar.set_postfix(
             samples_per_s=f"{totals['written'] / max(time.time() - t0, 1e-9):.0f}",
@@ -243,13 +284,21 @@ def run(
 
 
 def finalize(out: Path, tokenizer_path: Path, tars: Sequence[Path] | None, *, partial: bool = False) -> dict:
-    """Consolidate ``out``, expecting a part of each of ``tars`` (None: unknown, with ``partial``)."""
+    """Consolidate ``out``, expecting a part of each of ``tars`` (None: unknown, with ``partial``) and
+    every part a run planned (:func:`plan_parts`)."""
     tok = load_image_tokenizer(tokenizer_kind(tokenizer_path), tokenizer_path)
-    expected = None
-    if tars is not None:
-        expected = [p for p in map(Path, tars) if not legacy_part_done(out, p)]
-        expected = [part_name(p) for p in expected]
-    return consolidate(out, tokenizer=tok.name, codebook_hash=codebook_hash(tok.codebook()), expected=expected, partial=partial)
+    planned = out / ".tmp" / "planned"
+    expected = {p.name for p in planned.iterdir()} if planned.is_dir() else set()
+    done = part_attrs(out)
+    for tar in map(Path, tars or []):
+        expected |= {n for n, a in done.items() if _of_tar(a, tar)} or {part_name(tar)}
+    return consolidate(
+        out,
+        tokenizer=tok.name,
+        codebook_hash=codebook_hash(tok.codebook()),
+        expected=sorted(expected) if tars is not None or expected else None,
+        partial=partial,
+    )
 
 
 def rank_slice(items: Sequence, rank: int, world: int) -> list:

@@ -65,7 +65,7 @@ def load_demo(directory: Path, groups, text_tokenizer, max_len: int):
     h, w = parse_res(rk)
     got = shards.read(rk, np.arange(shards.counts[rk]), ("tokens", "captions"))
     texts = [format_prompt(c, width=w, height=h, micro_conditioning=False) for c in got["captions"]]
-    ids, pad = tokenize_prompts(text_tokenizer, texts, max_len)
+    ids, pad, _ = tokenize_prompts(text_tokenizer, texts, max_len)
     tokens = groups.to_model(torch.from_numpy(np.stack(got["tokens"]).astype(np.int64)))
     return tokens, ids, pad
 

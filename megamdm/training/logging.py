@@ -24,6 +24,7 @@ UNITS = [
     ("data_wait_ms", "{:.1f}"),
     ("step_time_s", "{:.3f}"),
     ("peak_mem_gb", "{:.2f}"),
+    ("prompts_cut", "{:d}"),  # shown only when a caption was longer than text.max_len
 ]
 
 

@@ -81,7 +81,7 @@ def sample_token_grid(
         for p in prompts
     ]
     b = len(prompts)
-    ids, pad = tokenize_prompts(text_tokenizer, texts, cfg.text.max_len)
+    ids, pad, _ = tokenize_prompts(text_tokenizer, texts, cfg.text.max_len)
     uid, upad = masked_prompt(text_tokenizer, b, cfg.text.max_len)
     both_ids, both_pad = torch.cat([ids, uid]).to(device), torch.cat([pad, upad]).to(device)
     ids, pad = ids.to(device), pad.to(device)

@@ -146,6 +146,7 @@ class StepResult:
     grad_norm: float | None
     grid: tuple[int, int]  # the token grid of this step's batch
     wait_s: float  # time spent waiting for the batch
+    prompts_cut: int = 0  # captions of the global batch longer than text.max_len
 
 
 @dataclass
@@ -158,6 +159,7 @@ class MetricsWindow:
     tokens: int = 0
     flops: float = 0.0
     wait_s: float = 0.0
+    prompts_cut: int = 0
     grad_norm: float | None = None
     t0: float = field(default_factory=time.perf_counter)
 
@@ -169,6 +171,7 @@ class MetricsWindow:
         self.tokens += samples * r.grid[0] * r.grid[1]
         self.flops += flops
         self.wait_s += r.wait_s
+        self.prompts_cut += r.prompts_cut
         self.grad_norm = r.grad_norm if r.grad_norm is not None else self.grad_norm
 
     def summary(self, *, world: int, peak: float) -> dict:
@@ -186,6 +189,7 @@ class MetricsWindow:
             "data_wait_ms": 1e3 * self.wait_s / max(self.steps, 1),
             "step_time_s": dt / max(self.steps, 1),
             "peak_mem_gb": peak_memory_gb(),
+            "prompts_cut": self.prompts_cut or None,
         }
 
 
@@ -344,10 +348,11 @@ class Trainer:
             micro_batch_size=batches[0].image_input.shape[0],
             forward_only=False,
         )
-        sums = torch.zeros(len(STEP_SUMS), dtype=torch.float64, device=self.device)
+        sums = torch.zeros(len(STEP_SUMS) + 1, dtype=torch.float64, device=self.device)  # + prompts cut
         if ps.is_pipeline_last_stage():
             for o in out:
-                sums += o["sums"].to(sums)
+                sums[:-1] += o["sums"].to(sums)
+            sums[-1] = sum(m.prompts_cut for m in micro)
             dist.all_reduce(sums, group=ps.get_data_parallel_group())
         finite = torch.tensor([1.0 if all(math.isfinite(v) for v in sums.tolist()) else 0.0], device=self.device)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -360,7 +365,8 @@ class Trainer:
         self.step += 1
         if ps.get_pipeline_model_parallel_world_size() > 1:  # the logging rank is on the last stage
             dist.broadcast(sums, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
-        return StepResult(sums.cpu(), bool(finite.item() > 0), grad_norm, (gh, gw), wait)
+        sums = sums.cpu()
+        return StepResult(sums[:-1], bool(finite.item() > 0), grad_norm, (gh, gw), wait, int(sums[-1]))
 
     # ---- the run ---------------------------------------------------------------------------------
     def train(self) -> dict:
