@@ -373,9 +373,20 @@ def test_train_step_can_be_driven_and_the_window_counts_what_happened(toy_datase
     assert r["summary"]["prompts_cut"] == 16
 
 
-def test_train_cli_prints_bad_input_as_one_line(toy_dataset, tmp_path):
-    """A config that only the data can refuse (7 samples over micro-batches of 2) ends in one line, exit 2."""
-    ov = overrides(toy_dataset, **{"data.global_batch_size": 7})
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (
+            {"data.global_batch_size": 7},
+            "data.global_batch_size=7 is not a multiple of data-parallel size 1 x micro_batch_size 2",
+        ),
+        ({"data.shards": "[/nonexistent/ds.zarr]"}, "/nonexistent/ds.zarr: not a zarr token-shard dataset (no zarr.json)"),
+        ({"data.resolutions": "[64x64]"}, "data.resolutions ['64x64'] are not in the datasets (have ['32x32'])"),
+    ],
+)
+def test_train_cli_prints_bad_input_as_one_line(toy_dataset, tmp_path, bad, message):
+    """A config that only the data can refuse ends in one line, exit 2."""
+    ov = overrides(toy_dataset, **bad)
     cmd = [sys.executable, "-m", "megamdm.train", "--config", str(ROOT / "configs/model/tiny.yaml")]
     for o in ov:
         cmd += ["--set", o]
@@ -383,5 +394,5 @@ def test_train_cli_prints_bad_input_as_one_line(toy_dataset, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: data.global_batch_size=7 is not a multiple of data-parallel size 1 x micro_batch_size 2"]
+    assert errors == [f"error: {message}"]
     assert "Traceback" not in r.stderr
