@@ -140,6 +140,9 @@ class DataConfig:
     prefetch: int = 4  # batches in flight per worker
     reader: str = choice("auto", "tensorstore", "zarr")  # auto: tensorstore when installed
     seed: int = 1234
+    valid_shards: list[str] = field(default_factory=list)  # held-out datasets for train.eval_interval
+    valid_samples: int = 256  # the first this many validation samples (fixed order) are evaluated
+    valid_mask_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # fixed t per pass
 
 
 @dataclass
@@ -158,10 +161,17 @@ class TrainConfig:
     steps: int = 1000
     seed: int = 1234
     exit_after_steps: int = 0  # stop (with a checkpoint) after this many steps in this process; 0: off
+    ema_decay: float = 0.0  # EMA of the fp32 master weights (e.g. 0.999); 0: off
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) at update n
+    eval_interval: int = 0  # validation loss every this many steps (and at the end); 0: off
 
     def validate(self) -> None:
         if self.recompute not in (None, "full", "selective"):
             raise ConfigError(f"train.recompute={self.recompute!r} is not one of null, full, selective")
+        if not (self.ema_decay == 0.0 or 0.0 < self.ema_decay < 1.0):
+            raise ConfigError(f"train.ema_decay={self.ema_decay} must be in (0, 1), or 0 for no EMA")
+        if self.eval_interval < 0:
+            raise ConfigError(f"train.eval_interval={self.eval_interval} must be >= 0 (0: no validation)")
         if self.fp8_first_last_bf16 and self.fp8_recipe == "delayed":
             raise ConfigError(
                 "train.fp8_first_last_bf16 needs a current-scaling recipe: "

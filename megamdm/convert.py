@@ -17,8 +17,9 @@ safetensors writer, and the HF reader memory-maps its shards.
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -228,6 +229,50 @@ class TorchDistReader:
         return t if dtype is None else t.to(dtype)
 
 
+# ---- EMA weights in a training checkpoint (megamdm/training/ema.py writes them) ----------------------
+EMA_PREFIX = "ema:"
+
+
+def ema_key(key: str, offset: Sequence[int], shape: Sequence[int]) -> str:
+    """The checkpoint key of the EMA of box ``offset``/``shape`` of model tensor ``key`` (a 1-D tensor)."""
+    return f"{EMA_PREFIX}{key}:{','.join(map(str, offset))}:{','.join(map(str, shape))}"
+
+
+def _ema_boxes(reader: TorchDistReader) -> dict[str, list[tuple[str, tuple, tuple]]]:
+    if not hasattr(reader, "_ema_boxes"):
+        boxes: dict[str, list] = {}
+        for k in reader.keys():
+            if k.startswith(EMA_PREFIX):
+                key, off, shp = k[len(EMA_PREFIX) :].rsplit(":", 2)
+                boxes.setdefault(key, []).append((k, tuple(map(int, off.split(","))), tuple(map(int, shp.split(",")))))
+        reader._ema_boxes = boxes
+    return reader._ema_boxes
+
+
+def has_ema(reader: TorchDistReader) -> bool:
+    return bool(_ema_boxes(reader))
+
+
+def load_ema_region(reader: TorchDistReader, key: str, offset: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """The EMA of the box ``offset``/``shape`` of model tensor ``key`` (fp32), assembled from the saved
+    boxes that overlap it, whatever the layout they were saved at."""
+    out = torch.empty(tuple(shape), dtype=torch.float32)
+    covered = 0
+    for saved, o, sh in _ema_boxes(reader).get(key, []):
+        lo = [max(a, b) for a, b in zip(o, offset)]
+        hi = [min(a + n, b + m) for a, n, b, m in zip(o, sh, offset, shape)]
+        if any(x >= y for x, y in zip(lo, hi)):
+            continue
+        t = reader.load(saved).view(sh)
+        out[tuple(slice(x - b, y - b) for x, y, b in zip(lo, hi, offset))] = t[
+            tuple(slice(x - a, y - a) for x, y, a in zip(lo, hi, o))
+        ]
+        covered += math.prod(y - x for x, y in zip(lo, hi))
+    if covered != math.prod(shape):
+        raise ConversionError(f"{reader.dir}: the EMA weights of {key} are missing or incomplete")
+    return out
+
+
 # ---- the converters -----------------------------------------------------------------------------
 def resolve_iteration_dir(path) -> Path:
     """A run directory (with ``latest_checkpointed_iteration.txt``) or an ``iter_NNNNNNN`` directory."""
@@ -247,10 +292,22 @@ def resolve_iteration_dir(path) -> Path:
     )
 
 
+WEIGHTS = ("auto", "ema", "raw")
+
+
 def to_single(
-    checkpoint, out, *, dtype: torch.dtype | None = None, config: Config | None = None, overwrite: bool = False
+    checkpoint,
+    out,
+    *,
+    dtype: torch.dtype | None = None,
+    config: Config | None = None,
+    overwrite: bool = False,
+    weights: str = "auto",
 ) -> Path:
-    """torch_dist checkpoint (any TP/PP, TE or local spec) -> single-GPU-format directory."""
+    """torch_dist checkpoint (any TP/PP, TE or local spec) -> single-GPU-format directory.
+
+    ``weights``: ``ema`` the checkpoint's EMA weights, ``raw`` the last step's, ``auto`` the EMA when
+    the checkpoint has one; ``config.json`` records which (``weights``)."""
     from .config import load_config
     from .gce import GCEGroups
     from .pretrained import write_single
@@ -271,9 +328,29 @@ def to_single(
     groups = GCEGroups.load(config.gce.groups_file).with_weights(config.gce.group_weights)
     image_tok = load_image_tokenizer(config.image_tokenizer.kind, config.image_tokenizer.path)
     text_tok = load_text_tokenizer(config.text.tokenizer, config.text.mask_token)
-    pairs = mcore_to_standalone(reader.keys(), lambda k: reader.load(k, dtype), m, expected_shapes=shapes)
+    if weights not in WEIGHTS:
+        raise ConversionError(f"--weights {weights!r} is not one of {', '.join(WEIGHTS)}")
+    if weights == "ema" and not has_ema(reader):
+        raise ConversionError(f"{it_dir} holds no EMA weights (it was trained with train.ema_decay=0); use --weights raw")
+    use_ema = has_ema(reader) if weights == "auto" else weights == "ema"
+
+    def load(key):
+        if not use_ema:
+            return reader.load(key, dtype)
+        md = reader.meta[key]
+        return load_ema_region(reader, key, (0,) * len(md.size), tuple(md.size)).to(dtype or md.properties.dtype)
+
+    model_keys = [k for k in reader.keys() if not k.startswith(EMA_PREFIX)]
+    pairs = mcore_to_standalone(model_keys, load, m, expected_shapes=shapes)
     return write_single(
-        out, _check_shapes(pairs, shapes, str(it_dir)), config, groups, image_tok, text_tok, overwrite=overwrite
+        out,
+        _check_shapes(pairs, shapes, str(it_dir)),
+        config,
+        groups,
+        image_tok,
+        text_tok,
+        overwrite=overwrite,
+        weights="ema" if use_ema else "raw",
     )
 
 

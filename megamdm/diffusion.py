@@ -81,12 +81,14 @@ def corrupt_sample(
     text_mask_id: int,
     flip_group_size: int,
     generator: torch.Generator,
+    mask_ratio: float | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Corrupt one sample. ``image_ids`` are model-order ids of any shape; returns
-    (text_ids, text_pad_mask, image_input, loss_weight, is_masked, is_flipped, t)."""
+    (text_ids, text_pad_mask, image_input, loss_weight, is_masked, is_flipped, t). ``mask_ratio``
+    fixes ``t`` instead of drawing it (validation)."""
     flat = image_ids.reshape(-1)
     n = flat.numel()
-    t = sample_mask_ratio(cfg, generator)
+    t = sample_mask_ratio(cfg, generator) if mask_ratio is None else float(mask_ratio)
     k = num_masked(t, n, cfg.eps)
     order = torch.randperm(n, generator=generator)
     masked = torch.zeros(n, dtype=torch.bool)
@@ -117,8 +119,10 @@ def corrupt_batch(
     text_mask_id: int,
     flip_group_size: int,
     seeds: Sequence[int],
+    mask_ratio: float | None = None,
 ) -> Corrupted:
-    """Corrupt a batch ``[B, h, w]`` with one generator per sample, seeded by ``seeds[i]``."""
+    """Corrupt a batch ``[B, h, w]`` with one generator per sample, seeded by ``seeds[i]`` (at a
+    fixed ``t = mask_ratio`` when given)."""
     if cfg.flip_ratio > 0 and cfg.flip_mode == "group" and flip_group_size < 2:
         raise ValueError("diffusion.flip_mode=group needs a level-0 GCE group size of at least 2")
     if len(seeds) != image_ids.shape[0]:
@@ -136,6 +140,7 @@ def corrupt_batch(
                 text_mask_id=text_mask_id,
                 flip_group_size=flip_group_size,
                 generator=g,
+                mask_ratio=mask_ratio,
             )
         )
     cols = list(zip(*outs))

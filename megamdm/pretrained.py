@@ -106,12 +106,13 @@ class ShardedSafetensorsWriter:
         (self.dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _config_json(cfg: Config, groups: GCEGroups, text_tok_rel: str, image_kind: str) -> dict:
+def _config_json(cfg: Config, groups: GCEGroups, text_tok_rel: str, image_kind: str, weights: str | None) -> dict:
     text = dataclasses.asdict(cfg.text)
     text["tokenizer"] = text_tok_rel
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        **({"weights": weights} if weights else {}),  # "ema" or "raw" when converted from a training checkpoint
         "model": dataclasses.asdict(cfg.model),
         "text": text,
         "image_tokenizer": {"kind": image_kind, "path": IMAGE_TOKENIZER_DIR},
@@ -134,6 +135,7 @@ def write_single(
     *,
     overwrite: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    weights: str | None = None,
 ) -> Path:
     """Write a single-GPU-format directory from a stream of ``(name, tensor)`` pairs.
 
@@ -162,7 +164,7 @@ def write_single(
         if getattr(text_tokenizer, "name", "byte") != "byte":
             shutil.copytree(text_tokenizer.directory, tmp / TEXT_TOKENIZER_DIR)
             text_rel = TEXT_TOKENIZER_DIR
-        cfg_json = _config_json(cfg, groups, text_rel, image_kind)
+        cfg_json = _config_json(cfg, groups, text_rel, image_kind, weights)
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg_json, indent=2) + "\n")
         if out.exists():
             _replace_own_files(tmp, out)

@@ -242,9 +242,13 @@ def _logged_losses(text: str) -> dict[int, float]:
 
 
 @pytest.mark.slow
+def _logged_valid(text: str) -> dict[int, float]:
+    return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"step\s+(\d+)/\d+ valid gce ([0-9.]+)", text)}
+
+
 def test_sigkill_then_resume_follows_the_uninterrupted_run(toy_dataset, tmp_path):
-    """The real entry point under torchrun (DP 2, precision auto as in the demo, distributed optimizer): SIGKILL the job
-    after a checkpoint, resume it."""
+    """The real entry point under torchrun (DP 2, precision auto as in the demo, distributed optimizer, EMA and
+    validation on): SIGKILL the job after a checkpoint, resume it; losses, held-out losses and EMA follow."""
     steps = 16
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text("_base_: [" + str(ROOT / "configs/model/tiny.yaml") + "]\n")
@@ -259,6 +263,10 @@ def test_sigkill_then_resume_follows_the_uninterrupted_run(toy_dataset, tmp_path
                 "data.micro_batch_size": 4,
                 "train.precision": "auto",
                 "parallel.use_distributed_optimizer": True,
+                "train.ema_decay": 0.9,
+                "train.eval_interval": 4,
+                "data.valid_shards": f"[{toy_dataset}/ds.zarr]",
+                "data.valid_samples": 16,
                 **extra,
             },
         )
@@ -287,8 +295,9 @@ def test_sigkill_then_resume_follows_the_uninterrupted_run(toy_dataset, tmp_path
         )
 
     straight = launch(tmp_path / "straight")
-    ref = _logged_losses(straight.communicate(timeout=300)[0])
-    assert sorted(ref) == list(range(1, steps + 1))
+    ref_out = straight.communicate(timeout=300)[0]
+    ref, ref_valid = _logged_losses(ref_out), _logged_valid(ref_out)
+    assert sorted(ref) == list(range(1, steps + 1)) and sorted(ref_valid) == [4, 8, 12, 16]
     run = tmp_path / "killed"
     p = launch(run)
     deadline = time.time() + 240
@@ -312,6 +321,20 @@ def test_sigkill_then_resume_follows_the_uninterrupted_run(toy_dataset, tmp_path
     assert sorted(after) == list(range(saved + 1, steps + 1)), out[-2000:]
     for s, loss in after.items():
         assert loss == pytest.approx(ref[s], rel=1e-4), (s, loss, ref[s])
+    for s, loss in _logged_valid(out).items():
+        assert loss == pytest.approx(ref_valid[s], rel=1e-4), (s, loss, ref_valid[s])
+    from safetensors.torch import load_file
+
+    from megamdm.convert import to_single
+
+    ema = [
+        load_file(to_single(d, tmp_path / f"{d.name}_ema", weights="ema") / "model.safetensors")
+        for d in (run, tmp_path / "straight")
+    ]
+    raw = load_file(to_single(run, tmp_path / "raw", weights="raw") / "model.safetensors")
+    for k in ema[1]:
+        assert torch.allclose(ema[0][k].float(), ema[1][k].float(), rtol=1e-3, atol=1e-5), k
+    assert max((ema[1][k].float() - raw[k].float()).abs().max().item() for k in raw) > 1e-3  # not the last weights
 
 
 def _drive_train_steps(ov):

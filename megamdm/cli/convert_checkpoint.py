@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     a.add_argument("--out", required=True)
     a.add_argument("--config", help="training config (default: the config.yaml saved with the checkpoint)")
     a.add_argument("--dtype", choices=DTYPES, help="cast weights (default: as stored)")
+    a.add_argument(
+        "--weights", choices=["auto", "ema", "raw"], default="auto", help="EMA or last-step weights (auto: EMA when saved)"
+    )
     a.add_argument("--overwrite", action="store_true")
     b = sub.add_parser("from-single", help="single-GPU format -> model-only torch_dist")
     b.add_argument("--single", required=True)
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "to-single":
             cfg = load_config(args.config) if args.config else None
-            out = to_single(args.checkpoint, args.out, dtype=dtype, config=cfg, overwrite=args.overwrite)
+            out = to_single(args.checkpoint, args.out, dtype=dtype, config=cfg, overwrite=args.overwrite, weights=args.weights)
         elif args.cmd == "from-single":
             out = from_single(args.single, args.out, dtype=dtype)
         else:

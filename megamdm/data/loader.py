@@ -19,12 +19,12 @@ training step.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -74,7 +74,7 @@ def feistel_permute(idx: np.ndarray, n: int, key: int, rounds: int = 4) -> np.nd
     return x.astype(np.int64)
 
 
-@dataclass
+@dataclasses.dataclass
 class MicroBatch:
     corrupted: Corrupted
     resolution: str
@@ -147,43 +147,53 @@ class StepBatches(torch.utils.data.Dataset):
     def micro_batch(self, step: int, m: int) -> MicroBatch:
         start = (self.dp_rank * self.nmb + m) * self.mbs
         epoch, res, idx, ds, local = self.plan.samples(step, start, self.mbs)
-        fields = ("tokens", "captions", "orig_size", "crop", "score")
-        parts = {f: [] for f in fields}
-        for d in np.unique(ds):
-            sel = np.nonzero(ds == d)[0]
-            got = self.datasets[d].read(res, local[sel], fields)
-            for f in fields:
-                parts[f].append((sel, got[f]))
-        tokens, captions, orig, crop, score = (_scatter(parts[f], len(idx)) for f in fields)
-        t = self.cfg.text
-        texts = [
-            format_prompt(
-                c,
-                width=int(o[0]),
-                height=int(o[1]),
-                crop=(int(cr[0]), int(cr[1])),
-                score=t.default_score if math.isnan(float(s)) else float(s),
-                micro_conditioning=t.micro_conditioning,
-            )
-            for c, o, cr, s in zip(captions, orig, crop, score)
-        ]
-        ids, pad, cut = tokenize_prompts(self.tok, texts, t.max_len)
-        img = self.groups.to_model(torch.from_numpy(np.stack(tokens).astype(np.int64)))
         seeds = [_mix(self.cfg.data.seed, epoch, zlib.crc32(res.encode()), int(i)) for i in idx]
-        c = corrupt_batch(
-            img,
-            ids,
-            pad,
-            self.cfg.diffusion,
-            vocab_size=self.cfg.model.image_vocab_size,
-            text_mask_id=self.tok.mask_id,
-            flip_group_size=self.groups.group_sizes[0] if self.groups.group_sizes else 1,
-            seeds=seeds,
-        )
-        return MicroBatch(c, res, torch.from_numpy(np.stack([ds, idx], axis=1)), cut)
+        return make_micro_batch(self.datasets, self.cfg, self.groups, self.tok, res, ds, idx, local, seeds)
 
     def __getitem__(self, step: int) -> list[MicroBatch]:
         return [self.micro_batch(step, m) for m in range(self.nmb)]
+
+
+def make_micro_batch(
+    datasets, cfg: Config, groups: GCEGroups, text_tokenizer, res: str, ds, idx, local, seeds, *, mask_ratio=None
+) -> MicroBatch:
+    """Read samples ``local`` (of datasets ``ds``, bucket ``res``), build their prompts and corrupt
+    each with its own seed (at a fixed ``mask_ratio`` and without prompt dropout when given)."""
+    fields = ("tokens", "captions", "orig_size", "crop", "score")
+    parts = {f: [] for f in fields}
+    for d in np.unique(ds):
+        sel = np.nonzero(ds == d)[0]
+        got = datasets[d].read(res, local[sel], fields)
+        for f in fields:
+            parts[f].append((sel, got[f]))
+    tokens, captions, orig, crop, score = (_scatter(parts[f], len(idx)) for f in fields)
+    t = cfg.text
+    texts = [
+        format_prompt(
+            c,
+            width=int(o[0]),
+            height=int(o[1]),
+            crop=(int(cr[0]), int(cr[1])),
+            score=t.default_score if math.isnan(float(s)) else float(s),
+            micro_conditioning=t.micro_conditioning,
+        )
+        for c, o, cr, s in zip(captions, orig, crop, score)
+    ]
+    ids, pad, cut = tokenize_prompts(text_tokenizer, texts, t.max_len)
+    img = groups.to_model(torch.from_numpy(np.stack(tokens).astype(np.int64)))
+    diffusion = cfg.diffusion if mask_ratio is None else dataclasses.replace(cfg.diffusion, prompt_drop=0.0)
+    c = corrupt_batch(
+        img,
+        ids,
+        pad,
+        diffusion,
+        vocab_size=cfg.model.image_vocab_size,
+        text_mask_id=text_tokenizer.mask_id,
+        flip_group_size=groups.group_sizes[0] if groups.group_sizes else 1,
+        seeds=seeds,
+        mask_ratio=mask_ratio,
+    )
+    return MicroBatch(c, res, torch.from_numpy(np.stack([ds, idx], axis=1)), cut)
 
 
 def _scatter(parts, n):
@@ -298,3 +308,70 @@ class TrainLoader:
     @property
     def epoch(self) -> float:
         return self.step / self.plan.steps_per_epoch
+
+
+class ValidSet:
+    """The held-out loss's data: the first ``data.valid_samples`` samples of ``data.valid_shards``
+    (datasets in order, buckets by size, samples by index), corrupted at each fixed mask ratio of
+    ``data.valid_mask_ratios`` with draws seeded by the sample alone, so the number does not depend
+    on the data-parallel size, the step or a resume. Micro-batches never mix buckets; the last one
+    of a bucket is filled up with weight-0 repeats; DP rank ``d`` takes every ``D``-th."""
+
+    def __init__(self, cfg: Config, groups: GCEGroups, text_tokenizer, *, dp_rank: int, dp_size: int, codebook_hash=None):
+        d = cfg.data
+        if d.valid_samples < 1:
+            raise ConfigError(f"data.valid_samples={d.valid_samples} must be >= 1")
+        bad = [r for r in d.valid_mask_ratios if not 0.0 < r <= 1.0]
+        if not d.valid_mask_ratios or bad:
+            raise ConfigError(f"data.valid_mask_ratios={d.valid_mask_ratios}: give one or more ratios in (0, 1]")
+        backend = None if d.reader == "auto" else d.reader
+        self.datasets = [TokenShards(p, backend=backend, codebook_hash=codebook_hash) for p in d.valid_shards]
+        self.cfg, self.groups, self.tok = cfg, groups, text_tokenizer
+        self.ratios = list(d.valid_mask_ratios)
+        left, chosen = d.valid_samples, []  # (dataset, bucket, index)
+        for k, ds in enumerate(self.datasets):
+            for res in sorted(ds.counts, key=parse_res):
+                take = min(left, ds.counts[res])
+                chosen += [(k, res, i) for i in range(take)]
+                left -= take
+        self.num_samples = len(chosen)
+        groups_by_res: dict[str, list] = {}
+        for k, res, i in chosen:
+            groups_by_res.setdefault(res, []).append((k, i))
+        mbs = d.micro_batch_size
+        self.micro = []  # (bucket, [(dataset, index, weight)]) of this rank
+        n = 0
+        for res, items in groups_by_res.items():
+            for s in range(0, len(items), mbs):
+                chunk = items[s : s + mbs]
+                chunk = [(k, i, 1.0) for k, i in chunk] + [(*chunk[-1], 0.0)] * (mbs - len(chunk))
+                if n % dp_size == dp_rank:
+                    self.micro.append((res, chunk))
+                n += 1
+
+    def micro_batches(self, ratio_index: int) -> dict[str, list[MicroBatch]]:
+        """This rank's micro-batches at mask ratio ``ratios[ratio_index]``, by bucket."""
+        out: dict[str, list[MicroBatch]] = {}
+        for res, chunk in self.micro:
+            ds = np.array([k for k, _, _ in chunk])
+            local = np.array([i for _, i, _ in chunk])
+            seeds = [_mix(self.cfg.data.seed, 0x76616C6964, ratio_index, k, zlib.crc32(res.encode()), i) for k, i, _ in chunk]
+            mb = make_micro_batch(
+                self.datasets,
+                self.cfg,
+                self.groups,
+                self.tok,
+                res,
+                ds,
+                local,
+                local,
+                seeds,
+                mask_ratio=self.ratios[ratio_index],
+            )
+            w = torch.tensor([x for _, _, x in chunk]).view(-1, 1, 1)
+            mb.corrupted.loss_weight = mb.corrupted.loss_weight * w
+            if (w == 0).any():  # weight 0 removes a position from supervision, so from every sum
+                mb.corrupted.is_flipped = mb.corrupted.is_flipped & (w > 0)
+                mb.corrupted.is_masked = mb.corrupted.is_masked & (w > 0)
+            out.setdefault(res, []).append(mb)
+        return out

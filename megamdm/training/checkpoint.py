@@ -188,8 +188,22 @@ class Checkpointer:
         full = self.reshardable == "always" or (final and self.reshardable == "final")
         return RESHARDABLE_FORMAT if full else "dp_reshardable"
 
-    def save(self, iteration: int, model, optimizer, scheduler, loader, config_yaml: str, *, final: bool = False) -> str:
-        """Save (or schedule, with ``async_save``) ``iteration``; returns the optimizer format written."""
+    def save(
+        self,
+        iteration: int,
+        model,
+        optimizer,
+        scheduler,
+        loader,
+        config_yaml: str,
+        *,
+        final: bool = False,
+        ema=None,
+        valid: dict | None = None,
+    ) -> str:
+        """Save (or schedule, with ``async_save``) ``iteration``; returns the optimizer format written.
+        ``ema``: a :class:`~megamdm.training.ema.ShardedEMA`, saved beside the weights; ``valid``: the
+        latest validation metrics, kept in the checkpoint's common state."""
         import shutil
 
         import torch.distributed as dist
@@ -215,7 +229,11 @@ class Checkpointer:
             "layout": _layout(),
             "config": config_yaml,
             "rng": _rng_object(self.device),
+            "valid": dict(valid or {}),
         }
+        if ema is not None:
+            state["ema"] = ema.sharded_state_dict()
+            state["ema_updates"] = ema.updates
 
         def finalize():
             dist.barrier()
@@ -253,9 +271,10 @@ class Checkpointer:
             if it < newest and it not in its[-self.keep_last :]:
                 shutil.rmtree(iteration_dir(self.run_dir, it), ignore_errors=True)
 
-    def load(self, it_dir, model, optimizer, scheduler, loader, *, config=None, allow_changed_model=False) -> int:
-        """Restore a full training state; returns the iteration to continue from. With ``config``,
-        a checkpoint of another model (or tokenizers) is refused unless ``allow_changed_model``."""
+    def load(self, it_dir, model, optimizer, scheduler, loader, *, config=None, allow_changed_model=False):
+        """Restore a full training state; returns the iteration to continue from and the common state
+        (``ema_updates``, ``valid``...). With ``config``, a checkpoint of another model (or tokenizers)
+        is refused unless ``allow_changed_model``. The EMA is :meth:`ShardedEMA.load`'s to restore."""
         from megatron.core import dist_checkpointing
 
         from .optim import init_torch_adam_state, uses_torch_adam
@@ -303,4 +322,4 @@ class Checkpointer:
         loader.load_state_dict(common["loader"])
         if same_layout:
             _set_rng_state(state["rng"], self.device)
-        return int(common["iteration"])
+        return int(common["iteration"]), common

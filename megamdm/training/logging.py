@@ -58,6 +58,16 @@ class RunLogger:
         if self.run is not None:
             self.run.log({f"train/{k}": v for k, v in metrics.items() if v is not None}, step=step)
 
+    def valid(self, step: int, metrics: dict) -> None:
+        """The held-out loss: ``valid gce | ce | edit`` and each mask ratio's ce, and ``valid/*`` in W&B."""
+        if not self.active:
+            return
+        shown = [f"{k} {metrics[k]:.4f}" for k in ("gce", "ce", "edit") if k in metrics]
+        shown += [f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("ce@")]
+        print(f"[{time.strftime('%H:%M:%S')}] step {step:>6d}/{self.total} valid " + " | ".join(shown), flush=True)
+        if self.run is not None:
+            self.run.log({f"valid/{k}": v for k, v in metrics.items() if k != "step"}, step=step)
+
     def info(self, message: str) -> None:
         if self.active:
             print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..config import Config, to_yaml
+from ..config import Config, ConfigError, to_yaml
 from ..gce import GCEGroups
 from ..objective import STEP_SUMS, LossSpec, pack_step_sums, reduce_metrics, unpack_sums
 from ..run_layout import iteration_dir, latest_iteration
@@ -290,10 +290,11 @@ class Trainer:
         self.step = 0
         self.resumed = False
         resume = _resume_dir(cfg, self.run_dir)
+        common: dict = {}
         if resume is not None:
             if self.ckpt is None:
                 self.ckpt = Checkpointer(resume.parent, keep_last=ck.keep_last, device=device, reshardable=ck.reshardable)
-            self.step = self.ckpt.load(
+            self.step, common = self.ckpt.load(
                 resume,
                 self.state_module,
                 self.optimizer,
@@ -308,6 +309,34 @@ class Trainer:
             load_model_weights(self.model, _init_dir(ck.init_from, self.run_dir, self.rank))
             self.optimizer.reload_model_params()
             self.log.info(f"initialised the model from {ck.init_from}")
+        self.ema = None
+        if t.ema_decay:  # starts from the weights training starts from
+            from .ema import ShardedEMA
+
+            self.ema = ShardedEMA(self.state_module, self.optimizer, t.ema_decay, warmup=t.ema_warmup)
+            if self.resumed and common.get("ema_updates") is not None:
+                self.ema.load(resume, common["ema_updates"])
+            elif self.resumed:
+                self.log.info(f"{resume} has no EMA: it starts from the resumed weights")
+            self.log.info(
+                f"EMA decay {t.ema_decay}{' with warm-up' if t.ema_warmup else ''}: {self.ema.numel() / 1e6:.1f}M "
+                f"fp32 values on this rank ({4 * self.ema.numel() / 2**30:.2f} GiB)"
+            )
+        self.valid = None
+        if t.eval_interval and cfg.data.valid_shards:
+            from ..data.loader import ValidSet
+
+            self.valid = ValidSet(
+                cfg,
+                self.groups,
+                self.text_tok,
+                dp_rank=ps.get_data_parallel_rank(),
+                dp_size=ps.get_data_parallel_world_size(),
+                codebook_hash=codebook_hash(self.image_tok.codebook()) if self.image_tok else None,
+            )
+        elif t.eval_interval:
+            raise ConfigError("train.eval_interval needs data.valid_shards: the held-out datasets to evaluate")
+        self.last_valid: dict = {}
         if self.ckpt is not None:
             self._stack.callback(self.ckpt.close)
         dev_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -361,12 +390,59 @@ class Trainer:
             ok, grad_norm, _ = self.optimizer.step()
             if ok:
                 self.scheduler.step(increment=1)
+                if self.ema is not None:
+                    self.ema.update()
         self.skipped += not ok
         self.step += 1
         if ps.get_pipeline_model_parallel_world_size() > 1:  # the logging rank is on the last stage
             dist.broadcast(sums, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
         sums = sums.cpu()
         return StepResult(sums[:-1], bool(finite.item() > 0), grad_norm, (gh, gw), wait, int(sums[-1]))
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """The held-out loss (:class:`~megamdm.data.loader.ValidSet`) of the current weights: ``gce``
+        (the training objective), ``ce`` and ``edit``, overall and per mask ratio; every rank
+        returns the same numbers."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        ratios = self.valid.ratios
+        sums = torch.zeros(len(ratios), len(STEP_SUMS), dtype=torch.float64, device=self.device)
+        self.ddp.eval()
+        try:
+            for r in range(len(ratios)):
+                for micro in self.valid.micro_batches(r).values():
+                    batches = [m.corrupted.to(self.device) for m in micro]
+                    gh, gw = batches[0].image_input.shape[1:]
+                    out = get_forward_backward_func()(
+                        forward_step_func=self._forward_step,
+                        data_iterator=iter(batches),
+                        model=[self.ddp],
+                        num_microbatches=len(batches),
+                        seq_length=self.cfg.text.max_len + gh * gw // 4,
+                        micro_batch_size=batches[0].image_input.shape[0],
+                        forward_only=True,
+                    )
+                    if ps.is_pipeline_last_stage():
+                        for o in out:
+                            sums[r] += o["sums"].to(sums)
+        finally:
+            self.ddp.train()
+        if ps.is_pipeline_last_stage():
+            dist.all_reduce(sums, group=ps.get_data_parallel_group())
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(sums, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+
+        def means(v) -> dict:
+            s = unpack_sums(v)
+            m = reduce_metrics(s)
+            return {"gce": s["loss_sum"] / max(s["n_tokens"], 1), **{k: m[k] for k in ("ce", "edit") if k in m}}
+
+        out = means(sums.sum(0).cpu())
+        for r, ratio in enumerate(ratios):
+            out.update({f"{k}@{ratio:g}": v for k, v in means(sums[r].cpu()).items()})
+        return out
 
     # ---- the run ---------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -397,6 +473,9 @@ class Trainer:
                         },
                     )
                     window = MetricsWindow()
+                if self.valid is not None and (step % t.eval_interval == 0 or step == t.steps):
+                    self.last_valid = {"step": step, **self.evaluate()}
+                    self.log.valid(step, self.last_valid)
                 if lg.sample_interval and step % lg.sample_interval == 0 and lg.sample_prompts and self.image_tok:
                     self._log_samples(step)
                 if self.ckpt is not None:
@@ -419,6 +498,7 @@ class Trainer:
             self.save(final=True)
         return {
             "losses": losses,
+            "valid": self.last_valid,
             "skipped": self.skipped,
             "step": self.step,
             "rank": self.rank,
@@ -428,7 +508,15 @@ class Trainer:
     def save(self, why: str = "", *, final: bool = False) -> None:
         t0 = time.perf_counter()
         sharding = self.ckpt.save(
-            self.step, self.state_module, self.optimizer, self.scheduler, self.loader, self.config_yaml, final=final
+            self.step,
+            self.state_module,
+            self.optimizer,
+            self.scheduler,
+            self.loader,
+            self.config_yaml,
+            final=final,
+            ema=self.ema,
+            valid=self.last_valid,
         )
         self.log.info(
             f"saved checkpoint {iteration_dir(self.run_dir, self.step)}{why}: optimizer {sharding}, "
@@ -442,17 +530,18 @@ class Trainer:
         cfg = self.cfg
         f = self.image_tok.downsample
         prompts = cfg.logging.sample_prompts
-        images = sample_images(
-            self.ddp,
-            cfg,
-            self.groups,
-            self.text_tok,
-            self.image_tok,
-            prompts,
-            device=self.device,
-            grid=(cfg.sample.height // f, cfg.sample.width // f),
-            seed=cfg.sample.seed,
-        )
+        with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+            images = sample_images(
+                self.ddp,
+                cfg,
+                self.groups,
+                self.text_tok,
+                self.image_tok,
+                prompts,
+                device=self.device,
+                grid=(cfg.sample.height // f, cfg.sample.width // f),
+                seed=cfg.sample.seed,
+            )
         if self.log.active:
             if self.run_dir is not None:
                 (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
