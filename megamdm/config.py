@@ -257,6 +257,8 @@ class FinetuneConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     export: bool = True
     seed: int = 1234
+    ema_decay: float = 0.0  # EMA of the trainable weights (exported instead of the last step's); 0: off
+    ema_warmup: bool = True
 
 
 @dataclass

@@ -196,13 +196,23 @@ def _finetune(checkpoint, cfg: Config, opts: FinetuneConfig, device: str) -> dic
     out = Path(opts.out)
     ckpt_dir = out / "deepspeed"
     start, losses = 0, []
-    if (ckpt_dir / "latest").is_file():
+    resumed = (ckpt_dir / "latest").is_file()
+    if resumed:
         _, client = engine.load_checkpoint(str(ckpt_dir))
         start = int(client["step"])
         loader.load_state_dict(client["loader"])
         losses = list(client.get("losses", []))
         if rank == 0:
             print(f"resumed from {ckpt_dir} at step {start}", flush=True)
+    ema = None
+    if opts.ema_decay:  # from the weights fine-tuning starts from
+        from .finetune_ema import FinetuneEMA
+
+        zero3 = engine.zero_optimization_stage() == 3
+        ema = FinetuneEMA(engine.module, opts.ema_decay, warmup=opts.ema_warmup, rank=rank, world=world, zero3=zero3)
+        tag_dir = ckpt_dir / (ckpt_dir / "latest").read_text().strip() if resumed else None
+        if tag_dir is not None and not ema.load(tag_dir) and rank == 0:
+            print(f"{tag_dir} has no EMA: it starts from the resumed weights", flush=True)
     dev = engine.device
     n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3 leaves numel() == 0
     if rank == 0:
@@ -230,6 +240,8 @@ def _finetune(checkpoint, cfg: Config, opts: FinetuneConfig, device: str) -> dic
             sums["loss"] += loss_sum.detach()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, torch.zeros((), device=dev)) + v
+        if ema is not None:  # the micro-batches' last engine.step() was the optimizer step
+            ema.update()
         stacked = torch.stack([sums[k].float() for k in sorted(sums)])
         dist.all_reduce(stacked)
         agg = dict(zip(sorted(sums), stacked.tolist()))
@@ -246,19 +258,25 @@ def _finetune(checkpoint, cfg: Config, opts: FinetuneConfig, device: str) -> dic
             )
             t0 = time.perf_counter()
         if (step + 1) % opts.save_interval == 0 or step + 1 == opts.steps:
+            tag = f"step_{step + 1:07d}"
+            if ema is not None:  # before DeepSpeed's files and its `latest`, so a crash leaves no EMA-less "latest"
+                ema.save(ckpt_dir / tag)
             engine.save_checkpoint(
                 str(ckpt_dir),
-                tag=f"step_{step + 1:07d}",
+                tag=tag,
                 client_state={"step": step + 1, "loader": loader.state_dict(), "losses": list(losses)},
             )
     export = None
     if opts.export:
-        export = export_single(engine, pre, opts, out / "single", rank, export_dtype)
+        export = export_single(engine, pre, opts, out / "single", rank, export_dtype, ema)
     return {"losses": losses, "export": export, "rank": rank}
 
 
-def export_single(engine, pre: Pretrained, opts: FinetuneConfig, out: Path, rank: int, dtype: torch.dtype) -> Path | None:
-    """Gather the full weights (ZeRO-3 partitions them) and write the single-GPU format on rank 0."""
+def export_single(
+    engine, pre: Pretrained, opts: FinetuneConfig, out: Path, rank: int, dtype: torch.dtype, ema=None
+) -> Path | None:
+    """Gather the full weights (ZeRO-3 partitions them) and write the single-GPU format on rank 0:
+    the EMA of the trainable weights when ``ema`` is given (``config.json`` says ``weights: ema``)."""
     import deepspeed
 
     module = engine.module
@@ -272,6 +290,10 @@ def export_single(engine, pre: Pretrained, opts: FinetuneConfig, out: Path, rank
             state[name] = b.detach().cpu()
     else:
         state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    if ema is not None:
+        averaged = ema.full_weights()
+        if rank == 0:
+            state.update({k: v.to(state[k].dtype) for k, v in averaged.items()})
     path = None
     if rank == 0 and opts.lora_rank:
         save_lora_adapter(state, opts, out.parent / "lora_adapter.safetensors")
@@ -285,6 +307,7 @@ def export_single(engine, pre: Pretrained, opts: FinetuneConfig, out: Path, rank
             pre.image_tokenizer,
             pre.text_tokenizer,
             overwrite=True,
+            weights="ema" if ema is not None else "raw",
         )
         print(f"exported {path}", flush=True)
     dist.barrier()

@@ -192,13 +192,48 @@ def test_zero_matches_the_plain_run_and_learns(toy_dataset, base_ckpt, tmp_path,
 
 
 def test_resumed_run_continues_the_same_trajectory(toy_dataset, base_ckpt, tmp_path):
+    """Losses and the EMA (saved per rank beside DeepSpeed's files) follow the uninterrupted run."""
+    from safetensors.torch import load_file
+
     cfg = config(toy_dataset)
-    straight = run_distributed(_finetune, 2, base_ckpt, cfg, options(tmp_path / "a", export=False))[0]["losses"]
-    run_distributed(_finetune, 2, base_ckpt, cfg, options(tmp_path / "b", steps=2, export=False))
-    resumed = run_distributed(_finetune, 2, base_ckpt, cfg, options(tmp_path / "b", export=False))[0]["losses"]
+    straight = run_distributed(_finetune, 2, base_ckpt, cfg, options(tmp_path / "a", ema_decay=0.8))[0]["losses"]
+    run_distributed(_finetune, 2, base_ckpt, cfg, options(tmp_path / "b", steps=2, export=False, ema_decay=0.8))
+    resumed = run_distributed(_finetune, 2, base_ckpt, cfg, options(tmp_path / "b", ema_decay=0.8))[0]["losses"]
     assert len(resumed) == 4
     for a, b in zip(resumed, straight):
         assert abs(a - b) / b < 1e-6, (resumed, straight)
+    a, b = (load_file(tmp_path / d / "single/model.safetensors") for d in ("a", "b"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_ema_is_sharded_over_the_ranks_and_exported(toy_dataset, base_ckpt, tmp_path, stage):
+    """The exported weights are the EMA of the per-step weights DeepSpeed saved (ZeRO-2: each rank
+    averages half the parameters; ZeRO-3: each its partitions), not the last step's."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    from megamdm.training.ema import decay_at
+
+    ds = zero3_partitioning_everything(tmp_path) if stage == 3 else str(ROOT / "configs/deepspeed/zero2.json")
+    out = tmp_path / "ema"
+    run_distributed(
+        _finetune, 2, base_ckpt, config(toy_dataset), options(out, save_interval=1, ema_decay=0.8, deepspeed_config=ds)
+    )
+    ref = {k: v.float() for k, v in load_file(base_ckpt / "model.safetensors").items()}
+    for k in range(1, 5):
+        w = get_fp32_state_dict_from_zero_checkpoint(str(out / "deepspeed"), tag=f"step_{k:07d}")
+        d = decay_at(0.8, True, k - 1)
+        ref = {n: d * v + (1 - d) * w["model." + n].float() for n, v in ref.items()}
+    got = load_file(out / "single/model.safetensors")
+    for n in ref:
+        assert torch.allclose(got[n].float(), ref[n], rtol=1e-5, atol=1e-6), n
+    assert max((got[n].float() - w["model." + n].float()).abs().max().item() for n in ref) > 1e-4
+    assert json.loads((out / "single/config.json").read_text())["weights"] == "ema"
+    shares = [sum(t.numel() for t in load_file(f).values()) for f in sorted((out / "deepspeed/step_0000004").glob("ema_rank*"))]
+    total = sum(v.numel() for v in ref.values())
+    assert len(shares) == 2 and sum(shares) >= total and max(shares) < 0.8 * total
 
 
 def test_lora_trains_adapters_only_and_exports_merged(toy_dataset, base_ckpt, tmp_path):

@@ -37,6 +37,7 @@ def main(argv=None) -> int:
         ("--lora-alpha", float),
         ("--save-interval", int),
         ("--log-interval", int),
+        ("--ema-decay", float),
     ):
         ap.add_argument(flag, type=kind)
     ap.add_argument("--precision", choices=["bf16", "fp32"])
