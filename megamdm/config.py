@@ -55,6 +55,11 @@ class ModelConfig:
     text_vocab_size: int = 384  # rows of the text embedding (>= the text tokenizer's vocabulary)
     rope_theta: float = 10000.0
     rope_2d: bool = False  # 2-D (row, column) RoPE for image positions instead of 1-D
+    rope_scaling: str = "none"  # none | yarn (NL-Diffusion-Image and Ministral-3: factor 16 over 16384 positions)
+    rope_factor: float = 1.0  # yarn: how much longer than original_max_positions the context may be
+    rope_original_max_positions: int = 0  # yarn: the pretraining context its frequencies were fitted to
+    rope_beta_fast: float = 32.0  # yarn: frequencies turning more often than this over it are kept
+    rope_beta_slow: float = 1.0  # yarn: frequencies turning less often are divided by rope_factor
     norm_eps: float = 1e-5
     init_std: float = 0.02
     vocab_pad_multiple: int = 128  # embedding tables are padded to this, so any TP size divides them
@@ -72,6 +77,13 @@ class ModelConfig:
             raise ConfigError(
                 f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"model.num_query_groups={self.num_query_groups}"
+            )
+        if self.rope_scaling not in ("none", "yarn"):
+            raise ConfigError(f"model.rope_scaling={self.rope_scaling!r} is not one of none, yarn")
+        if self.rope_scaling == "yarn" and (self.rope_factor < 1.0 or self.rope_original_max_positions < 1):
+            raise ConfigError(
+                f"model.rope_scaling=yarn needs rope_factor >= 1 and rope_original_max_positions >= 1, got "
+                f"{self.rope_factor} and {self.rope_original_max_positions}"
             )
         if self.head_dim % 2 or (self.rope_2d and self.head_dim % 4):
             raise ConfigError(f"model.head_dim={self.head_dim} must be even (a multiple of 4 with rope_2d)")

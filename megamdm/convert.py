@@ -405,7 +405,7 @@ def from_single(single, out, *, iteration: int = 0, dtype: torch.dtype | None = 
 
 
 # ---- Hugging Face Llama / Mistral -> single-GPU format ----------------------------------------------
-HF_SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "LlamaModel", "MistralModel")
+HF_SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "LlamaModel", "MistralModel", "Ministral3ForCausalLM")
 
 
 def model_config_from_hf(hf: dict, image_vocab_size: int, pad_multiple: int = 128) -> ModelConfig:
@@ -414,8 +414,28 @@ def model_config_from_hf(hf: dict, image_vocab_size: int, pad_multiple: int = 12
         raise ConversionError(f"unsupported Hugging Face architecture {arch!r}; supported: {', '.join(HF_SUPPORTED)}")
     rope = hf.get("rope_parameters") or {}  # transformers >= 5 keeps RoPE settings here
     scaling = hf.get("rope_scaling") or rope
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise ConversionError(f"RoPE scaling {scaling} is not supported (plain RoPE only)")
+    kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
+    if kind not in (None, "default", "yarn"):
+        raise ConversionError(f"RoPE scaling {scaling} is not supported (plain RoPE or YaRN)")
+    yarn = {}
+    if kind == "yarn":
+        factor = float(scaling["factor"])
+        ms, ms_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = scaling.get("attention_factor")
+        if attention is None:  # transformers' rule
+            attention = (_yarn_mscale(factor, ms) / _yarn_mscale(factor, ms_all)) if ms and ms_all else _yarn_mscale(factor)
+        if abs(attention - 1.0) > 1e-9 or scaling.get("truncate", True) is False:
+            raise ConversionError(
+                f"YaRN with attention factor {attention:.4f} or truncate=false is not supported (factor 1, as "
+                "NL-Diffusion-Image's mscale = mscale_all_dim, only)"
+            )
+        yarn = dict(
+            rope_scaling="yarn",
+            rope_factor=factor,
+            rope_original_max_positions=int(scaling["original_max_position_embeddings"]),
+            rope_beta_fast=float(scaling.get("beta_fast") or 32),
+            rope_beta_slow=float(scaling.get("beta_slow") or 1),
+        )
     theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     nh = hf["num_attention_heads"]
     d = hf["hidden_size"]
@@ -432,9 +452,14 @@ def model_config_from_hf(hf: dict, image_vocab_size: int, pad_multiple: int = 12
         norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
         init_std=float(hf.get("initializer_range", 0.02)),
         vocab_pad_multiple=pad_multiple,
+        **yarn,
     )
     m.validate()
     return m
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def _hf_files(hf_dir: Path) -> dict[str, Path]:

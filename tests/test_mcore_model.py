@@ -130,7 +130,10 @@ def _run_layout(ckpt, tp, pp, sp, micro_batches):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("mcore")
-    single = make_tiny_checkpoint(root / "single", seed=3)
+    # YaRN (NL-Diffusion-Image's RoPE), scaled so that its ramp acts on these 40 positions: every parity
+    # test below then checks that both models rotate alike
+    yarn = dict(rope_scaling="yarn", rope_factor=4.0, rope_original_max_positions=8, rope_beta_fast=8.0, rope_beta_slow=0.5)
+    single = make_tiny_checkpoint(root / "single", seed=3, **yarn)
     run_distributed(from_single, 1, single, root / "dist")  # in a child: it enables the CPU backend
     return root
 
@@ -268,14 +271,17 @@ def test_a_damaged_dist_checkpoint_is_one_conversion_error(checkpoints, tmp_path
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_from_hf_llama_backbone_matches_transformers(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "mistral-yarn"])
+def test_from_hf_llama_backbone_matches_transformers(tmp_path, family):
+    """Llama with plain RoPE, and a Mistral / Ministral-3-style model with YaRN (NL-Diffusion-Image's RoPE:
+    attention factor 1 from mscale = mscale_all_dim), scaled so that the ramp acts on these positions."""
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
     from megamdm.convert import from_hf
     from megamdm.gce import GCEGroups
     from megamdm.vq import KMeansPatchTokenizer
 
-    hf_cfg = transformers.LlamaConfig(
+    common = dict(
         vocab_size=300,
         hidden_size=64,
         intermediate_size=96,
@@ -283,12 +289,18 @@ def test_from_hf_llama_backbone_matches_transformers(tmp_path):
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
-        rope_theta=5000.0,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
     )
+    if family == "llama":
+        hf_cfg, cls = transformers.LlamaConfig(rope_theta=5000.0, **common), transformers.LlamaForCausalLM
+    else:
+        yarn = {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0, "original_max_position_embeddings": 4}
+        yarn.update(mscale=1.0, mscale_all_dim=1.0, beta_fast=8.0, beta_slow=0.5)
+        hf_cfg = transformers.MistralConfig(rope_parameters=yarn, max_position_embeddings=16, **common)
+        cls = transformers.MistralForCausalLM
     torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(hf_cfg).eval()
+    llama = cls(hf_cfg).eval()
     hf_dir = tmp_path / "llama"
     llama.save_pretrained(hf_dir, safe_serialization=True)
     vocab = {f"t{i}": i for i in range(299)}
@@ -300,6 +312,7 @@ def test_from_hf_llama_backbone_matches_transformers(tmp_path):
     out = from_hf(hf_dir, tmp_path / "mdm", image_tokenizer=tok, groups=GCEGroups.identity(64, [8], [0.2]))
     mdm = load_single(out)
     assert mdm.config.model.text_vocab_size == 384 and mdm.text_tokenizer.mask_id == 299
+    assert mdm.config.model.rope_scaling == ("yarn" if family == "mistral-yarn" else "none")
     ids = torch.randint(0, 300, (2, 11))
     pad = torch.zeros(2, 11, dtype=torch.bool)
     pad[1, 8:] = True

@@ -22,7 +22,7 @@ import torch.utils.checkpoint
 
 from ..config import ModelConfig
 from ..gce import GCEStats, gce_loss
-from .rope import apply_rope, rope_angles
+from .rope import Yarn, apply_rope, rope_angles
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -176,9 +176,8 @@ class MDMTransformer(nn.Module):
         x = self.embed(text_ids, image_ids)
         b, s, _ = x.shape
         gh, gw = (image_ids.shape[1] // 2, image_ids.shape[2] // 2) if image_ids is not None else (0, 0)
-        emb = rope_angles(
-            text_ids.shape[1], gh, gw, self.config.head_dim, self.config.rope_theta, self.config.rope_2d, device=x.device
-        )
+        c = self.config
+        emb = rope_angles(text_ids.shape[1], gh, gw, c.head_dim, c.rope_theta, c.rope_2d, device=x.device, yarn=Yarn.of(c))
         keep = torch.ones(b, s, dtype=torch.bool, device=x.device)
         keep[:, : text_ids.shape[1]] = ~text_pad_mask
         keep = keep[:, None, None, :]

@@ -28,9 +28,12 @@ def tiny_config(vocab: int = 64) -> Config:
     )
 
 
-def make_tiny_checkpoint(path, seed: int = 0, vocab: int = 64):
+def make_tiny_checkpoint(path, seed: int = 0, vocab: int = 64, **model):
+    """``model``: ModelConfig fields to set (e.g. a RoPE scaling)."""
     cfg = tiny_config(vocab)
     cfg.text.max_len = 24
+    for k, v in model.items():
+        setattr(cfg.model, k, v)
     torch.manual_seed(seed)
     model = MDMTransformer(cfg.model)
     # a real codebook: random colours per patch, so decoded images differ with the tokens

@@ -42,7 +42,7 @@ from ...config import ModelConfig, ParallelConfig, TrainConfig
 from ...gce import gce_loss
 from ...objective import LossSpec, loss_parts, pack_metric_sums, select_supervised
 from ...sampling import head_logits
-from ..rope import rope_angles
+from ..rope import Yarn, rope_angles
 from ..standalone import check_grid, merge_2x2, unmerge_2x2
 from .spec import layer_spec
 
@@ -199,8 +199,9 @@ class MDMModel(MegatronModule):
             (text_pad_mask[:, 1:] >= text_pad_mask[:, :-1]).all(), "prompt padding must be at the end of each prompt"
         )
         x = self._embed(text_ids, image_ids) if self.pre_process else None
+        c = self.mdm
         emb = rope_angles(
-            text_len, h // 2, w // 2, self.mdm.head_dim, self.mdm.rope_theta, self.mdm.rope_2d, device=image_ids.device
+            text_len, h // 2, w // 2, c.head_dim, c.rope_theta, c.rope_2d, device=image_ids.device, yarn=Yarn.of(c)
         )
         rope = torch.cat([emb[text_len:], emb[:text_len]])[:, None, None, :]  # each position keeps its angle
         mask = torch.zeros(b, 1, 1, s, dtype=torch.bool, device=image_ids.device)
