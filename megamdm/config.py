@@ -61,6 +61,11 @@ class ModelConfig:
     rope_beta_fast: float = 32.0  # yarn: frequencies turning more often than this over it are kept
     rope_beta_slow: float = 1.0  # yarn: frequencies turning less often are divided by rope_factor
     norm_eps: float = 1e-5
+    # RMSNorm of each image embedding before the 2x2 merge, and of the hidden states before the unmerge
+    # (NL-Diffusion-Image's down-/up-sampler norms, eps 1e-6); off for megamdm-trained models
+    merge_norm: bool = False
+    unmerge_norm: bool = False
+    merge_norm_eps: float = 1e-6
     init_std: float = 0.02
     vocab_pad_multiple: int = 128  # embedding tables are padded to this, so any TP size divides them
 

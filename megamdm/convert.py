@@ -50,8 +50,10 @@ CHECKPOINT_LAYER_KEYS = {  # canonical slot -> the key megatron writes
 GLOBAL_KEYS = {  # megatron key -> standalone name
     "text_embedding.weight": "text_embed.weight",
     "image_embedding.weight": "image_embed.weight",
+    "merge_norm.weight": "merge_norm.weight",  # model.merge_norm only
     "merge.weight": "merge.weight",
     "decoder.final_layernorm.weight": "norm.weight",
+    "unmerge_norm.weight": "unmerge_norm.weight",  # model.unmerge_norm only
     "unmerge.weight": "unmerge.weight",
     "head.weight": "head.weight",
 }
@@ -160,6 +162,8 @@ def mcore_to_standalone(
 def standalone_to_mcore(get: Callable[[str], torch.Tensor], m: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Global megatron checkpoint tensors (layers stacked) from standalone weights."""
     for key, name in GLOBAL_KEYS.items():
+        if (name == "merge_norm.weight" and not m.merge_norm) or (name == "unmerge_norm.weight" and not m.unmerge_norm):
+            continue
         yield key, get(name)
     for slot, suffix in CHECKPOINT_LAYER_KEYS.items():
         yield LAYER_PREFIX + suffix, torch.stack([_layer_from_standalone(i, slot, get, m) for i in range(m.num_layers)])

@@ -133,7 +133,8 @@ def checkpoints(tmp_path_factory):
     # YaRN (NL-Diffusion-Image's RoPE), scaled so that its ramp acts on these 40 positions: every parity
     # test below then checks that both models rotate alike
     yarn = dict(rope_scaling="yarn", rope_factor=4.0, rope_original_max_positions=8, rope_beta_fast=8.0, rope_beta_slow=0.5)
-    single = make_tiny_checkpoint(root / "single", seed=3, **yarn)
+    # and the release's down-/up-sampler norms, with weights other than 1 so that dropping one would show
+    single = make_tiny_checkpoint(root / "single", seed=3, merge_norm=True, unmerge_norm=True, **yarn)
     run_distributed(from_single, 1, single, root / "dist")  # in a child: it enables the CPU backend
     return root
 

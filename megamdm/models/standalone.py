@@ -139,9 +139,13 @@ class MDMTransformer(nn.Module):
         d = cfg.hidden_size
         self.text_embed = nn.Embedding(cfg.text_vocab_size, d)
         self.image_embed = nn.Embedding(cfg.image_embed_rows, d)
+        if cfg.merge_norm:
+            self.merge_norm = RMSNorm(d, cfg.merge_norm_eps)
         self.merge = nn.Linear(4 * d, d, bias=False)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(d, cfg.norm_eps)
+        if cfg.unmerge_norm:
+            self.unmerge_norm = RMSNorm(d, cfg.merge_norm_eps)
         self.unmerge = nn.Linear(d, 4 * d, bias=False)
         self.head = GCEHead(d, cfg.image_vocab_size)
         self.gradient_checkpointing = False  # recompute each block in backward (fine-tuning large models)
@@ -157,7 +161,7 @@ class MDMTransformer(nn.Module):
             if p.is_meta:
                 continue
             with torch.no_grad():
-                if name.endswith("layernorm.weight") or name == "norm.weight":
+                if name.endswith(("layernorm.weight", "norm.weight")):
                     p.fill_(1.0)
                 else:
                     s = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
@@ -168,7 +172,10 @@ class MDMTransformer(nn.Module):
         x = self.text_embed(text_ids)
         if image_ids is not None:
             check_grid(image_ids.shape[1], image_ids.shape[2])
-            x = torch.cat([x, self.merge(merge_2x2(self.image_embed(image_ids)))], dim=1)
+            ie = self.image_embed(image_ids)
+            if self.config.merge_norm:
+                ie = self.merge_norm(ie)
+            x = torch.cat([x, self.merge(merge_2x2(ie))], dim=1)
         return x
 
     def hidden_states(self, text_ids, text_pad_mask, image_ids=None) -> torch.Tensor:
@@ -192,6 +199,8 @@ class MDMTransformer(nn.Module):
         """Hidden states of the image tokens, ``[B, h, w, d]``, ready for the head / fused loss."""
         hs = self.hidden_states(text_ids, text_pad_mask, image_ids)
         img = hs[:, text_ids.shape[1] :]
+        if self.config.unmerge_norm:
+            img = self.unmerge_norm(img)
         return unmerge_2x2(self.unmerge(img), image_ids.shape[1], image_ids.shape[2])
 
     def logits(self, text_ids, text_pad_mask, image_ids) -> torch.Tensor:

@@ -36,6 +36,10 @@ def make_tiny_checkpoint(path, seed: int = 0, vocab: int = 64, **model):
         setattr(cfg.model, k, v)
     torch.manual_seed(seed)
     model = MDMTransformer(cfg.model)
+    for name in ("merge_norm", "unmerge_norm"):
+        if hasattr(model, name):
+            with torch.no_grad():
+                getattr(model, name).weight.uniform_(0.5, 1.5)
     # a real codebook: random colours per patch, so decoded images differ with the tokens
     tok = KMeansPatchTokenizer(torch.rand(vocab, 48, generator=torch.Generator().manual_seed(seed)), 4)
     g = torch.Generator().manual_seed(seed + 1)

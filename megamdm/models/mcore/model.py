@@ -43,7 +43,7 @@ from ...gce import gce_loss
 from ...objective import LossSpec, loss_parts, pack_metric_sums, select_supervised
 from ...sampling import head_logits
 from ..rope import Yarn, rope_angles
-from ..standalone import check_grid, merge_2x2, unmerge_2x2
+from ..standalone import RMSNorm, check_grid, merge_2x2, unmerge_2x2
 from .spec import layer_spec
 
 
@@ -137,6 +137,8 @@ class MDMModel(MegatronModule):
                 mdm.image_embed_rows, d, init_method=init, config=config
             )
             self.merge = torch.nn.Linear(4 * d, d, bias=False, dtype=config.params_dtype)
+            if mdm.merge_norm:
+                self.merge_norm = RMSNorm(d, mdm.merge_norm_eps)
         spec, norm = layer_spec(use_te)
         n_layers = get_num_layers_to_build(config, vp_stage)
         self.decoder = TransformerBlock(
@@ -148,6 +150,8 @@ class MDMModel(MegatronModule):
         )
         if post_process:
             self.unmerge = torch.nn.Linear(d, 4 * d, bias=False, dtype=config.params_dtype)
+            if mdm.unmerge_norm:
+                self.unmerge_norm = RMSNorm(d, mdm.merge_norm_eps)
             self.head = tensor_parallel.ColumnParallelLinear(
                 d, mdm.image_vocab_size, config=config, init_method=init, bias=False, gather_output=False
             )
@@ -165,6 +169,8 @@ class MDMModel(MegatronModule):
         b, h, w = image_ids.shape
         te = self.text_embedding(text_ids)  # [b, L, d] (all-reduced over TP)
         ie = self.image_embedding(image_ids.reshape(b, h * w)).view(b, h, w, -1)
+        if self.mdm.merge_norm:
+            ie = self.merge_norm(ie)
         x = torch.cat([self.merge(merge_2x2(ie)), te], dim=1).transpose(0, 1).contiguous()  # [s, b, d]
         if self.config.sequence_parallel:
             x = scatter_to_sequence_parallel_region(x)
@@ -211,7 +217,10 @@ class MDMModel(MegatronModule):
             return hs
         if self.config.sequence_parallel:
             hs = gather_from_sequence_parallel_region(hs, tensor_parallel_output_grad=False)
-        img = self.unmerge(hs[:m].transpose(0, 1))  # [b, M, 4d]
+        img = hs[:m].transpose(0, 1)
+        if self.mdm.unmerge_norm:
+            img = self.unmerge_norm(img)
+        img = self.unmerge(img)  # [b, M, 4d]
         hidden = unmerge_2x2(img, h, w)
         if target is None:
             return hidden
