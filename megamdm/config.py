@@ -110,7 +110,7 @@ class TextConfig:
 
 @dataclass
 class ImageTokenizerConfig:
-    kind: str = choice("kmeans", "diffusers")
+    kind: str = choice("kmeans", "diffusers", "emu3")  # emu3: NL-Diffusion-Image's Emu3.5 / IBQ VQGAN
     path: str | None = None
 
 

@@ -159,7 +159,9 @@ def write_single(
         writer.close()
         groups.save(tmp / GROUPS_FILE)
         image_tokenizer.save(tmp / IMAGE_TOKENIZER_DIR)
-        image_kind = "kmeans" if type(image_tokenizer).__name__ == "KMeansPatchTokenizer" else "diffusers"
+        image_kind = getattr(image_tokenizer, "kind", None) or (
+            "kmeans" if type(image_tokenizer).__name__ == "KMeansPatchTokenizer" else "diffusers"
+        )
         text_rel = "byte"
         if getattr(text_tokenizer, "name", "byte") != "byte":
             shutil.copytree(text_tokenizer.directory, tmp / TEXT_TOKENIZER_DIR)

@@ -10,7 +10,7 @@ from .kmeans import KMeansPatchTokenizer
 
 
 def load_image_tokenizer(kind: str, path) -> ImageTokenizer:
-    """Load a tokenizer by kind (``kmeans`` or ``diffusers``) from a local directory."""
+    """Load a tokenizer by kind (``kmeans``, ``diffusers`` or ``emu3``) from a local directory."""
     if path is None:
         raise ValueError("image_tokenizer.path is not set")
     if kind == "kmeans":
@@ -19,7 +19,11 @@ def load_image_tokenizer(kind: str, path) -> ImageTokenizer:
         from .diffusers_vq import DiffusersVQTokenizer
 
         return DiffusersVQTokenizer.load(path)
-    raise ValueError(f"unknown image tokenizer kind {kind!r}; allowed: kmeans, diffusers")
+    if kind == "emu3":
+        from .emu3_vq import Emu3VQTokenizer
+
+        return Emu3VQTokenizer.load(path)
+    raise ValueError(f"unknown image tokenizer kind {kind!r}; allowed: kmeans, diffusers, emu3")
 
 
 def tokenizer_kind(path) -> str:
@@ -28,9 +32,12 @@ def tokenizer_kind(path) -> str:
     meta = p / "tokenizer.json"
     if meta.is_file() and json.loads(meta.read_text()).get("kind") == "kmeans":
         return "kmeans"
+    if (p / "megamdm_vq.json").is_file():
+        return json.loads((p / "megamdm_vq.json").read_text())["kind"]
     if (p / "config.json").is_file():
-        return "diffusers"
-    raise ValueError(f"{p}: not a k-means tokenizer (tokenizer.json) nor a diffusers VQModel (config.json)")
+        raw = json.loads((p / "config.json").read_text())
+        return "emu3" if "ch_mult" in {**raw, **raw.get("ddconfig", {})} else "diffusers"
+    raise ValueError(f"{p}: not a k-means tokenizer (tokenizer.json) nor a VQGAN folder (config.json)")
 
 
 __all__ = [
