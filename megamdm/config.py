@@ -106,6 +106,13 @@ class TextConfig:
     micro_conditioning: bool = True  # append "| size WxH | crop T,L | score S" to the caption
     default_score: float = 6.5
     mask_token: str | None = None  # HF tokenizers: the token used as the text MASK
+    # the dropped / unconditional prompt: this many MASK tokens, then padding; 0: max_len of them (megamdm
+    # 0.2's), which keeps every batch with a dropped prompt at max_len positions
+    drop_len: int = 0
+
+    def validate(self) -> None:
+        if not 0 <= self.drop_len <= self.max_len:
+            raise ConfigError(f"text.drop_len={self.drop_len} must be in [0, text.max_len={self.max_len}] (0: max_len)")
 
 
 @dataclass
@@ -157,6 +164,7 @@ class DataConfig:
     prefetch: int = 4  # batches in flight per worker
     reader: str = choice("auto", "tensorstore", "zarr")  # auto: tensorstore when installed
     seed: int = 1234
+    trim_text: bool = True  # cut each step's prompts to its longest (multiple of 8): padding costs compute
     valid_shards: list[str] = field(default_factory=list)  # held-out datasets for train.eval_interval
     valid_samples: int = 256  # the first this many validation samples (fixed order) are evaluated
     valid_mask_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # fixed t per pass
@@ -383,6 +391,7 @@ class Config:
         for f in dataclasses.fields(self):
             _check_choices(getattr(self, f.name), f.name)
         self.model.validate()
+        self.text.validate()
         self.gce.validate()
         self.diffusion.validate()
         self.train.validate()

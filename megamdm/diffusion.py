@@ -82,10 +82,12 @@ def corrupt_sample(
     flip_group_size: int,
     generator: torch.Generator,
     mask_ratio: float | None = None,
+    drop_len: int = 0,
 ) -> tuple[torch.Tensor, ...]:
     """Corrupt one sample. ``image_ids`` are model-order ids of any shape; returns
     (text_ids, text_pad_mask, image_input, loss_weight, is_masked, is_flipped, t). ``mask_ratio``
-    fixes ``t`` instead of drawing it (validation)."""
+    fixes ``t`` instead of drawing it (validation). A dropped prompt is ``drop_len`` text MASKs and then
+    padding (0: MASKs at every position), as :func:`megamdm.text.masked_prompt` builds it."""
     flat = image_ids.reshape(-1)
     n = flat.numel()
     t = sample_mask_ratio(cfg, generator) if mask_ratio is None else float(mask_ratio)
@@ -105,6 +107,8 @@ def corrupt_sample(
     if cfg.prompt_drop > 0 and float(torch.rand((), generator=generator)) < cfg.prompt_drop:
         text_ids = torch.full_like(text_ids, text_mask_id)
         text_pad_mask = torch.zeros_like(text_pad_mask)
+        if drop_len:
+            text_pad_mask[drop_len:] = True  # the ids under padding are never attended to
     shape = image_ids.shape
     return (text_ids, text_pad_mask, inp.view(shape), weight.view(shape), masked.view(shape), flipped.view(shape), t)
 
@@ -120,6 +124,7 @@ def corrupt_batch(
     flip_group_size: int,
     seeds: Sequence[int],
     mask_ratio: float | None = None,
+    drop_len: int = 0,
 ) -> Corrupted:
     """Corrupt a batch ``[B, h, w]`` with one generator per sample, seeded by ``seeds[i]`` (at a
     fixed ``t = mask_ratio`` when given)."""
@@ -141,6 +146,7 @@ def corrupt_batch(
                 flip_group_size=flip_group_size,
                 generator=g,
                 mask_ratio=mask_ratio,
+                drop_len=drop_len,
             )
         )
     cols = list(zip(*outs))

@@ -142,11 +142,14 @@ def tokenize_prompts(tokenizer: TextTokenizer, prompts: Sequence[str], max_len: 
     return TokenizedPrompts(ids, pad, cut)
 
 
-def masked_prompt(tokenizer: TextTokenizer, batch: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dropped prompt: every one of the ``max_len`` positions is the text MASK, none is padding.
+def masked_prompt(tokenizer: TextTokenizer, batch: int, max_len: int, length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dropped prompt: ``length`` text MASKs (0: all ``max_len`` positions), then padding.
 
-    Training's prompt dropout and sampling's unconditional branch both use exactly this."""
-    return (
-        torch.full((batch, max_len), tokenizer.mask_id, dtype=torch.long),
-        torch.zeros((batch, max_len), dtype=torch.bool),
-    )
+    Training's prompt dropout and sampling's unconditional branch both use exactly this
+    (``length = text.drop_len``)."""
+    n = length or max_len
+    ids = torch.full((batch, max_len), tokenizer.mask_id, dtype=torch.long)
+    pad = torch.zeros((batch, max_len), dtype=torch.bool)
+    ids[:, n:] = tokenizer.pad_id
+    pad[:, n:] = True
+    return ids, pad

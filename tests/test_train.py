@@ -419,3 +419,51 @@ def test_train_cli_prints_bad_input_as_one_line(toy_dataset, tmp_path, bad, mess
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {message}"]
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "layout", [{}, {"parallel.pipeline_parallel": 2}, {"parallel.tensor_parallel": 2, "parallel.sequence_parallel": True}]
+)
+def test_trimmed_prompts_train_exactly_as_padded_ones(toy_dataset, init_ckpt, layout):
+    """Prompts of ~44 bytes padded to text.max_len=64 (dropped ones 8 MASKs, then padding): cutting each
+    step's prompts to its longest changes no loss, under PP (one length per step) and SP (a multiple of TP)."""
+    world = 2 if layout else 1
+    common = {"text.max_len": 64, "text.drop_len": 8, "checkpoint.init_from": init_ckpt, **layout}
+    from megamdm.data.loader import TrainLoader
+    from megamdm.text import ByteTokenizer
+
+    cfg = load_config(
+        ROOT / "configs/model/tiny.yaml", overrides(toy_dataset, **{k: v for k, v in common.items() if "parallel" not in k})
+    )
+    groups = GCEGroups.load(toy_dataset / "groups.safetensors")
+    assert next(TrainLoader(cfg, groups, ByteTokenizer()))[0].corrupted.text_ids.shape[1] == 48  # 44 bytes -> 48
+    padded = train(world, overrides(toy_dataset, **{**common, "data.trim_text": False}))
+    trimmed = train(world, overrides(toy_dataset, **common))
+    for a, b in zip(trimmed["losses"], padded["losses"]):
+        assert a == pytest.approx(b, rel=1e-5), (trimmed["losses"], padded["losses"])
+
+
+def test_trim_text_cuts_to_the_longest_prompt_of_the_step():
+    from megamdm.data.loader import MicroBatch, trim_text
+    from megamdm.diffusion import Corrupted
+
+    def mb(lengths, full=64, grid=4):
+        pad = torch.arange(full)[None, :] >= torch.tensor(lengths)[:, None]
+        z = torch.zeros(len(lengths), grid, grid, dtype=torch.long)
+        c = Corrupted(
+            torch.zeros(len(lengths), full, dtype=torch.long),
+            pad,
+            z,
+            z,
+            z.float(),
+            z.bool(),
+            z.bool(),
+            torch.zeros(len(lengths)),
+        )
+        return MicroBatch(c, "16x16", torch.zeros(len(lengths), 2))
+
+    out = trim_text([mb([3, 17]), mb([9, 1])])
+    assert [m.corrupted.text_ids.shape[1] for m in out] == [24, 24]  # 17 rounded up to a multiple of 8
+    out = trim_text([mb([3, 17])], seq_multiple=5)  # 4 merged image positions: 24 + 4 = 28 -> 26 + 4 = 30
+    assert out[0].corrupted.text_pad_mask.shape[1] == 26
+    assert trim_text([mb([64, 2])])[0].corrupted.text_ids.shape[1] == 64

@@ -136,10 +136,12 @@ class StepBatches(torch.utils.data.Dataset):
         dp_size: int,
         micro_batch_size: int,
         num_micro_batches: int,
+        seq_multiple: int = 1,
     ):
         self.datasets, self.plan, self.cfg, self.groups, self.tok = datasets, plan, cfg, groups, text_tokenizer
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.mbs, self.nmb = micro_batch_size, num_micro_batches
+        self.seq_multiple = seq_multiple
 
     def __len__(self) -> int:  # a sampler drives it past one epoch
         return self.plan.steps_per_epoch
@@ -151,7 +153,8 @@ class StepBatches(torch.utils.data.Dataset):
         return make_micro_batch(self.datasets, self.cfg, self.groups, self.tok, res, ds, idx, local, seeds)
 
     def __getitem__(self, step: int) -> list[MicroBatch]:
-        return [self.micro_batch(step, m) for m in range(self.nmb)]
+        micro = [self.micro_batch(step, m) for m in range(self.nmb)]
+        return trim_text(micro, seq_multiple=self.seq_multiple) if self.cfg.data.trim_text else micro
 
 
 def make_micro_batch(
@@ -192,8 +195,30 @@ def make_micro_batch(
         flip_group_size=groups.group_sizes[0] if groups.group_sizes else 1,
         seeds=seeds,
         mask_ratio=mask_ratio,
+        drop_len=cfg.text.drop_len,
     )
     return MicroBatch(c, res, torch.from_numpy(np.stack([ds, idx], axis=1)), cut)
+
+
+def trim_text(micro: list[MicroBatch], *, multiple: int = 8, seq_multiple: int = 1) -> list[MicroBatch]:
+    """The micro-batches of one step with their prompts cut to the longest one of the step (rounded
+    up to ``multiple``; with the image positions a multiple of ``seq_multiple``, which sequence
+    parallelism needs). Padding is masked out of attention and always a suffix, so nothing else
+    changes; one length per step keeps the pipeline's tensor shapes equal across micro-batches."""
+    if not micro:
+        return micro
+    full = micro[0].corrupted.text_ids.shape[1]
+    m = micro[0].corrupted.image_input.shape[1] * micro[0].corrupted.image_input.shape[2] // 4
+    longest = max(int((~mb.corrupted.text_pad_mask).sum(1).max()) for mb in micro)
+    n = max(multiple, -(-longest // multiple) * multiple)
+    while (n + m) % seq_multiple and n < full:
+        n += 1
+    if n >= full or (n + m) % seq_multiple:
+        return micro
+    for mb in micro:
+        c = mb.corrupted
+        c.text_ids, c.text_pad_mask = c.text_ids[:, :n].contiguous(), c.text_pad_mask[:, :n].contiguous()
+    return micro
 
 
 def _scatter(parts, n):
@@ -228,7 +253,10 @@ class TrainLoader:
         dp_rank: int = 0,
         dp_size: int = 1,
         codebook_hash: str | None = None,
+        seq_multiple: int = 1,
     ):
+        """``seq_multiple``: what the sequence length of a step must be a multiple of (the TP size
+        under sequence parallelism) when prompts are trimmed (``data.trim_text``)."""
         d = cfg.data
         if not d.shards:
             raise ConfigError("data.shards is empty: give one or more token-shard datasets")
@@ -259,6 +287,7 @@ class TrainLoader:
             dp_size=dp_size,
             micro_batch_size=d.micro_batch_size,
             num_micro_batches=self.num_micro_batches,
+            seq_multiple=seq_multiple,
         )
         self.num_workers, self.prefetch = d.num_workers, d.prefetch
         self.step = 0
@@ -317,7 +346,10 @@ class ValidSet:
     on the data-parallel size, the step or a resume. Micro-batches never mix buckets; the last one
     of a bucket is filled up with weight-0 repeats; DP rank ``d`` takes every ``D``-th."""
 
-    def __init__(self, cfg: Config, groups: GCEGroups, text_tokenizer, *, dp_rank: int, dp_size: int, codebook_hash=None):
+    def __init__(
+        self, cfg: Config, groups: GCEGroups, text_tokenizer, *, dp_rank: int, dp_size: int, codebook_hash=None, seq_multiple=1
+    ):
+        self.seq_multiple = seq_multiple
         d = cfg.data
         if d.valid_samples < 1:
             raise ConfigError(f"data.valid_samples={d.valid_samples} must be >= 1")
@@ -374,4 +406,7 @@ class ValidSet:
                 mb.corrupted.is_flipped = mb.corrupted.is_flipped & (w > 0)
                 mb.corrupted.is_masked = mb.corrupted.is_masked & (w > 0)
             out.setdefault(res, []).append(mb)
-        return out
+        return {
+            res: trim_text(micro, seq_multiple=self.seq_multiple) if self.cfg.data.trim_text else micro
+            for res, micro in out.items()
+        }

@@ -147,6 +147,7 @@ class StepResult:
     grid: tuple[int, int]  # the token grid of this step's batch
     wait_s: float  # time spent waiting for the batch
     prompts_cut: int = 0  # captions of the global batch longer than text.max_len
+    text_len: int = 0  # prompt positions of this rank's step after trimming (data.trim_text)
 
 
 @dataclass
@@ -263,6 +264,7 @@ class Trainer:
             dp_rank=ps.get_data_parallel_rank(),
             dp_size=ps.get_data_parallel_world_size(),
             codebook_hash=codebook_hash(self.image_tok.codebook()) if self.image_tok else None,
+            seq_multiple=par.tensor_parallel if par.sequence_parallel else 1,
         )
 
         self.model = build_model(cfg, LossSpec.from_config(cfg.gce, self.groups), device=device, use_te=use_te)
@@ -333,6 +335,7 @@ class Trainer:
                 dp_rank=ps.get_data_parallel_rank(),
                 dp_size=ps.get_data_parallel_world_size(),
                 codebook_hash=codebook_hash(self.image_tok.codebook()) if self.image_tok else None,
+                seq_multiple=par.tensor_parallel if par.sequence_parallel else 1,
             )
         elif t.eval_interval:
             raise ConfigError("train.eval_interval needs data.valid_shards: the held-out datasets to evaluate")
@@ -373,7 +376,7 @@ class Trainer:
             data_iterator=iter(batches),
             model=[self.ddp],
             num_microbatches=len(batches),
-            seq_length=self.cfg.text.max_len + gh * gw // 4,
+            seq_length=batches[0].text_ids.shape[1] + gh * gw // 4,
             micro_batch_size=batches[0].image_input.shape[0],
             forward_only=False,
         )
@@ -397,7 +400,9 @@ class Trainer:
         if ps.get_pipeline_model_parallel_world_size() > 1:  # the logging rank is on the last stage
             dist.broadcast(sums, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
         sums = sums.cpu()
-        return StepResult(sums[:-1], bool(finite.item() > 0), grad_norm, (gh, gw), wait, int(sums[-1]))
+        return StepResult(
+            sums[:-1], bool(finite.item() > 0), grad_norm, (gh, gw), wait, int(sums[-1]), batches[0].text_ids.shape[1]
+        )
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -420,7 +425,7 @@ class Trainer:
                         data_iterator=iter(batches),
                         model=[self.ddp],
                         num_microbatches=len(batches),
-                        seq_length=self.cfg.text.max_len + gh * gw // 4,
+                        seq_length=batches[0].text_ids.shape[1] + gh * gw // 4,
                         micro_batch_size=batches[0].image_input.shape[0],
                         forward_only=True,
                     )
@@ -462,7 +467,7 @@ class Trainer:
                 s = unpack_sums(r.sums)
                 losses.append(s["loss_sum"] / max(s["n_tokens"], 1) if r.finite else float("nan"))
                 samples = cfg.data.global_batch_size
-                window.add(r, samples, step_flops(cfg.model, cfg.text.max_len, *r.grid, samples, s["n_tokens"]))
+                window.add(r, samples, step_flops(cfg.model, r.text_len or cfg.text.max_len, *r.grid, samples, s["n_tokens"]))
                 if step % lg.log_interval == 0 or step == t.steps:
                     self.log.log(
                         step,
