@@ -107,12 +107,14 @@ class TextConfig:
     default_score: float = 6.5
     mask_token: str | None = None  # HF tokenizers: the token used as the text MASK
     # the dropped / unconditional prompt: this many MASK tokens, then padding; 0: max_len of them (megamdm
-    # 0.2's), which keeps every batch with a dropped prompt at max_len positions
+    # 0.2's, which keeps every step with a dropped prompt at max_len positions); -1: the prompt's own length
     drop_len: int = 0
 
     def validate(self) -> None:
-        if not 0 <= self.drop_len <= self.max_len:
-            raise ConfigError(f"text.drop_len={self.drop_len} must be in [0, text.max_len={self.max_len}] (0: max_len)")
+        if not -1 <= self.drop_len <= self.max_len:
+            raise ConfigError(
+                f"text.drop_len={self.drop_len} must be in [-1, text.max_len={self.max_len}] (0: max_len, -1: own length)"
+            )
 
 
 @dataclass

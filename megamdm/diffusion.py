@@ -86,8 +86,8 @@ def corrupt_sample(
 ) -> tuple[torch.Tensor, ...]:
     """Corrupt one sample. ``image_ids`` are model-order ids of any shape; returns
     (text_ids, text_pad_mask, image_input, loss_weight, is_masked, is_flipped, t). ``mask_ratio``
-    fixes ``t`` instead of drawing it (validation). A dropped prompt is ``drop_len`` text MASKs and then
-    padding (0: MASKs at every position), as :func:`megamdm.text.masked_prompt` builds it."""
+    fixes ``t`` instead of drawing it (validation). A dropped prompt is :func:`megamdm.text.masked_prompt`'s
+    (``drop_len``: 0 MASKs at every position, n the first n, -1 the prompt's own tokens)."""
     flat = image_ids.reshape(-1)
     n = flat.numel()
     t = sample_mask_ratio(cfg, generator) if mask_ratio is None else float(mask_ratio)
@@ -105,10 +105,10 @@ def corrupt_sample(
         inp[pos] = _flip_values(flat[pos], cfg.flip_mode, vocab_size, flip_group_size, generator)
     weight = masked.float() + flipped.float() * cfg.edit_loss_weight
     if cfg.prompt_drop > 0 and float(torch.rand((), generator=generator)) < cfg.prompt_drop:
-        text_ids = torch.full_like(text_ids, text_mask_id)
-        text_pad_mask = torch.zeros_like(text_pad_mask)
-        if drop_len:
-            text_pad_mask[drop_len:] = True  # the ids under padding are never attended to
+        from .text import masked_prompt
+
+        ids, pad = masked_prompt(text_mask_id, text_ids[None], text_pad_mask[None], drop_len)
+        text_ids, text_pad_mask = ids[0], pad[0]
     shape = image_ids.shape
     return (text_ids, text_pad_mask, inp.view(shape), weight.view(shape), masked.view(shape), flipped.view(shape), t)
 

@@ -346,7 +346,7 @@ class MDMSampler:
         b = text_ids.shape[0]
         dev = self.device
         if negative is None:
-            u_ids, u_pad = masked_prompt(self.text_tokenizer, b, text_ids.shape[1], self.cfg.text.drop_len)
+            u_ids, u_pad = masked_prompt(self.text_tokenizer.mask_id, text_ids, text_pad, self.cfg.text.drop_len)
         else:
             u_ids, u_pad = negative
         cond = trim_padding(text_ids, text_pad)

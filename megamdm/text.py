@@ -142,14 +142,16 @@ def tokenize_prompts(tokenizer: TextTokenizer, prompts: Sequence[str], max_len: 
     return TokenizedPrompts(ids, pad, cut)
 
 
-def masked_prompt(tokenizer: TextTokenizer, batch: int, max_len: int, length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dropped prompt: ``length`` text MASKs (0: all ``max_len`` positions), then padding.
+OWN_LENGTH = -1  # text.drop_len: a dropped prompt keeps its own length (NL-Diffusion-Image's rule)
 
-    Training's prompt dropout and sampling's unconditional branch both use exactly this
-    (``length = text.drop_len``)."""
-    n = length or max_len
-    ids = torch.full((batch, max_len), tokenizer.mask_id, dtype=torch.long)
-    pad = torch.zeros((batch, max_len), dtype=torch.bool)
-    ids[:, n:] = tokenizer.pad_id
-    pad[:, n:] = True
-    return ids, pad
+
+def masked_prompt(mask_id: int, ids: torch.Tensor, pad: torch.Tensor, drop_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dropped form of prompts ``ids``/``pad`` ``[B, L]``: text MASKs, then padding. ``drop_len``
+    (``text.drop_len``): 0 every one of the L positions, ``n > 0`` the first n, -1 (``OWN_LENGTH``)
+    each prompt's own tokens. Training's prompt dropout and sampling's unconditional branch both
+    use exactly this; the ids under padding are never attended to."""
+    if drop_len == OWN_LENGTH:
+        return ids.masked_fill(~pad, mask_id), pad.clone()
+    out_pad = torch.zeros_like(pad)
+    out_pad[:, drop_len or ids.shape[1] :] = True
+    return torch.full_like(ids, mask_id), out_pad

@@ -119,7 +119,7 @@ def test_cond_and_uncond_run_in_one_forward_and_guidance_acts_on_the_head_input(
     guided = s.guided_hidden_fn(ids, pad, s.default_settings(cfg=3.0))(x, 0)
     from megamdm.text import masked_prompt
 
-    uid, upad = masked_prompt(s.text_tokenizer, 1, ids.shape[1])
+    uid, upad = masked_prompt(s.text_tokenizer.mask_id, ids, pad)
     # the head is linear: guidance on its input is guidance on the logits
     cfg_on_logits = 4 * s.model.logits(ids, pad, x) - 3 * s.model.logits(uid, upad, x)
     assert torch.allclose(s.head_fn(guided.reshape(64, -1)), cfg_on_logits.reshape(64, -1), atol=1e-4)

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from megamdm.text import ByteTokenizer, HFTokenizer, format_prompt, masked_prompt, tokenize_prompts
 
@@ -20,8 +21,12 @@ def test_byte_tokenizer_padding_and_truncation():
     assert (ids[0, 2:] == tok.pad_id).all()
     assert tok.decode(ids[1][~pad[1]].tolist()) == "héllo"
     assert not pad[2].any()  # truncated to max_len
-    mids, mpad = masked_prompt(tok, 2, 6)
-    assert (mids == tok.mask_id).all() and not mpad.any()
+    mids, mpad = masked_prompt(tok.mask_id, ids, pad)
+    assert (mids == tok.mask_id).all() and not mpad.any()  # drop_len 0: every position
+    mids, mpad = masked_prompt(tok.mask_id, ids, pad, 3)
+    assert mpad[:, 3:].all() and not mpad[:, :3].any() and (mids[:, :3] == tok.mask_id).all()
+    mids, mpad = masked_prompt(tok.mask_id, ids, pad, -1)  # the prompt's own length
+    assert torch.equal(mpad, pad) and (mids[~pad] == tok.mask_id).all()
     assert tok.mask_id != tok.pad_id and tok.vocab_size == 258
 
 

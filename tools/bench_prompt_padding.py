@@ -8,8 +8,9 @@ For each stage config, one data-parallel rank's micro-batches of ``--steps`` ste
 prompt lengths drawn uniformly from ``--min-len``..``--max-len`` tokens (caption plus
 micro-conditioning; 10-80 tokens by default) and the stage's prompt dropout, then cut by the
 loader's own ``trim_text``. It prints positions and model FLOPs per step padded to
-``text.max_len`` (``data.trim_text: false``), trimmed with dropped prompts of ``text.max_len`` MASKs
-(``text.drop_len: 0``, megamdm 0.2's), and trimmed with dropped prompts of ``--drop-len`` MASKs.
+``text.max_len`` (``data.trim_text: false``), and trimmed with dropped prompts of ``text.max_len``
+MASKs (``text.drop_len: 0``, megamdm 0.2's), of their own length (``-1``, the 8B recipe's and
+NL-Diffusion-Image's) and of ``--drop-len`` MASKs.
 Nothing is trained: the numbers are counts, so any machine gives the same table.
 """
 
@@ -34,7 +35,8 @@ def step_micro_batches(cfg, lengths, dropped, drop_len, grid):
     for s in range(0, len(lengths), mbs):
         n = torch.tensor(lengths[s : s + mbs])
         drop = torch.tensor(dropped[s : s + mbs])
-        n = torch.where(drop, torch.full_like(n, drop_len or full), n)
+        if drop_len != -1:  # -1: a dropped prompt keeps its own length
+            n = torch.where(drop, torch.full_like(n, drop_len or full), n)
         pad = torch.arange(full)[None, :] >= n[:, None]
         b = len(n)
         z = torch.zeros(b, *grid, dtype=torch.long)
@@ -68,15 +70,13 @@ def measure(cfg_path: Path, steps: int, lo: int, hi: int, drop_len: int, seed: i
     dp = data_parallel_size(cfg_path, cfg)
     per_rank = max(cfg.data.micro_batch_size, cfg.data.global_batch_size // dp)  # one rank's step
     g = torch.Generator().manual_seed(seed)
-    rows = {"padded": [0, 0.0], "trimmed, drop_len 0": [0, 0.0], f"trimmed, drop_len {drop_len}": [0, 0.0]}
+    layouts = [("padded", 0, False), ("trimmed, drop_len 0", 0, True), ("trimmed, own length", -1, True)]
+    layouts.append((f"trimmed, drop_len {drop_len}", drop_len, True))
+    rows = {name: [0, 0.0] for name, _, _ in layouts}
     for _ in range(steps):
         lengths = torch.randint(lo, hi + 1, (per_rank,), generator=g).clamp(max=cfg.text.max_len).tolist()
         dropped = (torch.rand(per_rank, generator=g) < cfg.diffusion.prompt_drop).tolist()
-        for name, dl, trim in (
-            ("padded", 0, False),
-            ("trimmed, drop_len 0", 0, True),
-            (f"trimmed, drop_len {drop_len}", drop_len, True),
-        ):
+        for name, dl, trim in layouts:
             micro = step_micro_batches(cfg, lengths, dropped, dl, grid)
             if trim:
                 micro = trim_text(micro, seq_multiple=cfg.parallel.tensor_parallel if cfg.parallel.sequence_parallel else 1)

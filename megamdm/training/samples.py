@@ -82,7 +82,7 @@ def sample_token_grid(
     ]
     b = len(prompts)
     ids, pad, _ = tokenize_prompts(text_tokenizer, texts, cfg.text.max_len)
-    uid, upad = masked_prompt(text_tokenizer, b, cfg.text.max_len, cfg.text.drop_len)
+    uid, upad = masked_prompt(text_tokenizer.mask_id, ids, pad, cfg.text.drop_len)
     both_ids, both_pad = torch.cat([ids, uid]).to(device), torch.cat([pad, upad]).to(device)
     ids, pad = ids.to(device), pad.to(device)
     inner = model
