@@ -178,6 +178,8 @@ class TrainConfig:
 
     device: str = choice("auto", "cuda", "cpu")
     transformer_impl: str = choice("auto", "transformer_engine", "local")
+    # the local spec's core attention: sdpa (PyTorch's fused kernels) or megatron's unfused one; auto: sdpa on CUDA
+    attention: str = choice("auto", "sdpa", "local")
     # auto: bf16 on GPUs; on CPUs whichever of bf16 / fp32 the CPU multiplies faster (measured at start-up)
     precision: str = choice("auto", "bf16", "fp32", "fp8")
     # tensorwise (current scaling): Megatron-Bridge's H100 default; mxfp8 needs Blackwell (training.fp8)

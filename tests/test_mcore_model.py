@@ -58,7 +58,7 @@ def standalone_reference(single_dir, c):
     return parts.loss_sum.item(), logits.detach(), grads
 
 
-def _worker(ckpt, tp, pp, sp, micro_batches, cudnn=False):
+def _worker(ckpt, tp, pp, sp, micro_batches, cudnn=False, attention="local"):
     """Build the model at (TP, PP, SP), load the checkpoint, run forward/backward via megatron's
     schedule; ``cudnn``: under cuDNN fused attention's reading of the padding mask."""
     from megamdm.compat.megatron_cpu import megatron_on_cpu
@@ -66,10 +66,10 @@ def _worker(ckpt, tp, pp, sp, micro_batches, cudnn=False):
     from .support.cudnn_attention import cudnn_padding_semantics
 
     with megatron_on_cpu(), cudnn_padding_semantics() if cudnn else contextlib.nullcontext():
-        return _run_layout(ckpt, tp, pp, sp, micro_batches)
+        return _run_layout(ckpt, tp, pp, sp, micro_batches, attention)
 
 
-def _run_layout(ckpt, tp, pp, sp, micro_batches):
+def _run_layout(ckpt, tp, pp, sp, micro_batches, attention="local"):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -82,10 +82,12 @@ def _run_layout(ckpt, tp, pp, sp, micro_batches):
     single = load_single(ckpt.parent / "single", load_tokenizers=False)
     cfg = Config(
         model=single.config.model,
-        train=TrainConfig(precision="fp32"),
+        train=TrainConfig(precision="fp32", attention=attention),
         parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=sp),
     )
     model = build_model(cfg, SPEC, device="cpu", use_te=False)
+    cores = {type(m).__name__ for m in model.modules() if "Attention" in type(m).__name__ and "Self" not in type(m).__name__}
+    assert (cores == {"SDPAttention"}) == (attention == "sdpa"), cores
     load_model_weights(model, ckpt / "iter_0000000")
     c = batch(cfg.model)
     seq = c.text_ids.shape[1] + c.image_input[0].numel() // 4
@@ -148,23 +150,27 @@ def test_from_single_round_trip_is_bit_identical(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "tp,pp,sp,cudnn",
+    "tp,pp,sp,cudnn,attention",
     [
-        (1, 1, False, False),
-        (2, 1, False, False),
-        (2, 1, True, False),
-        (1, 2, False, False),
-        (1, 1, False, True),
-        (2, 1, True, True),
+        (1, 1, False, False, "local"),
+        (2, 1, False, False, "local"),
+        (2, 1, True, False, "local"),
+        (1, 2, False, False, "local"),
+        (1, 1, False, True, "local"),
+        (2, 1, True, True, "local"),
+        (1, 1, False, False, "sdpa"),
+        (2, 1, True, False, "sdpa"),
     ],
 )
-def test_parallel_layouts_match_the_standalone_model(checkpoints, tp, pp, sp, cudnn):
+def test_parallel_layouts_match_the_standalone_model(checkpoints, tp, pp, sp, cudnn, attention):
     """``cudnn``: attention reads the padding mask as cuDNN fused attention does (the valid keys
-    are the first ``count``), so the result only matches if padding sits at the end of the sequence."""
+    are the first ``count``), so the result only matches if padding sits at the end of the sequence.
+    ``sdpa``: the fused core attention of the local spec on CUDA, forward and backward against the
+    same reference as megatron's unfused one (GQA, prompt padding)."""
     c = batch(load_single(checkpoints / "single").config.model)
     assert c.text_pad_mask.any(), "the test batch must have prompt padding"
     ref_loss, ref_logits, ref_grads = standalone_reference(checkpoints / "single", c)
-    results = run_distributed(_worker, tp * pp, checkpoints / "dist", tp, pp, sp, 2, cudnn)
+    results = run_distributed(_worker, tp * pp, checkpoints / "dist", tp, pp, sp, 2, cudnn, attention)
     last = [r for r in results if r["pp_rank"] == pp - 1]
     for r in last:
         assert len(r["losses"]) == 2

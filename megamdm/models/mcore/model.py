@@ -116,6 +116,7 @@ class MDMModel(MegatronModule):
         loss_spec: LossSpec,
         *,
         use_te: bool,
+        sdpa: bool = False,
         pre_process: bool = True,
         post_process: bool = True,
         vp_stage: int | None = None,
@@ -139,7 +140,7 @@ class MDMModel(MegatronModule):
             self.merge = torch.nn.Linear(4 * d, d, bias=False, dtype=config.params_dtype)
             if mdm.merge_norm:
                 self.merge_norm = RMSNorm(d, mdm.merge_norm_eps)
-        spec, norm = layer_spec(use_te)
+        spec, norm = layer_spec(use_te, sdpa)
         n_layers = get_num_layers_to_build(config, vp_stage)
         self.decoder = TransformerBlock(
             config,
@@ -249,6 +250,16 @@ class MDMModel(MegatronModule):
         return gather_from_tensor_model_parallel_region(head_logits(hidden, self.head.weight))
 
 
+def resolve_attention(choice: str, device: str, use_te: bool) -> str:
+    """``train.attention``: ``auto`` is ``sdpa`` for the local spec on CUDA and megatron's ``local``
+    attention on CPU (the reference); with Transformer Engine its own fused attention is used."""
+    if use_te:
+        return "te"
+    if choice == "auto":
+        return "sdpa" if device == "cuda" else "local"
+    return choice
+
+
 def build_model(cfg, loss_spec: LossSpec, *, device: str, use_te: bool, vp_stage: int | None = None) -> MDMModel:
     """The MDMModel for this rank's pipeline stage (``cfg`` is a megamdm :class:`~megamdm.config.Config`)."""
     tcfg = transformer_config(cfg.model, cfg.train, cfg.parallel, device=device, use_te=use_te)
@@ -257,6 +268,7 @@ def build_model(cfg, loss_spec: LossSpec, *, device: str, use_te: bool, vp_stage
         cfg.model,
         loss_spec,
         use_te=use_te,
+        sdpa=resolve_attention(cfg.train.attention, device, use_te) == "sdpa",
         pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
         post_process=ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
         vp_stage=vp_stage,

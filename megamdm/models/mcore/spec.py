@@ -35,8 +35,9 @@ class MegatronRMSNorm(torch.nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def layer_spec(use_te: bool) -> tuple[ModuleSpec, type]:
-    """(the transformer-layer spec, the final-norm class)."""
+def layer_spec(use_te: bool, sdpa: bool = False) -> tuple[ModuleSpec, type]:
+    """(the transformer-layer spec, the final-norm class). ``sdpa``: the local spec's core attention
+    is :class:`~megamdm.models.mcore.attention.SDPAttention` instead of megatron's unfused one."""
     if use_te:
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
@@ -48,5 +49,9 @@ def layer_spec(use_te: bool) -> tuple[ModuleSpec, type]:
         spec, norm = get_gpt_layer_local_spec(normalization="RMSNorm"), MegatronRMSNorm
         spec.submodules.input_layernorm = MegatronRMSNorm
         spec.submodules.pre_mlp_layernorm = MegatronRMSNorm
+        if sdpa:
+            from .attention import SDPAttention
+
+            spec.submodules.self_attention.submodules.core_attention = SDPAttention
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.padding
     return spec, norm
