@@ -214,6 +214,11 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
+    # overlap the data-parallel gradient reduce-scatter with backward / the parameter all-gather with the
+    # next forward (distributed optimizer); null: on with CUDA, off on CPU
+    overlap_grad_reduce: bool | None = None
+    overlap_param_gather: bool | None = None
+    grad_reduce_dtype: str = choice("fp32", "bf16")  # bf16 halves the reduction's bytes (Megatron-Bridge's default)
 
 
 @dataclass

@@ -467,3 +467,20 @@ def test_trim_text_cuts_to_the_longest_prompt_of_the_step():
     out = trim_text([mb([3, 17])], seq_multiple=5)  # 4 merged image positions: 24 + 4 = 28 -> 26 + 4 = 30
     assert out[0].corrupted.text_pad_mask.shape[1] == 26
     assert trim_text([mb([64, 2])])[0].corrupted.text_ids.shape[1] == 64
+
+
+def test_overlapped_data_parallel_communication_follows_the_same_trajectory(toy_dataset, init_ckpt, reference, tmp_path):
+    """DP 2 with the distributed optimizer: the gradient reduce-scatter overlapped with backward and the
+    parameter all-gather with the next forward (what CUDA runs by default) give the single-process
+    losses; a checkpoint saved mid-run holds the gathered parameters and resumes to the same end."""
+    ov = {
+        "parallel.use_distributed_optimizer": True,
+        "parallel.overlap_grad_reduce": True,
+        "parallel.overlap_param_gather": True,
+        "checkpoint.init_from": init_ckpt,
+    }
+    run = tmp_path / "run"
+    first = train(2, overrides(toy_dataset, **{**ov, "checkpoint.save_dir": run, "train.exit_after_steps": 2}))
+    rest = train(2, overrides(toy_dataset, **{**ov, "checkpoint.save_dir": run}))
+    for a, b in zip(first["losses"] + rest["losses"], reference["losses"]):
+        assert abs(a - b) / b < 2e-5, (first["losses"] + rest["losses"], reference["losses"])

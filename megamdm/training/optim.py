@@ -11,6 +11,8 @@ optimizer it is given (not on the class); with TE/apex nothing is touched.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -21,12 +23,16 @@ def wrap_model(model, tcfg, par, device: str):
     from ..models.mcore.model import with_precision
 
     model = with_precision(model)
-    overlap = device == "cuda"
+    overlap = par.overlap_grad_reduce if par.overlap_grad_reduce is not None else device == "cuda"
+    gather = par.overlap_param_gather if par.overlap_param_gather is not None else device == "cuda"
+    gather = gather and par.use_distributed_optimizer  # there is no parameter all-gather without it
     ddp = DistributedDataParallel(
         config=tcfg,
         ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
+            grad_reduce_in_fp32=par.grad_reduce_dtype == "fp32",
             overlap_grad_reduce=overlap,
+            overlap_param_gather=gather,
+            align_param_gather=gather,
             use_distributed_optimizer=par.use_distributed_optimizer,
             fp8_param_gather=tcfg.fp8_param,  # FP8 parameters are all-gathered in FP8
         ),
@@ -36,7 +42,23 @@ def wrap_model(model, tcfg, par, device: str):
     tcfg.finalize_model_grads_func = finalize_model_grads
     if overlap:
         tcfg.grad_sync_func = ddp.start_grad_sync
+    if gather:  # each stage's first forward waits for its parameters (megatron's forward pre-hooks)
+        tcfg.param_sync_func = ddp.start_param_sync
     return ddp
+
+
+@contextlib.contextmanager
+def params_in_sync(ddp):
+    """The whole parameters on every rank inside the block (a checkpoint save, EMA sampling): with
+    ``overlap_param_gather`` the all-gather of a step's parameters otherwise waits for the next forward."""
+    if not getattr(ddp, "use_forward_hook", False):
+        yield
+        return
+    ddp.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        ddp.enable_forward_pre_hook()
 
 
 def build_optimizer(ddp, tcfg, optim, par, steps: int):

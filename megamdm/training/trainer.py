@@ -40,7 +40,7 @@ from .checkpoint import Checkpointer, load_model_weights
 from .flops import peak_tflops, step_flops
 from .fp8 import check_fp8_recipe
 from .logging import RunLogger
-from .optim import build_optimizer, wrap_model
+from .optim import build_optimizer, params_in_sync, wrap_model
 
 
 class StopSignal:
@@ -512,7 +512,15 @@ class Trainer:
 
     def save(self, why: str = "", *, final: bool = False) -> None:
         t0 = time.perf_counter()
-        sharding = self.ckpt.save(
+        with params_in_sync(self.ddp):
+            sharding = self._save(final)
+        self.log.info(
+            f"saved checkpoint {iteration_dir(self.run_dir, self.step)}{why}: optimizer {sharding}, "
+            f"{time.perf_counter() - t0:.1f} s{' to schedule' if self.ckpt.queue is not None else ''}"
+        )
+
+    def _save(self, final: bool) -> str:
+        return self.ckpt.save(
             self.step,
             self.state_module,
             self.optimizer,
@@ -523,10 +531,6 @@ class Trainer:
             ema=self.ema,
             valid=self.last_valid,
         )
-        self.log.info(
-            f"saved checkpoint {iteration_dir(self.run_dir, self.step)}{why}: optimizer {sharding}, "
-            f"{time.perf_counter() - t0:.1f} s{' to schedule' if self.ckpt.queue is not None else ''}"
-        )
 
     def _log_samples(self, step: int) -> None:
         from ..grid import image_grid
@@ -535,7 +539,7 @@ class Trainer:
         cfg = self.cfg
         f = self.image_tok.downsample
         prompts = cfg.logging.sample_prompts
-        with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+        with params_in_sync(self.ddp), self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
             images = sample_images(
                 self.ddp,
                 cfg,
