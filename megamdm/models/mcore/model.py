@@ -98,7 +98,7 @@ def transformer_config(
         recompute_num_layers=1 if recompute == "full" else None,
         use_cpu_initialization=device == "cpu",
         gradient_accumulation_fusion=fused and grad_accumulation_fusion_available(),
-        bias_activation_fusion=fused,
+        bias_activation_fusion=True,  # the fused SwiGLU of megatron (TE and local spec alike)
         bias_dropout_fusion=device == "cuda",
         masked_softmax_fusion=False,
         apply_rope_fusion=fused,
