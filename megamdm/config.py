@@ -339,10 +339,14 @@ class SampleSettings:
     gumbel_temperature: float = 1.0
     edit_threshold: float = 0.0  # <= 0 disables token editing
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide steps with lo <= k/steps < hi
+    # NL-Diffusion-Image's released sampler differs in these three (docs/sampling.md):
+    filter_order: str = choice("temperature_first", "filter_first")  # filter_first: top-k/top-p, then temperature
+    confidence: str = choice("sampled", "raw")  # raw: a token's probability under the untempered, unfiltered softmax
+    final_prediction: bool = False  # with editing: after the last step every position takes that step's prediction
 
     def validate(self) -> SampleSettings:
         """ValueError naming the setting and what is allowed (sampler calls pass settings directly)."""
-        for name in ("policy", "schedule"):
+        for name in ("policy", "schedule", "filter_order", "confidence"):
             allowed = choices(SampleSettings, name)
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; allowed: {', '.join(allowed)}")

@@ -25,8 +25,12 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from .config import SampleSettings
 from .errors import MegamdmError
 from .grid import image_grid
+
+# the sampler settings added after 0.2.0's first PNGs, at the values those PNGs were made with
+SETTING_DEFAULTS = {f: getattr(SampleSettings(), f) for f in ("filter_order", "confidence", "final_prediction")}
 
 LAYOUTS = ("plain", "geneval", "dpg")
 Job = tuple[str, str, dict | None]  # (key, prompt, GenEval metadata)
@@ -141,7 +145,8 @@ class SampleWriter:
             except (OSError, ValueError):
                 stored, prompt = {}, None
             want = json.loads(json.dumps(expected(k)))
-            diff = sorted(x for x in want if stored.get(x) != want[x]) + (["prompt"] if prompt != job[1] else [])
+            known = {**SETTING_DEFAULTS, **stored}  # a setting newer than the PNG had its default then
+            diff = sorted(x for x in want if known.get(x) != want[x]) + (["prompt"] if prompt != job[1] else [])
             if not diff:
                 continue
             if not overwrite:

@@ -85,11 +85,15 @@ def chunk_rows(vocab_size: int, device="cpu") -> int:
     return max(1, LOGITS_BUDGET.get(kind, LOGITS_BUDGET["cuda"]) // (4 * vocab_size))
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, *, inplace: bool = False):
-    """Temperature, then top-k, then nucleus filtering on ``[..., V]`` logits, in fp32 (``inplace``:
-    overwriting fp32 ``logits``, as the sampler does with its own chunk)."""
+def filter_logits(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, *, inplace: bool = False, filter_first: bool = False
+):
+    """Temperature, then top-k, then nucleus filtering on ``[..., V]`` logits, in fp32 (``filter_first``:
+    the filters on the untempered logits, then the temperature; ``inplace``: overwriting fp32
+    ``logits``, as the sampler does with its own chunk)."""
     z = logits.float() if inplace else logits.float().clone()
-    if temperature > 0 and temperature != 1:
+    scale = temperature > 0 and temperature != 1
+    if scale and not filter_first:
         z.div_(temperature)
     if top_k and top_k < z.shape[-1]:
         kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
@@ -100,6 +104,8 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         drop = p.cumsum(-1).sub_(p) >= top_p  # keep the smallest prefix reaching top_p
         del p
         z.scatter_(-1, si, sz.masked_fill_(drop, float("-inf")))
+    if scale and filter_first:
+        z.div_(temperature)
     return z
 
 
@@ -174,29 +180,40 @@ def _predict(
     chunk: int,
     x0: torch.Tensor,
     conf: torch.Tensor,
+    keep_all: bool = False,
 ) -> None:
     """Sampled tokens ``x0`` and their confidences ``conf`` (one image, ``[N]``, filled in place)
     where they matter: masked positions, and with editing the unmasked (``editable``) positions whose
     top probability exceeds the threshold (no other sampled token there could pass it). Positions are
-    visited in ascending order, so the draws do not depend on ``chunk``."""
+    visited in ascending order, so the draws do not depend on ``chunk``. ``keep_all``: every
+    candidate gets its prediction, whatever its probability (``final_prediction``)."""
     if not st.editing:
         cand = masked.nonzero().squeeze(1)
     elif editable is None:
         cand = torch.arange(masked.numel(), device=masked.device)
     else:
         cand = (masked | editable).nonzero().squeeze(1)
+    raw = st.confidence == "raw"
+    tau = st.temperature if st.temperature > 0 else 1.0  # kept logits are the raw ones divided by this
     for rows in cand.split(chunk):
-        z = filter_logits(head_fn(hidden[rows]), st.temperature, st.top_k, st.top_p, inplace=True)
-        if st.editing:
-            top = torch.exp(z.max(-1).values - torch.logsumexp(z, -1))
+        z = head_fn(hidden[rows])
+        lse_raw = torch.logsumexp(z.float(), -1) if raw else None
+        z = filter_logits(z, st.temperature, st.top_k, st.top_p, inplace=True, filter_first=st.filter_order == "filter_first")
+        if st.editing and not keep_all:
+            lse = lse_raw if raw else torch.logsumexp(z, -1)
+            top = torch.exp(z.max(-1).values * (tau if raw else 1.0) - lse)
             keep = masked[rows] | (top > st.edit_threshold)
             rows, z = rows[keep], z[keep]
+            lse_raw = lse_raw[keep] if raw else None
             if not rows.numel():
                 continue
         probs = torch.softmax(z, -1)
         pick = _draw(probs, gen) if st.temperature > 0 else probs.argmax(-1)
         x0[rows] = pick
-        conf[rows] = probs.gather(1, pick[:, None]).squeeze(1)
+        if raw:  # the picked token is never filtered out, so its raw logit is tau times the kept one
+            conf[rows] = torch.exp(z.gather(1, pick[:, None]).squeeze(1) * tau - lse_raw)
+        else:
+            conf[rows] = probs.gather(1, pick[:, None]).squeeze(1)
 
 
 @torch.no_grad()
@@ -237,7 +254,8 @@ def sample_tokens(
             x0 = flat[i].clone()
             conf = torch.zeros(h * w, device=x.device)
             allowed = may_edit[i] if may_edit is not None else None
-            _predict(hidden[i], head_fn, masked, allowed, settings, generators[i], chunk, x0, conf)
+            last = settings.final_prediction and settings.editing and k == settings.steps - 1
+            _predict(hidden[i], head_fn, masked, allowed, settings, generators[i], chunk, x0, conf, keep_all=last)
             chosen = _choose(settings.policy, conf, masked, schedules[i][k], rank, settings.gumbel_temperature, generators[i])
             committed = torch.zeros_like(masked)
             committed[chosen] = True
@@ -246,7 +264,7 @@ def sample_tokens(
                 before = ~masked & ~committed
                 if allowed is not None:
                     before &= allowed
-                changed = before & (x0 != flat[i]) & (conf > settings.edit_threshold)
+                changed = before & (x0 != flat[i]) & ((conf > settings.edit_threshold) | last)
                 flat[i].copy_(torch.where(changed, x0, flat[i]))  # no host sync, unlike a masked assignment
                 edits = changed.sum()
             flat[i][chosen] = x0[chosen]

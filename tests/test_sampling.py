@@ -329,12 +329,14 @@ def test_auto_batch_size_follows_the_memory_there_is(ckpt, monkeypatch):
     assert s.auto_batch_size(32, 32, st, 6) == 1  # never fewer than one
 
 
+@pytest.mark.parametrize("release", [False, True])
 @pytest.mark.parametrize("threshold,top_k,top_p", [(0.0, 0, 1.0), (0.3, 5, 1.0), (0.3, 0, 0.8), (0.2, 6, 0.9)])
-def test_chunked_prediction_equals_the_straightforward_one_for_the_same_draws(threshold, top_k, top_p):
+def test_chunked_prediction_equals_the_straightforward_one_for_the_same_draws(threshold, top_k, top_p, release):
     """One step of the fused, chunked prediction against the whole-image computation: full logits,
     filtering, the editing test, then inverse-CDF draws from the same uniforms (same generator
     seed, rows in ascending order). The hidden states are one-hot rows through a logits table, so
-    both see bit-identical logits."""
+    both see bit-identical logits. ``release``: NL-Diffusion-Image's rules, the filters before the
+    temperature and confidences from the untempered, unfiltered softmax."""
     from megamdm.sampling import _predict
 
     n, vocab = 64, 40
@@ -342,12 +344,18 @@ def test_chunked_prediction_equals_the_straightforward_one_for_the_same_draws(th
     table = torch.randn(n, vocab, generator=g) * 3
     masked = torch.rand(n, generator=g) < 0.5
     st = SampleSettings(temperature=0.7, top_k=top_k, top_p=top_p, edit_threshold=threshold)
+    if release:
+        st.filter_order, st.confidence = "filter_first", "raw"
     x0 = torch.zeros(n, dtype=torch.long)
     conf = torch.zeros(n)
     _predict(torch.eye(n), lambda r: r @ table, masked, None, st, torch.Generator().manual_seed(5), 7, x0, conf)
 
-    z = filter_logits(table, st.temperature, top_k, top_p)
-    top = torch.softmax(z, -1).max(-1).values
+    if release:
+        z = filter_logits(table, 1.0, top_k, top_p) / st.temperature
+        top = torch.softmax(table, -1).max(-1).values
+    else:
+        z = filter_logits(table, st.temperature, top_k, top_p)
+        top = torch.softmax(z, -1).max(-1).values
     rows = (masked | (top > threshold)).nonzero().squeeze(1) if threshold > 0 else masked.nonzero().squeeze(1)
     probs = torch.softmax(z[rows], -1)
     u = torch.rand(rows.numel(), 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -355,7 +363,8 @@ def test_chunked_prediction_equals_the_straightforward_one_for_the_same_draws(th
     pick = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)
     assert rows.numel() > masked.sum() or threshold == 0
     assert torch.equal(x0[rows], pick)
-    assert torch.allclose(conf[rows], probs.gather(1, pick[:, None]).squeeze(1), rtol=1e-6, atol=0)
+    want = (torch.softmax(table[rows], -1) if release else probs).gather(1, pick[:, None]).squeeze(1)
+    assert torch.allclose(conf[rows], want, rtol=1e-5, atol=0)
     assert not conf[~torch.isin(torch.arange(n), rows)].any()  # nothing computed where nothing can change
 
 
@@ -478,3 +487,50 @@ def test_a_cut_prompt_is_counted_once_per_prompt(ckpt):
     assert out.prompts_cut == 1
     out = s(["a blue square"], negative_prompt=long, steps=1, progress=False)
     assert out.prompts_cut == 1
+
+
+def test_final_prediction_leaves_the_last_steps_prediction_everywhere():
+    """NL-Diffusion-Image's sampler ends with ``x = x0``: with editing on, every position takes the last
+    step's prediction. A stub model predicts another table at every step (argmax draws)."""
+    from megamdm.sampling import sample_tokens
+
+    h, w, vocab, steps = 4, 4, 10, 4
+    tables = torch.randn(steps, h * w, vocab, generator=torch.Generator().manual_seed(3)) * 4
+
+    def run(final):
+        st = SampleSettings(steps=steps, temperature=0.0, edit_threshold=0.999, final_prediction=final, cfg=0.0)
+        out = sample_tokens(
+            lambda x, k: tables[k].view(1, h, w, vocab),
+            lambda rows: rows,
+            torch.full((1, h, w), vocab, dtype=torch.long),
+            vocab,
+            st,
+            [torch.Generator().manual_seed(0)],
+        )
+        return out.tokens.view(-1)
+
+    last = tables[-1].argmax(-1)
+    assert torch.equal(run(True), last)
+    assert not torch.equal(run(False), last)  # early commitments stay where the threshold is not passed
+
+
+def test_a_png_from_before_a_new_setting_still_resumes(ckpt, tmp_path):
+    """PNGs written before filter_order / confidence / final_prediction existed were made with their defaults."""
+    from PIL import PngImagePlugin
+
+    args = ["--checkpoint", ckpt, "--prompt", "a red circle", "--steps", 2, "--out", tmp_path / "o", "--quiet"]
+    assert cli(*args).returncode == 0
+    png = tmp_path / "o/00000_00.png"
+    im = Image.open(png)
+    meta = json.loads(im.info["megamdm"])
+    for k in ("filter_order", "confidence", "final_prediction"):
+        meta.pop(k)
+    info = PngImagePlugin.PngInfo()
+    for k, v in im.info.items():
+        if isinstance(v, str):
+            info.add_text(k, json.dumps(meta) if k == "megamdm" else v)
+    im.save(png, pnginfo=info)
+    r = cli(*args[:-1])
+    assert r.returncode == 0 and "skipping 1 prompts already finished" in r.stdout, r.stdout + r.stderr
+    r = cli(*args[:-1], "--confidence", "raw")
+    assert r.returncode == 2 and "confidence" in r.stderr

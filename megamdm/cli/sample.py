@@ -55,6 +55,11 @@ def parse_args(argv):
     ap.add_argument("--edit-threshold", type=float, help="<= 0 disables token editing")
     ap.add_argument("--cfg-interval", help="LO,HI: guidance only at steps k with LO <= k/steps < HI (default 0,1)")
     ap.add_argument("--negative-prompt", help="the unconditional branch of guidance (default: the masked prompt)")
+    ap.add_argument("--filter-order", help="temperature_first | filter_first (top-k/top-p before the temperature)")
+    ap.add_argument("--confidence", help="sampled | raw (untempered, unfiltered probabilities)")
+    ap.add_argument(
+        "--final-prediction", action="store_true", default=None, help="with editing: end with the last step's prediction"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-images-per-prompt", type=int)
     ap.add_argument("--batch-size", type=int, help="images per forward pass (default: as many as fit in memory)")
@@ -107,6 +112,9 @@ def main(argv=None) -> int:
             gumbel_temperature=args.gumbel_temperature,
             edit_threshold=args.edit_threshold,
             cfg_interval=parse_floats(args.cfg_interval, "--cfg-interval", 2),
+            filter_order=args.filter_order,
+            confidence=args.confidence,
+            final_prediction=args.final_prediction,
         )
         init_image = mask = outpaint = None
         if args.init_image:
