@@ -420,6 +420,13 @@ class Config:
             v = getattr(getattr(self, section), name)
             if v < least:
                 raise ConfigError(f"{section}.{name}={v} must be >= {least}")
+        if self.train.eval_interval and not self.data.valid_shards:
+            raise ConfigError("train.eval_interval needs data.valid_shards: the held-out datasets to evaluate")
+        d = self.data
+        if d.valid_samples < 1:
+            raise ConfigError(f"data.valid_samples={d.valid_samples} must be >= 1")
+        if not d.valid_mask_ratios or any(not 0.0 < r <= 1.0 for r in d.valid_mask_ratios):
+            raise ConfigError(f"data.valid_mask_ratios={d.valid_mask_ratios}: give one or more ratios in (0, 1]")
         try:
             self.sample.validate()
         except ValueError as e:

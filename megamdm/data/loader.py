@@ -351,11 +351,6 @@ class ValidSet:
     ):
         self.seq_multiple = seq_multiple
         d = cfg.data
-        if d.valid_samples < 1:
-            raise ConfigError(f"data.valid_samples={d.valid_samples} must be >= 1")
-        bad = [r for r in d.valid_mask_ratios if not 0.0 < r <= 1.0]
-        if not d.valid_mask_ratios or bad:
-            raise ConfigError(f"data.valid_mask_ratios={d.valid_mask_ratios}: give one or more ratios in (0, 1]")
         backend = None if d.reader == "auto" else d.reader
         self.datasets = [TokenShards(p, backend=backend, codebook_hash=codebook_hash) for p in d.valid_shards]
         self.cfg, self.groups, self.tok = cfg, groups, text_tokenizer
@@ -366,7 +361,6 @@ class ValidSet:
                 take = min(left, ds.counts[res])
                 chosen += [(k, res, i) for i in range(take)]
                 left -= take
-        self.num_samples = len(chosen)
         groups_by_res: dict[str, list] = {}
         for k, res, i in chosen:
             groups_by_res.setdefault(res, []).append((k, i))

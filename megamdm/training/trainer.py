@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..config import Config, ConfigError, to_yaml
+from ..config import Config, to_yaml
 from ..gce import GCEGroups
 from ..objective import STEP_SUMS, LossSpec, pack_step_sums, reduce_metrics, unpack_sums
 from ..run_layout import iteration_dir, latest_iteration
@@ -207,7 +207,7 @@ class Trainer:
     """Set-up on ``__enter__``, one optimizer step per :meth:`train_step`, the whole run in :meth:`train`."""
 
     def __init__(self, cfg: Config):
-        self.cfg = copy.deepcopy(cfg)  # precision: auto is resolved into it
+        self.cfg = copy.deepcopy(cfg).validate()  # precision: auto is resolved into it; a config built in code is checked too
         self._stack = contextlib.ExitStack()
 
     # ---- set-up ----------------------------------------------------------------------------------
@@ -257,15 +257,13 @@ class Trainer:
         self.image_tok = (
             load_image_tokenizer(cfg.image_tokenizer.kind, cfg.image_tokenizer.path) if cfg.image_tokenizer.path else None
         )
-        self.loader = TrainLoader(
-            cfg,
-            self.groups,
-            self.text_tok,
+        data_args = dict(
             dp_rank=ps.get_data_parallel_rank(),
             dp_size=ps.get_data_parallel_world_size(),
             codebook_hash=codebook_hash(self.image_tok.codebook()) if self.image_tok else None,
             seq_multiple=par.tensor_parallel if par.sequence_parallel else 1,
         )
+        self.loader = TrainLoader(cfg, self.groups, self.text_tok, **data_args)
 
         self.model = build_model(cfg, LossSpec.from_config(cfg.gce, self.groups), device=device, use_te=use_te)
         self.ddp = wrap_model(self.model, self.model.config, par, device)
@@ -325,20 +323,10 @@ class Trainer:
                 f"fp32 values on this rank ({4 * self.ema.numel() / 2**30:.2f} GiB)"
             )
         self.valid = None
-        if t.eval_interval and cfg.data.valid_shards:
+        if t.eval_interval:  # data.valid_shards is there: Config.validate checked it
             from ..data.loader import ValidSet
 
-            self.valid = ValidSet(
-                cfg,
-                self.groups,
-                self.text_tok,
-                dp_rank=ps.get_data_parallel_rank(),
-                dp_size=ps.get_data_parallel_world_size(),
-                codebook_hash=codebook_hash(self.image_tok.codebook()) if self.image_tok else None,
-                seq_multiple=par.tensor_parallel if par.sequence_parallel else 1,
-            )
-        elif t.eval_interval:
-            raise ConfigError("train.eval_interval needs data.valid_shards: the held-out datasets to evaluate")
+            self.valid = ValidSet(cfg, self.groups, self.text_tok, **data_args)
         self.last_valid: dict = {}
         if self.ckpt is not None:
             self._stack.callback(self.ckpt.close)
@@ -359,10 +347,24 @@ class Trainer:
 
         return out, loss_func
 
+    def _schedule(self, batches, *, forward_only: bool) -> list:
+        """The micro-batches of one step through megatron's pipeline schedule (one sequence length)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        gh, gw = batches[0].image_input.shape[1:]
+        return get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iter(batches),
+            model=[self.ddp],
+            num_microbatches=len(batches),
+            seq_length=batches[0].text_ids.shape[1] + gh * gw // 4,
+            micro_batch_size=batches[0].image_input.shape[0],
+            forward_only=forward_only,
+        )
+
     def train_step(self) -> StepResult:
         """One optimizer step on the next global batch; every rank returns the same sums."""
         from megatron.core import parallel_state as ps
-        from megatron.core.pipeline_parallel import get_forward_backward_func
 
         t_wait = time.perf_counter()
         micro = next(self.loader)
@@ -371,15 +373,7 @@ class Trainer:
         gh, gw = batches[0].image_input.shape[1:]
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        out = get_forward_backward_func()(
-            forward_step_func=self._forward_step,
-            data_iterator=iter(batches),
-            model=[self.ddp],
-            num_microbatches=len(batches),
-            seq_length=batches[0].text_ids.shape[1] + gh * gw // 4,
-            micro_batch_size=batches[0].image_input.shape[0],
-            forward_only=False,
-        )
+        out = self._schedule(batches, forward_only=False)
         sums = torch.zeros(len(STEP_SUMS) + 1, dtype=torch.float64, device=self.device)  # + prompts cut
         if ps.is_pipeline_last_stage():
             for o in out:
@@ -410,7 +404,6 @@ class Trainer:
         (the training objective), ``ce`` and ``edit``, overall and per mask ratio; every rank
         returns the same numbers."""
         from megatron.core import parallel_state as ps
-        from megatron.core.pipeline_parallel import get_forward_backward_func
 
         ratios = self.valid.ratios
         sums = torch.zeros(len(ratios), len(STEP_SUMS), dtype=torch.float64, device=self.device)
@@ -418,17 +411,7 @@ class Trainer:
         try:
             for r in range(len(ratios)):
                 for micro in self.valid.micro_batches(r).values():
-                    batches = [m.corrupted.to(self.device) for m in micro]
-                    gh, gw = batches[0].image_input.shape[1:]
-                    out = get_forward_backward_func()(
-                        forward_step_func=self._forward_step,
-                        data_iterator=iter(batches),
-                        model=[self.ddp],
-                        num_microbatches=len(batches),
-                        seq_length=batches[0].text_ids.shape[1] + gh * gw // 4,
-                        micro_batch_size=batches[0].image_input.shape[0],
-                        forward_only=True,
-                    )
+                    out = self._schedule([m.corrupted.to(self.device) for m in micro], forward_only=True)
                     if ps.is_pipeline_last_stage():
                         for o in out:
                             sums[r] += o["sums"].to(sums)
@@ -513,23 +496,20 @@ class Trainer:
     def save(self, why: str = "", *, final: bool = False) -> None:
         t0 = time.perf_counter()
         with params_in_sync(self.ddp):
-            sharding = self._save(final)
+            sharding = self.ckpt.save(
+                self.step,
+                self.state_module,
+                self.optimizer,
+                self.scheduler,
+                self.loader,
+                self.config_yaml,
+                final=final,
+                ema=self.ema,
+                valid=self.last_valid,
+            )
         self.log.info(
             f"saved checkpoint {iteration_dir(self.run_dir, self.step)}{why}: optimizer {sharding}, "
             f"{time.perf_counter() - t0:.1f} s{' to schedule' if self.ckpt.queue is not None else ''}"
-        )
-
-    def _save(self, final: bool) -> str:
-        return self.ckpt.save(
-            self.step,
-            self.state_module,
-            self.optimizer,
-            self.scheduler,
-            self.loader,
-            self.config_yaml,
-            final=final,
-            ema=self.ema,
-            valid=self.last_valid,
         )
 
     def _log_samples(self, step: int) -> None:
