@@ -16,6 +16,7 @@ safetensors writer, and the HF reader memory-maps its shards.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -215,6 +216,16 @@ class TorchDistReader:
     def keys(self) -> list[str]:
         return list(self.meta)
 
+    @functools.cached_property
+    def ema_boxes(self) -> dict[str, list[tuple[str, tuple, tuple]]]:
+        """The saved EMA boxes of each model key: ``(checkpoint key, offset, shape)`` (:func:`ema_key`)."""
+        boxes: dict[str, list] = {}
+        for k in self.meta:
+            if k.startswith(EMA_PREFIX):
+                key, off, shp = k[len(EMA_PREFIX) :].rsplit(":", 2)
+                boxes.setdefault(key, []).append((k, tuple(map(int, off.split(","))), tuple(map(int, shp.split(",")))))
+        return boxes
+
     def load(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         import warnings
 
@@ -242,19 +253,8 @@ def ema_key(key: str, offset: Sequence[int], shape: Sequence[int]) -> str:
     return f"{EMA_PREFIX}{key}:{','.join(map(str, offset))}:{','.join(map(str, shape))}"
 
 
-def _ema_boxes(reader: TorchDistReader) -> dict[str, list[tuple[str, tuple, tuple]]]:
-    if not hasattr(reader, "_ema_boxes"):
-        boxes: dict[str, list] = {}
-        for k in reader.keys():
-            if k.startswith(EMA_PREFIX):
-                key, off, shp = k[len(EMA_PREFIX) :].rsplit(":", 2)
-                boxes.setdefault(key, []).append((k, tuple(map(int, off.split(","))), tuple(map(int, shp.split(",")))))
-        reader._ema_boxes = boxes
-    return reader._ema_boxes
-
-
 def has_ema(reader: TorchDistReader) -> bool:
-    return bool(_ema_boxes(reader))
+    return bool(reader.ema_boxes)
 
 
 def load_ema_region(reader: TorchDistReader, key: str, offset: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
@@ -262,7 +262,7 @@ def load_ema_region(reader: TorchDistReader, key: str, offset: Sequence[int], sh
     boxes that overlap it, whatever the layout they were saved at."""
     out = torch.empty(tuple(shape), dtype=torch.float32)
     covered = 0
-    for saved, o, sh in _ema_boxes(reader).get(key, []):
+    for saved, o, sh in reader.ema_boxes.get(key, []):
         lo = [max(a, b) for a, b in zip(o, offset)]
         hi = [min(a + n, b + m) for a, n, b, m in zip(o, sh, offset, shape)]
         if any(x >= y for x, y in zip(lo, hi)):

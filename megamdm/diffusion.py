@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import DiffusionConfig
+from .text import masked_prompt
 
 
 @dataclass
@@ -105,8 +106,6 @@ def corrupt_sample(
         inp[pos] = _flip_values(flat[pos], cfg.flip_mode, vocab_size, flip_group_size, generator)
     weight = masked.float() + flipped.float() * cfg.edit_loss_weight
     if cfg.prompt_drop > 0 and float(torch.rand((), generator=generator)) < cfg.prompt_drop:
-        from .text import masked_prompt
-
         ids, pad = masked_prompt(text_mask_id, text_ids[None], text_pad_mask[None], drop_len)
         text_ids, text_pad_mask = ids[0], pad[0]
     shape = image_ids.shape

@@ -30,15 +30,13 @@ class FinetuneEMA:
         self.decay, self.warmup, self.updates = decay, warmup, 0
         self.rank, self.world, self.zero3 = rank, world, zero3
         self.params = {n: p for n, p in sorted(module.named_parameters()) if p.requires_grad}
-        owned = list(self.params) if zero3 else list(self.params)[rank::world]
+        self.owner = {n: i % world for i, n in enumerate(self.params)}  # without ZeRO-3: who averages it
+        owned = list(self.params) if zero3 else [n for n, r in self.owner.items() if r == rank]
         self.ema = {n: self._source(n).detach().float().clone() for n in owned}
 
     def _source(self, name: str) -> torch.Tensor:
         p = self.params[name]
         return p.ds_tensor if self.zero3 else p
-
-    def owner(self, name: str) -> int:
-        return list(self.params).index(name) % self.world
 
     @torch.no_grad()
     def update(self) -> None:
@@ -92,8 +90,8 @@ class FinetuneEMA:
                 dist.all_gather(parts, self.ema[name])
                 full = torch.cat(parts)[: p.ds_numel].view(p.ds_shape)
             else:
-                full = self.ema[name] if self.owner(name) == self.rank else torch.empty(p.shape, device=p.device)
-                dist.broadcast(full, src=self.owner(name))
+                full = self.ema[name] if self.owner[name] == self.rank else torch.empty(p.shape, device=p.device)
+                dist.broadcast(full, src=self.owner[name])
             if self.rank == 0:
                 out[name] = full.cpu().clone()
         return out if self.rank == 0 else None

@@ -530,14 +530,17 @@ class MDMSampler:
         jobs = [(p, sd + j, neg) for p, sd, neg in zip(prompts, seeds, negs) for j in range(n)]
         bs = batch_size or self.auto_batch_size(height, width, st, len(jobs))
         mask_id = self.cfg.model.image_mask_id
-        images, tokens, edits = [], [], []
-        cut = self.encode_prompts([*prompts, *(negative_prompt or [])], height, width).cut
+        images, tokens, edits, cut_jobs = [], [], [], 0
         t0 = time.time()
         bar = tqdm(total=math.ceil(len(jobs) / bs) * st.steps, desc="sampling", unit="step", disable=not progress, leave=False)
         for s in range(0, len(jobs), bs):
             chunk = jobs[s : s + bs]
-            ids, pad, _ = self.encode_prompts([p for p, _, _ in chunk], height, width)
-            negative = self.encode_prompts([q for _, _, q in chunk], height, width)[:2] if negative_prompt else None
+            ids, pad, cut = self.encode_prompts([p for p, _, _ in chunk], height, width)
+            negative = None
+            if negative_prompt:
+                *negative, neg_cut = self.encode_prompts([q for _, _, q in chunk], height, width)
+                cut += neg_cut
+            cut_jobs += cut
             init = torch.full((len(chunk), gh, gw), mask_id, dtype=torch.long)
             if start is not None:
                 init[:] = start
@@ -571,4 +574,5 @@ class MDMSampler:
             settings_out["negative_prompts"] = [q for _, _, q in jobs]
         if outpaint is not None:
             settings_out["outpaint"] = [int(p) for p in outpaint]
-        return SamplerOutput(images, torch.cat(tokens), edits, settings_out, time.time() - t0, prompts_cut=cut)
+        # every prompt (and negative prompt) is in exactly n jobs
+        return SamplerOutput(images, torch.cat(tokens), edits, settings_out, time.time() - t0, prompts_cut=cut_jobs // n)

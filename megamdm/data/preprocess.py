@@ -91,7 +91,7 @@ def plan_parts(
         mine = {n: a for n, a in existing.items() if _of_tar(a, tar)}
         st = tar.stat()
         differences = []
-        for name, attrs in mine.items():
+        for attrs in mine.values():
             if attrs.get("source_size", st.st_size) != st.st_size or attrs.get("source_mtime_ns", st.st_mtime_ns) != (
                 st.st_mtime_ns
             ):
@@ -101,25 +101,30 @@ def plan_parts(
             diff = _difference(had, had_keys, want, want_keys)
             if diff is None:
                 break
-            differences.append((name, diff, had_keys))
+            differences.append((diff, had_keys))
         else:
             if differences and not add_buckets:
                 raise ShardError(
-                    f"{out}: the part of {tar} {differences[0][1]}; pass --add-buckets to add these buckets "
+                    f"{out}: the part of {tar} {differences[0][0]}; pass --add-buckets to add these buckets "
                     "beside it, or use another --out"
                 )
-            taken = sorted({k for _, _, keys in differences for k in keys} & want_keys)
+            taken = sorted({k for _, keys in differences for k in keys} & want_keys)
             if taken:
                 raise ShardError(
                     f"{out}: --add-buckets adds bucket sizes the dataset lacks, but {tar} is in its "
                     f"{', '.join(taken)} buckets already; use another --out"
                 )
             plan[tar] = part_name(tar) + (f"-{_options_tag(want)}" if mine else "")
-    planned = out / ".tmp" / "planned"
+    planned = _planned_dir(out)
     planned.mkdir(parents=True, exist_ok=True)
     for name in plan.values():
         (planned / name).touch()
     return plan
+
+
+def _planned_dir(out: Path) -> Path:
+    """Where runs record the parts they will write (cleared with ``.tmp`` by consolidation)."""
+    return out / ".tmp" / "planned"
 
 
 def _options_tag(options: dict) -> str:
@@ -287,7 +292,7 @@ def finalize(out: Path, tokenizer_path: Path, tars: Sequence[Path] | None, *, pa
     """Consolidate ``out``, expecting a part of each of ``tars`` (None: unknown, with ``partial``) and
     every part a run planned (:func:`plan_parts`)."""
     tok = load_image_tokenizer(tokenizer_kind(tokenizer_path), tokenizer_path)
-    planned = out / ".tmp" / "planned"
+    planned = _planned_dir(out)
     expected = {p.name for p in planned.iterdir()} if planned.is_dir() else set()
     done = part_attrs(out)
     for tar in map(Path, tars or []):

@@ -29,7 +29,7 @@ class Yarn:
 
     @classmethod
     def of(cls, model_cfg) -> Yarn | None:
-        if getattr(model_cfg, "rope_scaling", "none") != "yarn":
+        if model_cfg.rope_scaling != "yarn":
             return None
         return cls(
             model_cfg.rope_factor, model_cfg.rope_original_max_positions, model_cfg.rope_beta_fast, model_cfg.rope_beta_slow
