@@ -60,6 +60,10 @@ class ModelConfig:
     rope_original_max_positions: int = 0  # yarn: the pretraining context its frequencies were fitted to
     rope_beta_fast: float = 32.0  # yarn: frequencies turning more often than this over it are kept
     rope_beta_slow: float = 1.0  # yarn: frequencies turning less often are divided by rope_factor
+    # where images sit: 0 right after each prompt's real tokens (per-sample positions, so padding and
+    # trimming move nothing); n > 0 every image at position n (checkpoints before 0.2: n = their text.max_len)
+    fixed_image_start: int = 0
+    text_after_image: int = 0  # the last n prompt tokens follow the image (NL-Diffusion-Image's template)
     norm_eps: float = 1e-5
     # RMSNorm of each image embedding before the 2x2 merge, and of the hidden states before the unmerge
     # (NL-Diffusion-Image's down-/up-sampler norms, eps 1e-6); off for megamdm-trained models
@@ -90,6 +94,15 @@ class ModelConfig:
                 f"model.rope_scaling=yarn needs rope_factor >= 1 and rope_original_max_positions >= 1, got "
                 f"{self.rope_factor} and {self.rope_original_max_positions}"
             )
+        if self.fixed_image_start < 0 or self.text_after_image < 0:
+            raise ConfigError(
+                f"model.fixed_image_start={self.fixed_image_start} and "
+                f"model.text_after_image={self.text_after_image} must be >= 0"
+            )
+        if self.text_after_image and (self.fixed_image_start or self.rope_2d):
+            raise ConfigError(
+                "model.text_after_image needs per-sample positions with 1-D RoPE (fixed_image_start=0, rope_2d=false)"
+            )
         if self.head_dim % 2 or (self.rope_2d and self.head_dim % 4):
             raise ConfigError(f"model.head_dim={self.head_dim} must be even (a multiple of 4 with rope_2d)")
         if self.text_vocab_size % self.vocab_pad_multiple:
@@ -109,8 +122,14 @@ class TextConfig:
     # the dropped / unconditional prompt: this many MASK tokens, then padding; 0: max_len of them (megamdm
     # 0.2's, which keeps every step with a dropped prompt at max_len positions); -1: the prompt's own length
     drop_len: int = 0
+    template: str = choice("megamdm", "nld")  # nld: NL-Diffusion-Image's ChatML conversation (needs drop_len -1)
 
     def validate(self) -> None:
+        if self.template == "nld" and self.drop_len != -1:
+            raise ConfigError(
+                f"text.template=nld masks the system and user turns of a dropped prompt: it needs text.drop_len=-1, "
+                f"not {self.drop_len}"
+            )
         if not -1 <= self.drop_len <= self.max_len:
             raise ConfigError(
                 f"text.drop_len={self.drop_len} must be in [-1, text.max_len={self.max_len}] (0: max_len, -1: own length)"
@@ -343,10 +362,12 @@ class SampleSettings:
     filter_order: str = choice("temperature_first", "filter_first")  # filter_first: top-k/top-p, then temperature
     confidence: str = choice("sampled", "raw")  # raw: a token's probability under the untempered, unfiltered softmax
     final_prediction: bool = False  # with editing: after the last step every position takes that step's prediction
+    schedule_counts: str = choice("megamdm", "nld")  # nld: fp32, truncated, each step >= 1, excess back from the last
+    maskgit_draw: str = choice("confidence", "softmax")  # softmax: maskgit draws by softmax(confidence / gumbel_temperature)
 
     def validate(self) -> SampleSettings:
         """ValueError naming the setting and what is allowed (sampler calls pass settings directly)."""
-        for name in ("policy", "schedule", "filter_order", "confidence"):
+        for name in ("policy", "schedule", "filter_order", "confidence", "schedule_counts", "maskgit_draw"):
             allowed = choices(SampleSettings, name)
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; allowed: {', '.join(allowed)}")
@@ -375,6 +396,37 @@ class SampleSettings:
     def settings(self) -> SampleSettings:
         """Just the sampling-call fields (a :class:`SampleConfig` without canvas and seed)."""
         return SampleSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SampleSettings)})
+
+
+# Named sets of sampler settings; a preset sets every field it names, the rest keep their defaults.
+SAMPLE_PRESETS = {
+    # NL-Diffusion-Image's released sampler (docs/sampling.md "Presets"); editing stays off unless asked for
+    "nld": dict(
+        steps=20,
+        cfg=5.0,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        schedule="shift",
+        shift=3.0,
+        policy="gumbel",
+        gumbel_temperature=1.0,
+        edit_threshold=0.0,
+        cfg_interval=[0.0, 1.0],
+        filter_order="filter_first",
+        confidence="raw",
+        final_prediction=True,
+        schedule_counts="nld",
+        maskgit_draw="softmax",
+    ),
+}
+
+
+def preset_settings(name: str) -> dict:
+    """The settings of a sampler preset (:data:`SAMPLE_PRESETS`)."""
+    if name not in SAMPLE_PRESETS:
+        raise ValueError(f"unknown sampler preset {name!r}; allowed: {', '.join(SAMPLE_PRESETS)}")
+    return {k: list(v) if isinstance(v, list) else v for k, v in SAMPLE_PRESETS[name].items()}
 
 
 @dataclass
@@ -478,6 +530,17 @@ def _moved_keys(layer: DictConfig, source: str, migrate: bool) -> DictConfig:
     return layer
 
 
+def _legacy_positions(layer: DictConfig) -> DictConfig:
+    """A saved config without ``model.fixed_image_start`` is of a model trained before per-sample
+    positions: its images sat at position ``text.max_len``, after the padded prompt."""
+    if isinstance(layer, DictConfig) and "fixed_image_start" not in (layer.get("model") or {}):
+        text = layer.get("text") or {}
+        if "model" not in layer:
+            layer["model"] = {}
+        layer["model"]["fixed_image_start"] = int(text.get("max_len", TextConfig.max_len))
+    return layer
+
+
 def _merge_checked(schema: Any, layer: DictConfig, source: str) -> Any:
     try:
         return OmegaConf.merge(schema, layer)
@@ -492,7 +555,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     accepts the layout of configs saved by megamdm < 0.2 (``train.lr`` for ``optim.lr``, ...)."""
     cfg = OmegaConf.structured(Config)
     if path is not None:
-        cfg = _merge_checked(cfg, _moved_keys(_read_yaml(Path(path)), str(path), migrate), str(path))
+        layer = _moved_keys(_read_yaml(Path(path)), str(path), migrate)
+        cfg = _merge_checked(cfg, _legacy_positions(layer) if migrate else layer, str(path))
     if overrides:
         try:
             layer = OmegaConf.from_dotlist(list(overrides))
@@ -505,7 +569,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 def load_config_text(text: str, source: str = "a checkpoint's config") -> Config:
     """A :class:`Config` from YAML text (a checkpoint's saved config; older layouts migrated)."""
-    cfg = _merge_checked(OmegaConf.structured(Config), _moved_keys(OmegaConf.create(text), source, True), source)
+    layer = _legacy_positions(_moved_keys(OmegaConf.create(text), source, True))
+    cfg = _merge_checked(OmegaConf.structured(Config), layer, source)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 

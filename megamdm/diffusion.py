@@ -84,11 +84,13 @@ def corrupt_sample(
     generator: torch.Generator,
     mask_ratio: float | None = None,
     drop_len: int = 0,
+    drop_keep_last: int = 0,
 ) -> tuple[torch.Tensor, ...]:
     """Corrupt one sample. ``image_ids`` are model-order ids of any shape; returns
     (text_ids, text_pad_mask, image_input, loss_weight, is_masked, is_flipped, t). ``mask_ratio``
     fixes ``t`` instead of drawing it (validation). A dropped prompt is :func:`megamdm.text.masked_prompt`'s
-    (``drop_len``: 0 MASKs at every position, n the first n, -1 the prompt's own tokens)."""
+    (``drop_len``: 0 MASKs at every position, n the first n, -1 the prompt's own tokens but its last
+    ``drop_keep_last``)."""
     flat = image_ids.reshape(-1)
     n = flat.numel()
     t = sample_mask_ratio(cfg, generator) if mask_ratio is None else float(mask_ratio)
@@ -106,7 +108,7 @@ def corrupt_sample(
         inp[pos] = _flip_values(flat[pos], cfg.flip_mode, vocab_size, flip_group_size, generator)
     weight = masked.float() + flipped.float() * cfg.edit_loss_weight
     if cfg.prompt_drop > 0 and float(torch.rand((), generator=generator)) < cfg.prompt_drop:
-        ids, pad = masked_prompt(text_mask_id, text_ids[None], text_pad_mask[None], drop_len)
+        ids, pad = masked_prompt(text_mask_id, text_ids[None], text_pad_mask[None], drop_len, drop_keep_last)
         text_ids, text_pad_mask = ids[0], pad[0]
     shape = image_ids.shape
     return (text_ids, text_pad_mask, inp.view(shape), weight.view(shape), masked.view(shape), flipped.view(shape), t)
@@ -124,6 +126,7 @@ def corrupt_batch(
     seeds: Sequence[int],
     mask_ratio: float | None = None,
     drop_len: int = 0,
+    drop_keep_last: int = 0,
 ) -> Corrupted:
     """Corrupt a batch ``[B, h, w]`` with one generator per sample, seeded by ``seeds[i]`` (at a
     fixed ``t = mask_ratio`` when given)."""
@@ -146,6 +149,7 @@ def corrupt_batch(
                 generator=g,
                 mask_ratio=mask_ratio,
                 drop_len=drop_len,
+                drop_keep_last=drop_keep_last,
             )
         )
     cols = list(zip(*outs))
@@ -161,21 +165,29 @@ def corrupt_batch(
     )
 
 
-def unmask_counts(num_tokens: int, steps: int, schedule: str = "shift", shift: float = 3.0) -> list[int]:
+def unmask_counts(
+    num_tokens: int, steps: int, schedule: str = "shift", shift: float = 3.0, counts_rule: str = "megamdm"
+) -> list[int]:
     """How many masked tokens to commit at each of ``steps`` steps; the counts sum to ``num_tokens``.
 
     ``shift``: ``sigma(t) = s t / (1 + (s - 1) t)`` on ``t = linspace(0, 1, steps + 1)``; the counts are
     the differences of ``floor(sigma N)``, reversed, so few tokens are committed early and many late.
     ``cosine``: the fraction still masked after step k is ``cos(pi/2 k/steps)``.
-    When ``steps <= num_tokens`` every step commits at least one token."""
+    ``counts_rule`` (``schedule_counts``): ``megamdm`` computes in float64, and when ``steps <= num_tokens``
+    moves one token from the largest step into every empty one; ``nld`` is NL-Diffusion-Image's rule for
+    ``shift``: float32, truncated, at most ``num_tokens`` steps (the rest commit nothing), every count
+    raised to at least 1 and the excess taken back one token at a time from the last step towards the
+    first, skipping steps at 1."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if num_tokens < 0:
         raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+    if schedule == "shift" and shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    if counts_rule == "nld" and schedule == "shift":
+        return _nld_shift_counts(num_tokens, steps, shift)
     ts = [k / steps for k in range(steps + 1)]
     if schedule == "shift":
-        if shift <= 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
         cum = [math.floor(shift * t / (1 + (shift - 1) * t) * num_tokens + 1e-9) for t in ts]
         counts = [cum[i + 1] - cum[i] for i in range(steps)][::-1]
     elif schedule == "cosine":
@@ -192,3 +204,20 @@ def unmask_counts(num_tokens: int, steps: int, schedule: str = "shift", shift: f
                 counts[i] += 1
     assert sum(counts) == num_tokens
     return counts
+
+
+def _nld_shift_counts(num_tokens: int, steps: int, shift: float) -> list[int]:
+    n = min(steps, num_tokens)
+    if n == 0:
+        return [0] * steps
+    t = torch.linspace(0, 1, n + 1, dtype=torch.float32)
+    sigma = shift * t / (1.0 + (shift - 1.0) * t)
+    cum = (sigma * num_tokens).to(torch.int64)
+    rising = (cum[1:] - cum[:-1]).clamp(min=1).tolist()  # in the order of sigma: the last step first
+    excess, j = sum(rising) - num_tokens, 0
+    while excess > 0:
+        if rising[j % n] > 1:
+            rising[j % n] -= 1
+            excess -= 1
+        j += 1
+    return rising[::-1] + [0] * (steps - n)

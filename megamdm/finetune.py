@@ -119,7 +119,9 @@ def deepspeed_config(opts: FinetuneConfig, cfg: Config, world: int) -> dict:
         "type": "WarmupCosineLR",
         "params": {
             "total_num_steps": max(opts.steps, 1),
-            "warmup_num_steps": opts.warmup_steps,
+            # DeepSpeed refuses 0 warmup steps: one step that starts at the full rate is none
+            "warmup_num_steps": max(opts.warmup_steps, 1),
+            "warmup_min_ratio": 0.0 if opts.warmup_steps > 0 else 1.0,
             "cos_min_ratio": opts.min_lr / opts.lr,
         },
     }

@@ -38,13 +38,14 @@ from .text import load_text_tokenizer
 from .vq import load_image_tokenizer
 
 FORMAT = "megamdm-single"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-sample positions (model.fixed_image_start, text_after_image)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 GROUPS_FILE = "gce_groups.safetensors"
 IMAGE_TOKENIZER_DIR = "image_tokenizer"
 TEXT_TOKENIZER_DIR = "text_tokenizer"
+TEXT_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MAX_SHARD_BYTES = 5 * 2**30
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -164,7 +165,10 @@ def write_single(
         )
         text_rel = "byte"
         if getattr(text_tokenizer, "name", "byte") != "byte":
-            shutil.copytree(text_tokenizer.directory, tmp / TEXT_TOKENIZER_DIR)
+            (tmp / TEXT_TOKENIZER_DIR).mkdir()
+            for f in TEXT_TOKENIZER_FILES:  # the tokenizer's files only: its folder may hold a whole LLM
+                if (Path(text_tokenizer.directory) / f).is_file():
+                    shutil.copy2(Path(text_tokenizer.directory) / f, tmp / TEXT_TOKENIZER_DIR / f)
             text_rel = TEXT_TOKENIZER_DIR
         cfg_json = _config_json(cfg, groups, text_rel, image_kind, weights)
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg_json, indent=2) + "\n")
@@ -242,6 +246,8 @@ def read_config(directory) -> tuple[Config, dict]:
         raise CheckpointError(
             f"{cpath}: format_version {raw['format_version']} is newer than this megamdm ({FORMAT_VERSION}); upgrade megamdm"
         )
+    if int(raw.get("format_version", -1)) < 2 and "model" in raw and "text" in raw:  # images after padded prompts
+        raw["model"].setdefault("fixed_image_start", int(raw["text"].get("max_len", TextConfig.max_len)))
     try:
         cfg = Config(
             model=section_from_dict(ModelConfig, raw["model"], f"{cpath} [model]"),

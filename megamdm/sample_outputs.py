@@ -30,7 +30,10 @@ from .errors import MegamdmError
 from .grid import image_grid
 
 # the sampler settings added after 0.2.0's first PNGs, at the values those PNGs were made with
-SETTING_DEFAULTS = {f: getattr(SampleSettings(), f) for f in ("filter_order", "confidence", "final_prediction")}
+SETTING_DEFAULTS = {  # settings newer than some PNGs: those had the default
+    f: getattr(SampleSettings(), f)
+    for f in ("filter_order", "confidence", "final_prediction", "schedule_counts", "maskgit_draw")
+}
 
 LAYOUTS = ("plain", "geneval", "dpg")
 Job = tuple[str, str, dict | None]  # (key, prompt, GenEval metadata)

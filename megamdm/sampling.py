@@ -153,6 +153,7 @@ def _choose(
     rank: torch.Tensor,
     gumbel_temperature: float,
     gen: torch.Generator,
+    maskgit_draw: str = "confidence",
 ) -> torch.Tensor:
     """Indices of ``n`` masked positions to commit (one image; ``conf``/``masked`` are ``[N]``)."""
     if n <= 0:
@@ -162,7 +163,10 @@ def _choose(
         score = torch.log(conf.clamp_min(1e-30)) + gumbel_temperature * (-torch.log(-torch.log(u)))
         return torch.topk(score.masked_fill(~masked, float("-inf")), n).indices
     if policy == "maskgit":
-        p = conf.clamp_min(1e-12) * masked
+        if maskgit_draw == "softmax":  # in proportion to softmax(confidence / tau) over the masked positions
+            p = torch.softmax((conf / max(gumbel_temperature, 1e-6)).masked_fill(~masked, float("-inf")), -1)
+        else:
+            p = conf.clamp_min(1e-12) * masked
         return torch.multinomial(p, n, replacement=False, generator=gen)
     if policy == "stratified":
         r = rank.to(conf.device).masked_fill(~masked, torch.iinfo(torch.long).max)
@@ -242,7 +246,10 @@ def sample_tokens(
     flat = x.view(b, h * w)
     rank = stratified_order(h, w) if settings.policy == "stratified" else None
     schedules = [
-        unmask_counts(int((flat[i] == mask_id).sum()), settings.steps, settings.schedule, settings.shift) for i in range(b)
+        unmask_counts(
+            int((flat[i] == mask_id).sum()), settings.steps, settings.schedule, settings.shift, settings.schedule_counts
+        )
+        for i in range(b)
     ]
     result = SampleResult(flat.view(b, h, w), committed_per_step=[[] for _ in range(b)])
     edit_counts: list[list[torch.Tensor]] = [[] for _ in range(b)]  # on the device until the end
@@ -256,7 +263,8 @@ def sample_tokens(
             allowed = may_edit[i] if may_edit is not None else None
             last = settings.final_prediction and settings.editing and k == settings.steps - 1
             _predict(hidden[i], head_fn, masked, allowed, settings, generators[i], chunk, x0, conf, keep_all=last)
-            chosen = _choose(settings.policy, conf, masked, schedules[i][k], rank, settings.gumbel_temperature, generators[i])
+            n_commit, st = schedules[i][k], settings
+            chosen = _choose(st.policy, conf, masked, n_commit, rank, st.gumbel_temperature, generators[i], st.maskgit_draw)
             committed = torch.zeros_like(masked)
             committed[chosen] = True
             edits = torch.zeros((), dtype=torch.long, device=x.device)
@@ -314,11 +322,19 @@ class MDMSampler:
     sampler = MDMSampler.from_pretrained("ckpt/", device="cuda", dtype="bf16")
     out = sampler(["a red circle"], steps=20, cfg=5.0, edit_threshold=0.9, seed=0)
     out.images[0].save("x.png")
+
+    ``preset`` (:data:`megamdm.config.SAMPLE_PRESETS`, e.g. ``"nld"``) replaces the checkpoint's own
+    sampler settings as the defaults of every call.
     """
 
-    def __init__(self, pretrained, device="cpu", dtype="fp32", compile: bool = False):
+    def __init__(self, pretrained, device="cpu", dtype="fp32", compile: bool = False, preset: str | None = None):
         self.pretrained = pretrained
         self.cfg = pretrained.config
+        if preset is not None:
+            from .config import preset_settings
+
+            for k, v in preset_settings(preset).items():
+                setattr(self.cfg.sample, k, v)
         self.device = torch.device(device)
         self.dtype = _dtype(dtype)
         self.model = pretrained.model.to(self.device, self.dtype).eval()
@@ -330,11 +346,13 @@ class MDMSampler:
         self._hidden = torch.compile(self.model.forward, dynamic=False) if compile else self.model.forward
 
     @classmethod
-    def from_pretrained(cls, path, device: str | None = None, dtype="bf16", compile: bool = False) -> MDMSampler:
+    def from_pretrained(
+        cls, path, device: str | None = None, dtype="bf16", compile: bool = False, preset: str | None = None
+    ) -> MDMSampler:
         from .pretrained import load_single
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(load_single(path), device=device, dtype=dtype, compile=compile)
+        return cls(load_single(path), device=device, dtype=dtype, compile=compile, preset=preset)
 
     def default_settings(self, **overrides) -> SampleSettings:
         base = self.cfg.sample.settings()
@@ -348,10 +366,23 @@ class MDMSampler:
 
         t = self.cfg.text
         texts = [
-            format_prompt(p, width=width, height=height, score=t.default_score, micro_conditioning=t.micro_conditioning)
+            format_prompt(
+                p,
+                width=width,
+                height=height,
+                score=t.default_score,
+                micro_conditioning=t.micro_conditioning,
+                template=t.template,
+            )
             for p in prompts
         ]
-        return tokenize_prompts(self.text_tokenizer, texts, t.max_len)
+        return tokenize_prompts(self.text_tokenizer, texts, t.max_len, self.template_tail.kept)
+
+    @property
+    def template_tail(self):
+        from .text import template_tail
+
+        return template_tail(self.text_tokenizer, self.cfg.text.template, self.cfg.model.text_after_image)
 
     def guided_hidden_fn(self, text_ids, text_pad, settings: SampleSettings, negative=None):
         """``(x, step) ->`` the head input for prompts ``text_ids``: at guided steps
@@ -364,7 +395,9 @@ class MDMSampler:
         b = text_ids.shape[0]
         dev = self.device
         if negative is None:
-            u_ids, u_pad = masked_prompt(self.text_tokenizer.mask_id, text_ids, text_pad, self.cfg.text.drop_len)
+            u_ids, u_pad = masked_prompt(
+                self.text_tokenizer.mask_id, text_ids, text_pad, self.cfg.text.drop_len, self.template_tail.kept
+            )
         else:
             u_ids, u_pad = negative
         cond = trim_padding(text_ids, text_pad)

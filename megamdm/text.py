@@ -1,10 +1,14 @@
 """Prompt text: the template with micro-conditioning written as text, and the text tokenizers.
 
-Two tokenizers share one small interface (``encode``, ``vocab_size``, ``pad_id``, ``mask_id``):
-a built-in byte-level tokenizer that needs no download, and a Hugging Face ``tokenizer.json``
-loaded from a local directory. :func:`tokenize_prompts` pads or truncates to ``L_text`` and returns
-the padding mask. The text MASK id replaces the whole prompt for prompt dropout and for the
-unconditional branch of classifier-free guidance.
+Two templates (``text.template``): megamdm's ``"<caption> | size WxH | crop T,L | score S"``, and
+``nld``, NL-Diffusion-Image's ChatML conversation (system turn, the caption and its
+micro-conditioning in the user turn, the image inside the assistant turn, whose last
+:data:`NLD_AFTER_IMAGE` text closes it after the image). Two tokenizers share one small interface
+(``encode``, ``vocab_size``, ``pad_id``, ``mask_id``): a built-in byte-level tokenizer that needs no
+download, and a Hugging Face ``tokenizer.json`` loaded from a local directory.
+:func:`tokenize_prompts` pads or truncates to ``L_text`` and returns the padding mask. The text MASK
+id replaces the prompt for prompt dropout and for the unconditional branch of classifier-free
+guidance (:func:`masked_prompt`); with ``nld`` only the system and user turns are replaced.
 """
 
 from __future__ import annotations
@@ -12,10 +16,19 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import torch
+
+NLD_SYSTEM = (
+    "<|im_start|>system\nYou are a helpful language and vision assistant. You are able to understand the visual "
+    "content that the user provides, and assist the user with a variety of tasks using natural language.<|im_end|>\n"
+)
+NLD_ASSISTANT = "<|im_start|>assistant\nSure <SPECIAL_21>"  # the image follows, then NLD_AFTER_IMAGE
+NLD_AFTER_IMAGE = "<SPECIAL_22><|im_end|>\n"
+TEMPLATES = ("megamdm", "nld")
 
 
 def format_prompt(
@@ -26,8 +39,20 @@ def format_prompt(
     crop: tuple[int, int] = (0, 0),
     score: float | None = 6.5,
     micro_conditioning: bool = True,
+    template: str = "megamdm",
 ) -> str:
-    """``"<caption> | size WxH | crop T,L | score S"``: SDXL-style micro-conditioning as plain text."""
+    """The prompt text of ``caption``. ``megamdm``: ``"<caption> | size WxH | crop T,L | score S"``,
+    SDXL-style micro-conditioning as plain text. ``nld``: NL-Diffusion-Image's conversation, with
+    ``"ORIGINAL WIDTH : W; ORIGINAL HEIGHT : H; TOP : T; LEFT : L; SCORE : S"`` after the caption; the
+    text that follows the image (:data:`NLD_AFTER_IMAGE`) is at its end."""
+    if template == "nld":
+        if micro_conditioning:
+            s = "" if score is None else f"; SCORE : {score:.1f}"
+            caption = f"{caption} ORIGINAL WIDTH : {width}; ORIGINAL HEIGHT : {height}; TOP : {crop[0]}; LEFT : {crop[1]}{s}"
+        user = f"<|im_start|>user\nGenerate an image with the caption:\n {caption}<|im_end|>\n"
+        return NLD_SYSTEM + user + NLD_ASSISTANT + NLD_AFTER_IMAGE
+    if template != "megamdm":
+        raise ValueError(f"unknown prompt template {template!r}; allowed: {', '.join(TEMPLATES)}")
     caption = " ".join(caption.split())
     if not micro_conditioning:
         return caption
@@ -119,11 +144,44 @@ class TokenizedPrompts(NamedTuple):
     cut: int  # how many prompts were longer than max_len and lost their end
 
 
-def tokenize_prompts(tokenizer: TextTokenizer, prompts: Sequence[str], max_len: int) -> TokenizedPrompts:
+class TemplateTail(NamedTuple):
+    """Token counts at the end of every prompt of a template: ``kept`` are never cut and never masked
+    (NL-Diffusion-Image's assistant turn), the last ``after_image`` of them follow the image."""
+
+    kept: int = 0
+    after_image: int = 0
+
+
+@lru_cache(maxsize=16)
+def template_tail(tokenizer: TextTokenizer, template: str, text_after_image: int | None = None) -> TemplateTail:
+    """:class:`TemplateTail` of ``template`` under ``tokenizer`` (megamdm's template has none), checked
+    against the model's ``text_after_image`` when given."""
+    if text_after_image is not None:
+        tail = template_tail(tokenizer, template)
+        if tail.after_image != text_after_image:
+            raise ValueError(
+                f"text.template={template} puts {tail.after_image} tokens after the image, but the model has "
+                f"model.text_after_image={text_after_image}"
+            )
+        return tail
+    if template != "nld":
+        return TemplateTail()
+    kept = tokenizer.encode(NLD_ASSISTANT + NLD_AFTER_IMAGE)
+    probe = tokenizer.encode(format_prompt("a", width=8, height=8, template="nld"))
+    if probe[-len(kept) :] != kept:
+        raise ValueError(
+            f"text tokenizer {tokenizer.name}: the nld template's assistant turn does not tokenize on its own as it "
+            "does in a prompt (its ChatML and <SPECIAL_n> tokens must be special tokens, as in NL-Diffusion-Image's)"
+        )
+    return TemplateTail(len(kept), len(tokenizer.encode(NLD_AFTER_IMAGE)))
+
+
+def tokenize_prompts(tokenizer: TextTokenizer, prompts: Sequence[str], max_len: int, keep_last: int = 0) -> TokenizedPrompts:
     """Token ids and padding mask of ``prompts``, padded to ``max_len``.
 
-    Prompts longer than ``max_len`` are truncated at the end (the micro-conditioning suffix would
-    be lost first, so keep ``max_len`` generous): warned once per process and counted in ``cut``."""
+    Prompts longer than ``max_len`` lose the tokens before their last ``keep_last`` (the end of the
+    caption and its micro-conditioning, so keep ``max_len`` generous): warned once per process and
+    counted in ``cut``."""
     ids = torch.full((len(prompts), max_len), tokenizer.pad_id, dtype=torch.long)
     pad = torch.ones((len(prompts), max_len), dtype=torch.bool)
     cut = 0
@@ -135,7 +193,7 @@ def tokenize_prompts(tokenizer: TextTokenizer, prompts: Sequence[str], max_len: 
                 "micro-conditioning); raise text.max_len if prompts are this long",
                 stacklevel=2,
             )
-            t = t[:max_len]
+            t = t[: max_len - keep_last] + (t[len(t) - keep_last :] if keep_last else [])
             cut += 1
         ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         pad[i, : len(t)] = False
@@ -145,13 +203,22 @@ def tokenize_prompts(tokenizer: TextTokenizer, prompts: Sequence[str], max_len: 
 OWN_LENGTH = -1  # text.drop_len: a dropped prompt keeps its own length (NL-Diffusion-Image's rule)
 
 
-def masked_prompt(mask_id: int, ids: torch.Tensor, pad: torch.Tensor, drop_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_prompt(
+    mask_id: int, ids: torch.Tensor, pad: torch.Tensor, drop_len: int = 0, keep_last: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The dropped form of prompts ``ids``/``pad`` ``[B, L]``: text MASKs, then padding. ``drop_len``
     (``text.drop_len``): 0 every one of the L positions, ``n > 0`` the first n, -1 (``OWN_LENGTH``)
-    each prompt's own tokens. Training's prompt dropout and sampling's unconditional branch both
-    use exactly this; the ids under padding are never attended to."""
+    each prompt's own tokens except its last ``keep_last`` (:class:`TemplateTail`'s ``kept``).
+    Training's prompt dropout and sampling's unconditional branch both use exactly this; the ids
+    under padding are never attended to."""
     if drop_len == OWN_LENGTH:
-        return ids.masked_fill(~pad, mask_id), pad.clone()
+        real = ~pad
+        if keep_last:
+            tail_start = real.sum(1, keepdim=True) - keep_last
+            real = real & (torch.arange(ids.shape[1], device=ids.device) < tail_start)
+        return ids.masked_fill(real, mask_id), pad.clone()
+    if keep_last:
+        raise ValueError("a template whose end is kept (text.template=nld) needs text.drop_len=-1 (own length)")
     out_pad = torch.zeros_like(pad)
     out_pad[:, drop_len or ids.shape[1] :] = True
     return torch.full_like(ids, mask_id), out_pad

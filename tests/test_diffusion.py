@@ -97,3 +97,20 @@ def test_shift_schedule_is_few_early_many_late():
     assert c[:3] == [71, 76, 81]  # NVIDIA's released schedule at N=4096, 20 steps, s=3
     with pytest.raises(ValueError, match="steps"):
         unmask_counts(10, 0)
+
+
+def test_nld_schedule_counts_follow_the_released_rule():
+    """float32 shift schedule, truncated, each step >= 1 with the excess taken back from the last step
+    on; written out here for small cases by hand."""
+    # N = 4096, 20 steps: no step is empty, so only the float32 rounding could differ from megamdm's
+    nld = unmask_counts(4096, 20, "shift", 3.0, "nld")
+    assert sum(nld) == 4096 and nld[:3] == [71, 76, 81] and nld[-3:] == [393, 466, 558]
+    # N = 5, 4 steps: sigma = [0, .5, .75, .9, 1] -> floor(5 sigma) = [0, 2, 3, 4, 5] -> rising [2, 1, 1, 1]
+    assert unmask_counts(5, 4, "shift", 3.0, "nld") == [1, 1, 1, 2]
+    # N = 3, 3 steps: sigma = [0, .6, .857, 1] -> [0, 1, 2, 3] -> rising [1, 1, 1]
+    assert unmask_counts(3, 3, "shift", 3.0, "nld") == [1, 1, 1]
+    # N = 6, 5 steps, shift 9: floor(6 sigma) = [0, 4, 5, 5, 5, 6] -> rising [4, 1, 0, 0, 1] -> clamped
+    # [4, 1, 1, 1, 1] (sum 8): 2 tokens back, both from the first entry (the last step), skipping 1s
+    assert unmask_counts(6, 5, "shift", 9.0, "nld") == [1, 1, 1, 1, 2]
+    # fewer tokens than steps: as many steps as tokens, then steps that commit nothing
+    assert unmask_counts(2, 4, "shift", 3.0, "nld") == [1, 1, 0, 0]

@@ -79,7 +79,7 @@ def _run_layout(ckpt, tp, pp, sp, micro_batches, attention="local"):
 
     parallel.init_model_parallel(tp, pp)
     parallel.seed_model_parallel(1234, "cpu")
-    single = load_single(ckpt.parent / "single", load_tokenizers=False)
+    single = load_single(ckpt.parent / ckpt.name.replace("dist", "single"), load_tokenizers=False)
     cfg = Config(
         model=single.config.model,
         train=TrainConfig(precision="fp32", attention=attention),
@@ -138,6 +138,9 @@ def checkpoints(tmp_path_factory):
     # and the release's down-/up-sampler norms, with weights other than 1 so that dropping one would show
     single = make_tiny_checkpoint(root / "single", seed=3, merge_norm=True, unmerge_norm=True, **yarn)
     run_distributed(from_single, 1, single, root / "dist")  # in a child: it enables the CPU backend
+    # NL-Diffusion-Image's layout: the last prompt tokens after the image, positions continuing past it
+    after = make_tiny_checkpoint(root / "single_after", seed=4, merge_norm=True, text_after_image=3, **yarn)
+    run_distributed(from_single, 1, after, root / "dist_after")
     return root
 
 
@@ -150,27 +153,31 @@ def test_from_single_round_trip_is_bit_identical(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "tp,pp,sp,cudnn,attention",
+    "tp,pp,sp,cudnn,attention,model",
     [
-        (1, 1, False, False, "local"),
-        (2, 1, False, False, "local"),
-        (2, 1, True, False, "local"),
-        (1, 2, False, False, "local"),
-        (1, 1, False, True, "local"),
-        (2, 1, True, True, "local"),
-        (1, 1, False, False, "sdpa"),
-        (2, 1, True, False, "sdpa"),
+        (1, 1, False, False, "local", ""),
+        (2, 1, False, False, "local", ""),
+        (2, 1, True, False, "local", ""),
+        (1, 2, False, False, "local", ""),
+        (1, 1, False, True, "local", ""),
+        (2, 1, True, True, "local", ""),
+        (1, 1, False, False, "sdpa", ""),
+        (2, 1, True, False, "sdpa", ""),
+        (2, 1, True, True, "local", "_after"),
+        (1, 2, False, False, "sdpa", "_after"),
     ],
 )
-def test_parallel_layouts_match_the_standalone_model(checkpoints, tp, pp, sp, cudnn, attention):
+def test_parallel_layouts_match_the_standalone_model(checkpoints, tp, pp, sp, cudnn, attention, model):
     """``cudnn``: attention reads the padding mask as cuDNN fused attention does (the valid keys
     are the first ``count``), so the result only matches if padding sits at the end of the sequence.
     ``sdpa``: the fused core attention of the local spec on CUDA, forward and backward against the
-    same reference as megatron's unfused one (GQA, prompt padding)."""
-    c = batch(load_single(checkpoints / "single").config.model)
+    same reference as megatron's unfused one (GQA, prompt padding). ``_after``: a model whose last 3
+    prompt tokens follow the image (per-sample positions that differ between the batch's rows)."""
+    single = checkpoints / f"single{model}"
+    c = batch(load_single(single).config.model)
     assert c.text_pad_mask.any(), "the test batch must have prompt padding"
-    ref_loss, ref_logits, ref_grads = standalone_reference(checkpoints / "single", c)
-    results = run_distributed(_worker, tp * pp, checkpoints / "dist", tp, pp, sp, 2, cudnn, attention)
+    ref_loss, ref_logits, ref_grads = standalone_reference(single, c)
+    results = run_distributed(_worker, tp * pp, checkpoints / f"dist{model}", tp, pp, sp, 2, cudnn, attention)
     last = [r for r in results if r["pp_rank"] == pp - 1]
     for r in last:
         assert len(r["losses"]) == 2

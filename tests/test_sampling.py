@@ -534,3 +534,47 @@ def test_a_png_from_before_a_new_setting_still_resumes(ckpt, tmp_path):
     assert r.returncode == 0 and "skipping 1 prompts already finished" in r.stdout, r.stdout + r.stderr
     r = cli(*args[:-1], "--confidence", "raw")
     assert r.returncode == 2 and "confidence" in r.stderr
+
+
+@pytest.mark.parametrize("draw", ["confidence", "softmax"])
+def test_maskgit_draws_positions_in_proportion_to_what_it_says(draw):
+    """``maskgit_draw``: ``confidence`` draws positions in proportion to their confidence, ``softmax`` (the
+    released sampler's mask_git) to softmax(confidence / gumbel_temperature). Argmax tokens use no random
+    draw, so the generator's first draw is the choice of positions: redone here by hand."""
+    from megamdm.diffusion import unmask_counts
+
+    conf = 0.2 + 0.8 * torch.rand(16, generator=torch.Generator().manual_seed(4))
+    stub = Stub([torch.arange(16) % V], [conf])
+    st = SampleSettings(steps=2, cfg=0, temperature=0.0, policy="maskgit", maskgit_draw=draw, gumbel_temperature=0.3)
+    seen = []
+    sample_tokens(
+        stub.hidden,
+        stub.head,
+        torch.full((1, 4, 4), MASK),
+        MASK,
+        st,
+        [torch.Generator().manual_seed(9)],
+        on_step=lambda k, x: seen.append((x.view(16) != MASK).clone()),
+    )
+    n = unmask_counts(16, 2, "shift", 3.0)[0]
+    weights = torch.softmax(conf / 0.3, -1) if draw == "softmax" else conf
+    want = torch.multinomial(weights, n, replacement=False, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(seen[0].nonzero().squeeze(1).sort().values, want.sort().values)
+
+
+def test_the_nld_preset_sets_the_released_samplers_rules(ckpt):
+    from megamdm.config import SAMPLE_PRESETS
+
+    plain = MDMSampler.from_pretrained(ckpt, device="cpu", dtype="fp32")
+    nld = MDMSampler.from_pretrained(ckpt, device="cpu", dtype="fp32", preset="nld")
+    st = nld.default_settings()
+    for k, v in SAMPLE_PRESETS["nld"].items():
+        assert getattr(st, k) == v, k
+    assert plain.default_settings().schedule_counts == "megamdm"  # megamdm's own defaults stay
+    assert nld.default_settings(steps=3).steps == 3  # a setting given still wins
+    with pytest.raises(ValueError, match="unknown sampler preset 'x'; allowed: nld"):
+        MDMSampler.from_pretrained(ckpt, device="cpu", dtype="fp32", preset="x")
+    r = cli("--checkpoint", ckpt, "--prompt", "a red circle", "--preset", "nld", "--steps", 2, "--out", ckpt.parent / "p")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads(Image.open(ckpt.parent / "p" / "00000_00.png").info["megamdm"])
+    assert meta["schedule_counts"] == "nld" and meta["confidence"] == "raw" and meta["steps"] == 2

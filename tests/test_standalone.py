@@ -182,3 +182,64 @@ def test_tiny_model_overfits_a_few_token_grids(tiny_model_cfg):
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert losses[0] > 3.5  # about ln(64) + 0.2 (ln 64 - ln 8), lowered by the 0.2-weighted flips
     assert last < first / 10, (first, last, losses[::30])
+
+
+def test_positions_follow_the_sequence_not_the_padding(tiny_model_cfg):
+    """Per-sample positions (the default): an image sits right after its prompt's real tokens, so
+    padding a batch wider, or trimming it, changes no logit. With ``fixed_image_start = L`` (models
+    before 0.2) every image sits at L, whatever the batch's width. Weights are scaled up so that
+    attention, and so any position, matters."""
+    import dataclasses
+
+    from megamdm.models.rope import sequence_positions
+
+    cfg = dataclasses.replace(tiny_model_cfg, init_std=0.3)
+    ids, pad, img = inputs(cfg)  # prompts of 12 and 16 bytes padded to 16
+    wide_ids = torch.cat([ids, torch.full((2, 8), 256)], 1)
+    wide_pad = torch.cat([pad, torch.ones(2, 8, dtype=torch.bool)], 1)
+    torch.manual_seed(0)
+    m = MDMTransformer(cfg).eval()
+    with torch.no_grad():
+        a, b = m.logits(ids, pad, img), m.logits(wide_ids, wide_pad, img)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+        # the short prompt alone (no padding at all) gives what it gave in the batch
+        alone = m.logits(ids[:1, :12], pad[:1, :12], img[:1])
+        assert torch.allclose(alone, a[:1], rtol=1e-4, atol=1e-4)
+        legacy = MDMTransformer(dataclasses.replace(cfg, fixed_image_start=24)).eval()
+        legacy.load_state_dict(m.state_dict())
+        la, lb = legacy.logits(ids, pad, img), legacy.logits(wide_ids, wide_pad, img)
+        assert torch.allclose(la, lb, rtol=1e-4, atol=1e-4) and not torch.allclose(la, a, atol=1e-2)
+        with pytest.raises(ValueError, match="do not fit before the image"):
+            legacy.logits(torch.cat([wide_ids, wide_ids], 1), torch.cat([wide_pad, wide_pad], 1), img)
+    # text after the image: the last 2 real tokens continue past the 6 merged image positions
+    pos, start = sequence_positions(torch.tensor([[False] * 5 + [True] * 3]), 6, text_after_image=2)
+    assert start.tolist() == [3] and pos[0, :5].tolist() == [0, 1, 2, 9, 10]
+
+
+def test_a_checkpoint_from_before_per_sample_positions_keeps_its_layout(tiny_model_cfg, tmp_path):
+    """format_version 1 (megamdm < 0.2) placed images after the prompt padded to text.max_len; such a
+    checkpoint loads with ``fixed_image_start = max_len`` and gives the logits it gave then."""
+    import dataclasses
+
+    conf, tok, groups = bundle(tiny_model_cfg, tmp_path)
+    conf.text.max_len = 16
+    m = MDMTransformer(dataclasses.replace(tiny_model_cfg, fixed_image_start=16)).eval()
+    save_single(tmp_path / "old", m, conf, groups, tok, ByteTokenizer())
+    cfg_path = tmp_path / "old" / "config.json"
+    raw = json.loads(cfg_path.read_text())
+    raw["format_version"] = 1
+    del raw["model"]["fixed_image_start"], raw["model"]["text_after_image"]
+    cfg_path.write_text(json.dumps(raw))
+    old = load_single(tmp_path / "old")
+    assert old.config.model.fixed_image_start == 16
+    ids, pad, img = inputs(tiny_model_cfg)
+    with torch.no_grad():  # the 12-byte prompt trimmed of its padding or not: the image stays at 16
+        want = m.logits(ids[:1], pad[:1], img[:1])
+        assert torch.allclose(old.model.logits(ids[:1, :12], pad[:1, :12], img[:1]), want, rtol=1e-4, atol=1e-6)
+        per_sample = MDMTransformer(tiny_model_cfg).eval()
+        per_sample.load_state_dict(m.state_dict())
+        assert not torch.allclose(per_sample.logits(ids[:1], pad[:1], img[:1]), want, rtol=1e-4, atol=1e-6)
+    # a training run's saved config.yaml without the key is read the same way
+    from megamdm.config import load_config_text
+
+    assert load_config_text("model:\n  num_layers: 2\ntext:\n  max_len: 40\n").model.fixed_image_start == 40

@@ -9,6 +9,8 @@
     # a Llama / Mistral-style HF LLM -> a single-GPU-format MDM (backbone + text embeddings from the LLM)
     megamdm-convert from-hf --hf Llama-dir/ --image-tokenizer tok/ --gce-groups g.safetensors \\
         --out init/ [--config configs/pretrain_256.yaml] [--mask-token "<|reserved_special_token_0|>"]
+    # NVIDIA's released NL-Diffusion-Image folder (weights, tokenizers) -> single-GPU format
+    megamdm-convert from-nld --nld NL-Diffusion-Image/ --out release/ [--gce-groups g.safetensors] [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ def main(argv=None) -> int:
     c.add_argument("--mask-token", help="the text token used as MASK (default: the tokenizer's mask_token)")
     c.add_argument("--dtype", choices=DTYPES)
     c.add_argument("--overwrite", action="store_true")
+    n = sub.add_parser("from-nld", help="NVIDIA's NL-Diffusion-Image release folder -> single-GPU format")
+    n.add_argument("--nld", required=True, help="the downloaded nvidia/NL-Diffusion-Image folder")
+    n.add_argument("--out", required=True)
+    n.add_argument("--gce-groups", help="GCE groups for fine-tuning (default: group_ce_weight over consecutive ids)")
+    n.add_argument("--dtype", choices=DTYPES)
+    n.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
 
     import torch
@@ -61,6 +69,12 @@ def main(argv=None) -> int:
             out = to_single(args.checkpoint, args.out, dtype=dtype, config=cfg, overwrite=args.overwrite, weights=args.weights)
         elif args.cmd == "from-single":
             out = from_single(args.single, args.out, dtype=dtype)
+        elif args.cmd == "from-nld":
+            from megamdm.convert_nld import from_nld
+            from megamdm.gce import GCEGroups
+
+            groups = GCEGroups.load(args.gce_groups) if args.gce_groups else None
+            out = from_nld(args.nld, args.out, groups=groups, dtype=dtype, overwrite=args.overwrite)
         else:
             from megamdm.gce import GCEGroups
             from megamdm.vq import load_image_tokenizer, tokenizer_kind

@@ -7,6 +7,7 @@
     megamdm-sample --checkpoint ckpt/ --dpg-prompts dpg_bench/prompts/ --out dpg/
     megamdm-sample --checkpoint ckpt/ --prompt "a blue square" --init-image in.png --mask mask.png --out edit/
     megamdm-sample --checkpoint ckpt/ --prompt "a wide beach" --init-image in.png --outpaint 128,0,128,0 --out wide/
+    megamdm-sample --checkpoint release/ --prompt "a corgi on a beach" --preset nld --out samples/  # NVIDIA's sampler
 
 Output layouts (megamdm/sample_outputs.py, also for MDMSampler users):
   plain     OUT/NNNNN_JJ.png
@@ -27,6 +28,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from megamdm.config import SAMPLE_PRESETS
 from megamdm.pretrained import CheckpointError
 from megamdm.sample_outputs import SampleWriter, load_prompts
 from megamdm.sampling import POLICIES, SCHEDULES, MDMSampler
@@ -59,6 +61,11 @@ def parse_args(argv):
     ap.add_argument("--confidence", help="sampled | raw (untempered, unfiltered probabilities)")
     ap.add_argument(
         "--final-prediction", action="store_true", default=None, help="with editing: end with the last step's prediction"
+    )
+    ap.add_argument("--schedule-counts", help="megamdm | nld (NL-Diffusion-Image's rounding of the shift schedule)")
+    ap.add_argument("--maskgit-draw", help="confidence | softmax (maskgit draws by softmax(confidence / gumbel temperature))")
+    ap.add_argument(
+        "--preset", help=f"start from a named sampler ({' | '.join(SAMPLE_PRESETS)}) instead of the checkpoint's settings"
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-images-per-prompt", type=int)
@@ -99,7 +106,9 @@ def main(argv=None) -> int:
         writer = SampleWriter(args.out, layout, images_per_prompt=n_per, checkpoint=args.checkpoint)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
-        sampler = MDMSampler.from_pretrained(args.checkpoint, device=device, dtype=dtype, compile=args.compile)
+        sampler = MDMSampler.from_pretrained(
+            args.checkpoint, device=device, dtype=dtype, compile=args.compile, preset=args.preset
+        )
         settings = sampler.default_settings(
             steps=args.steps,
             cfg=args.cfg,
@@ -115,6 +124,8 @@ def main(argv=None) -> int:
             filter_order=args.filter_order,
             confidence=args.confidence,
             final_prediction=args.final_prediction,
+            schedule_counts=args.schedule_counts,
+            maskgit_draw=args.maskgit_draw,
         )
         init_image = mask = outpaint = None
         if args.init_image:

@@ -32,7 +32,7 @@ import torch
 from ..config import Config, ConfigError
 from ..diffusion import Corrupted, corrupt_batch
 from ..gce import GCEGroups
-from ..text import format_prompt, tokenize_prompts
+from ..text import format_prompt, template_tail, tokenize_prompts
 from .shards import TokenShards, parse_res
 
 _M64 = (1 << 64) - 1
@@ -179,10 +179,12 @@ def make_micro_batch(
             crop=(int(cr[0]), int(cr[1])),
             score=t.default_score if math.isnan(float(s)) else float(s),
             micro_conditioning=t.micro_conditioning,
+            template=t.template,
         )
         for c, o, cr, s in zip(captions, orig, crop, score)
     ]
-    ids, pad, cut = tokenize_prompts(text_tokenizer, texts, t.max_len)
+    tail = template_tail(text_tokenizer, t.template, cfg.model.text_after_image)
+    ids, pad, cut = tokenize_prompts(text_tokenizer, texts, t.max_len, tail.kept)
     img = groups.to_model(torch.from_numpy(np.stack(tokens).astype(np.int64)))
     diffusion = cfg.diffusion if mask_ratio is None else dataclasses.replace(cfg.diffusion, prompt_drop=0.0)
     c = corrupt_batch(
@@ -196,6 +198,7 @@ def make_micro_batch(
         seeds=seeds,
         mask_ratio=mask_ratio,
         drop_len=cfg.text.drop_len,
+        drop_keep_last=tail.kept,
     )
     return MicroBatch(c, res, torch.from_numpy(np.stack([ds, idx], axis=1)), cut)
 

@@ -1,10 +1,12 @@
 """The masked-diffusion transformer of docs/design.md §1.1 in plain PyTorch: the single-GPU model.
 
 One joint sequence ``[prompt (L_text)] + [image positions]`` with bidirectional attention and a
-key-padding mask over prompt padding. Image ids are embedded (``V + 1`` rows, MASK = V), 2x2
-neighbourhoods are merged (concat of four embeddings -> Linear(4d -> d)), the Llama-style blocks
-run (RMSNorm, GQA, SwiGLU, RoPE over the joint sequence), then the image positions are unmerged
-(Linear(d -> 4d)) and the image head (Linear(d -> V)) scores every token.
+key-padding mask over prompt padding; positions follow the sequence as written (``models/rope.py``:
+each image right after its prompt's real tokens, the prompt's last ``text_after_image`` tokens after
+it). Image ids are embedded (``V + 1`` rows, MASK = V), 2x2 neighbourhoods are merged (concat of
+four embeddings -> Linear(4d -> d)), the Llama-style blocks run (RMSNorm, GQA, SwiGLU, RoPE over the
+joint sequence), then the image positions are unmerged (Linear(d -> 4d)) and the image head
+(Linear(d -> V)) scores every token.
 
 Parameter names follow Hugging Face Llama (``layers.N.self_attn.q_proj.weight`` ...), so the
 single-GPU format reads like any Llama checkpoint and ``from-hf`` is a renaming.
@@ -22,7 +24,7 @@ import torch.utils.checkpoint
 
 from ..config import ModelConfig
 from ..gce import GCEStats, gce_loss
-from .rope import Yarn, apply_rope, rope_angles
+from .rope import apply_rope, model_rope
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -183,8 +185,7 @@ class MDMTransformer(nn.Module):
         x = self.embed(text_ids, image_ids)
         b, s, _ = x.shape
         gh, gw = (image_ids.shape[1] // 2, image_ids.shape[2] // 2) if image_ids is not None else (0, 0)
-        c = self.config
-        emb = rope_angles(text_ids.shape[1], gh, gw, c.head_dim, c.rope_theta, c.rope_2d, device=x.device, yarn=Yarn.of(c))
+        emb = model_rope(self.config, text_pad_mask, gh, gw)
         keep = torch.ones(b, s, dtype=torch.bool, device=x.device)
         keep[:, : text_ids.shape[1]] = ~text_pad_mask
         keep = keep[:, None, None, :]

@@ -67,7 +67,7 @@ def sample_token_grid(
     from megatron.core import parallel_state as ps
 
     from ..sampling import cfg_combine, chunk_rows, sample_tokens
-    from ..text import format_prompt, masked_prompt, tokenize_prompts
+    from ..text import format_prompt, masked_prompt, template_tail, tokenize_prompts
 
     settings = cfg.sample.settings()
     texts = [
@@ -77,12 +77,14 @@ def sample_token_grid(
             height=size[0],
             score=cfg.text.default_score,
             micro_conditioning=cfg.text.micro_conditioning,
+            template=cfg.text.template,
         )
         for p in prompts
     ]
     b = len(prompts)
-    ids, pad, _ = tokenize_prompts(text_tokenizer, texts, cfg.text.max_len)
-    uid, upad = masked_prompt(text_tokenizer.mask_id, ids, pad, cfg.text.drop_len)
+    tail = template_tail(text_tokenizer, cfg.text.template, cfg.model.text_after_image)
+    ids, pad, _ = tokenize_prompts(text_tokenizer, texts, cfg.text.max_len, tail.kept)
+    uid, upad = masked_prompt(text_tokenizer.mask_id, ids, pad, cfg.text.drop_len, tail.kept)
     both_ids, both_pad = torch.cat([ids, uid]).to(device), torch.cat([pad, upad]).to(device)
     ids, pad = ids.to(device), pad.to(device)
     inner = model

@@ -42,7 +42,7 @@ from ...config import ModelConfig, ParallelConfig, TrainConfig
 from ...gce import gce_loss
 from ...objective import LossSpec, loss_parts, pack_metric_sums, select_supervised
 from ...sampling import head_logits
-from ..rope import Yarn, rope_angles
+from ..rope import model_rope
 from ..standalone import RMSNorm, check_grid, merge_2x2, unmerge_2x2
 from .spec import layer_spec
 
@@ -101,7 +101,8 @@ def transformer_config(
         bias_activation_fusion=True,  # the fused SwiGLU of megatron (TE and local spec alike)
         bias_dropout_fusion=device == "cuda",
         masked_softmax_fusion=False,
-        apply_rope_fusion=fused,
+        # TE's fused RoPE takes one angle per position for the whole batch: per-sample positions cannot use it
+        apply_rope_fusion=fused and model.fixed_image_start > 0,
         persist_layer_norm=False,
         attention_softmax_in_fp32=True,
         calculate_per_token_loss=True,
@@ -206,11 +207,10 @@ class MDMModel(MegatronModule):
             (text_pad_mask[:, 1:] >= text_pad_mask[:, :-1]).all(), "prompt padding must be at the end of each prompt"
         )
         x = self._embed(text_ids, image_ids) if self.pre_process else None
-        c = self.mdm
-        emb = rope_angles(
-            text_len, h // 2, w // 2, c.head_dim, c.rope_theta, c.rope_2d, device=image_ids.device, yarn=Yarn.of(c)
-        )
-        rope = torch.cat([emb[text_len:], emb[:text_len]])[:, None, None, :]  # each position keeps its angle
+        emb = model_rope(self.mdm, text_pad_mask, h // 2, w // 2)  # [B, text | image, hd]
+        if self.mdm.fixed_image_start:  # the same angles for every sample: one row, as fused RoPE needs
+            emb = emb[:1]
+        rope = torch.cat([emb[:, text_len:], emb[:, :text_len]], dim=1).transpose(0, 1)[:, :, None, :]  # each keeps its angle
         mask = torch.zeros(b, 1, 1, s, dtype=torch.bool, device=image_ids.device)
         mask[:, 0, 0, m:] = text_pad_mask  # True = masked key
         hs = self.decoder(hidden_states=x, attention_mask=mask, rotary_pos_emb=rope)
