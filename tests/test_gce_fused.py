@@ -22,7 +22,9 @@ def problem(n, v, d, dtype, seed=0, weights=True, ignore=True):
     return h, w, y, tw, ign
 
 
-def run(impl, h, w, y, tw, ign, sizes, lams, device="cpu", **kw):
+def run(impl, h, w, y, tw, ign, sizes, lams, device="cpu", upstream="z_loss", **kw):
+    """Loss and gradients; ``upstream``: what the loss feeds into, ``z_loss`` (a summed loss plus a
+    z-loss on the lse), ``sum`` (the summed loss alone) or ``uneven`` (per-token scales)."""
     h = h.detach().clone().to(device).requires_grad_(True)
     w = w.detach().clone().to(device).requires_grad_(True)
     st = gce_loss(
@@ -35,11 +37,16 @@ def run(impl, h, w, y, tw, ign, sizes, lams, device="cpu", **kw):
         token_weight=None if tw is None else tw.to(device),
         ignore_mask=None if ign is None else ign.to(device),
         return_stats=True,
-        reduction="sum",
+        reduction="none",
         **kw,
     )
-    (st.loss + 1e-2 * (st.lse**2).sum()).backward()  # a z-loss exercises the gradient through lse
-    return st.loss.detach().float().cpu(), h.grad.float().cpu(), w.grad.float().cpu(), st.lse.detach().float().cpu()
+    if upstream == "z_loss":  # a z-loss exercises the gradient through lse
+        (st.loss.sum() + 1e-2 * (st.lse**2).sum()).backward()
+    elif upstream == "sum":
+        st.loss.sum().backward()
+    else:
+        (st.loss * torch.linspace(0.5, 2.0, st.loss.numel(), device=st.loss.device)).sum().backward()
+    return st.loss.detach().sum().float().cpu(), h.grad.float().cpu(), w.grad.float().cpu(), st.lse.detach().float().cpu()
 
 
 def rel(a, b):
@@ -91,6 +98,25 @@ def test_triton_impl_matches_naive(case, dtype, tol):
         assert rel(a, b) < tol
 
 
+@pytest.mark.parametrize("upstream", ["sum", "uneven"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[3]])
+def test_cpu_one_pass_gradient_and_its_fallback(case, upstream, monkeypatch):
+    """On CPU the gradient is formed with the loss (three matmuls per block, not four) for a summed
+    loss; any other upstream gradient (per-token scales, a z-loss) recomputes it exactly."""
+    import megamdm.gce.chunked as chunked
+
+    calls = []
+    real = chunked._one_pass
+    monkeypatch.setattr(chunked, "_one_pass", lambda *a: calls.append(1) or real(*a))
+    n, v, d, sizes, lams, bv, bn = case
+    h, w, y, tw, ign = problem(n, v, d, torch.float32)
+    ref = run("naive", h, w, y, tw, ign, sizes, lams, upstream=upstream)
+    got = run("torch", h, w, y, tw, ign, sizes, lams, upstream=upstream, block_v=bv, block_n=bn)
+    assert calls == [1]  # the one pass ran; with "uneven" its gradient was set aside and recomputed
+    for a, b in zip(got, ref):
+        assert rel(a, b) < 1e-5
+
+
 def test_reductions_and_no_grad_path():
     h, w, y, tw, ign = problem(30, 64, 8, torch.float32)
     for red in ["mean", "sum", "none"]:
@@ -140,3 +166,20 @@ def _shard_refusal_worker():
 def test_group_size_must_divide_the_shard():
     msgs = run_distributed(_shard_refusal_worker, 2)
     assert all(m and "does not divide the vocabulary shard" in m and "24" in m for m in msgs), msgs
+
+
+@pytest.mark.gpu
+def test_the_torch_op_makes_no_host_sync_on_gpu():
+    """With CUDA's sync debug mode set to error, forward and backward of the fused op run through:
+    no ``.item()``, no data-dependent branch, no pageable copy."""
+    h, w, y, tw, _ = problem(700, 384, 32, torch.bfloat16)
+    h, w = h.cuda().requires_grad_(True), w.cuda().requires_grad_(True)
+    y, tw = y.cuda(), tw.cuda()
+    gce_loss(h, w, y, [8], [0.2], impl="torch", token_weight=tw)  # warm-up: lazy CUDA initialisation
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = gce_loss(h, w, y, [8], [0.2], impl="torch", token_weight=tw, reduction="sum")
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert h.grad is not None and w.grad is not None

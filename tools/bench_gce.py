@@ -1,11 +1,16 @@
 #!/usr/bin/env python
-"""Memory and speed of the GCE implementations: naive vs torch vs triton (and Liger / Cut
-Cross-Entropy for the plain-CE case when installed).
+"""Memory, speed and error of the GCE implementations: naive vs torch vs triton, and with --peers
+Liger Kernel and Apple's Cut Cross-Entropy on plain cross-entropy (the same inputs, in the same
+process sequence; they run when importable: pip install liger-kernel cut-cross-entropy, GPU only).
 
     python tools/bench_gce.py                              # CPU size: N=2048 V=65536 d=512 fp32
-    python tools/bench_gce.py --n 32768 --v 131072 --d 4096 --dtype bf16   # paper shape, on a GPU
-    python tools/bench_gce.py --n 5500 --v 1536 --d 64 --dtype bf16 --block-n 8192   # the demo's head, CPU
+    python tools/bench_gce.py --n 32768 --v 131072 --d 4096 --dtype bf16 --peers   # paper shape, on a GPU
+    python tools/bench_gce.py --n 5500 --v 1536 --d 64 --dtype bf16   # the demo's head, CPU
     python tools/bench_gce.py --json
+
+With --peers the table has two parts: plain cross-entropy (every implementation, group weights 0)
+and GCE (ours). "max err" is the largest absolute difference of the loss, dH and dW from the naive
+implementation's, relative to the largest absolute value of that naive tensor.
 
 "Extra memory" is the peak during forward+backward minus what every implementation must hold:
 the inputs and their gradients. On CUDA it comes from the caching allocator's peak; on CPU from
@@ -18,12 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import platform
 import queue
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from megamdm.gce import gce_loss
 from megamdm.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
@@ -47,7 +56,7 @@ def _loss_fn(impl: str, sizes, lams, block_v=None, block_n=None):
     raise ValueError(impl)
 
 
-def measure(impl, n, v, d, dtype, device, sizes, lams, repeat, block_v=None, block_n=None, seed=0):
+def measure(impl, n, v, d, dtype, device, sizes, lams, repeat, block_v=None, block_n=None, seed=0, save_to=None):
     torch.manual_seed(seed)
     fn = _loss_fn(impl, sizes, lams, block_v, block_n)
     h = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
@@ -72,6 +81,13 @@ def measure(impl, n, v, d, dtype, device, sizes, lams, repeat, block_v=None, blo
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+    if save_to is not None:  # this implementation's result, for the error against naive's
+        from safetensors.torch import save_file
+
+        save_file(
+            {"loss": loss.detach().float().reshape(1).cpu(), "dh": h.grad.float().cpu(), "dw": w.grad.float().cpu()},
+            save_to,
+        )
     h.grad = w.grad = None
     if device == "cuda":
         torch.cuda.synchronize()
@@ -137,33 +153,49 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--group-sizes", type=int, nargs="*", default=[8])
     ap.add_argument("--group-weights", type=float, nargs="*", default=[0.2])
-    ap.add_argument("--impls", nargs="+", default=None, help="default: naive torch (+triton on CUDA, +liger/cce if installed)")
+    ap.add_argument("--impls", nargs="+", default=None, help="ours to run (default: naive torch, +triton on CUDA)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--block-v", type=int, default=None, help="vocabulary chunk of the fused implementations")
     ap.add_argument("--block-n", type=int, default=None, help="token chunk of the torch implementation")
+    ap.add_argument("--peers", action="store_true", help="also plain CE, with Liger and CCE where importable")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     dtype = DTYPES[args.dtype]
-    impls = args.impls
-    if impls is None:
-        impls = ["naive", "torch"] + (["triton"] if args.device == "cuda" else [])
+    ours = args.impls or ["naive", "torch"] + (["triton"] if args.device == "cuda" else [])
+    sections = [("gce", ours, args.group_sizes, args.group_weights)]
+    if args.peers:
+        peers = []
         for name, mod in (("liger", "liger_kernel"), ("cce", "cut_cross_entropy")):
             try:
                 __import__(mod)
-                impls.append(name)
+                peers.append(name)
             except ImportError:
-                pass
+                print(f"{name}: not installed ({mod}), left out")
+        sections.insert(0, ("plain CE", ours + peers, [], []))
     rows = []
-    for impl in impls:
-        sizes, lams = (args.group_sizes, args.group_weights) if impl in ("naive", "torch", "triton") else ([], [])
-        rows.append(
-            run_isolated(impl, args.n, args.v, args.d, dtype, args.device, sizes, lams, args.repeat, args.block_v, args.block_n)
-        )
-    naive = next((r for r in rows if r["impl"] == "naive" and "error" not in r), None)
+    with tempfile.TemporaryDirectory() as tmp:
+        for part, impls, sizes, lams in sections:
+            for impl in impls:
+                out = str(Path(tmp) / f"{part}-{impl}.safetensors")
+                shape_args = (args.n, args.v, args.d, dtype, args.device)
+                r = run_isolated(impl, *shape_args, sizes, lams, args.repeat, args.block_v, args.block_n, 0, out)
+                r["part"] = part
+                r["_file"] = out
+                rows.append(r)
+        for part, *_ in sections:
+            naive = next((r for r in rows if r["part"] == part and r["impl"] == "naive" and "error" not in r), None)
+            ref = load_file(naive["_file"]) if naive else None
+            for r in rows:
+                if r["part"] != part or "error" in r or naive is None:
+                    continue
+                r["extra_vs_naive"] = r["extra_bytes"] / max(naive["extra_bytes"], 1)
+                r["speed_vs_naive"] = naive["time_s"] / r["time_s"]
+                got = load_file(r["_file"])
+                r["max_err"] = max(
+                    ((got[k] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-30)).item() for k in ("loss", "dh", "dw")
+                )
     for r in rows:
-        if naive and "error" not in r:
-            r["extra_vs_naive"] = r["extra_bytes"] / max(naive["extra_bytes"], 1)
-            r["speed_vs_naive"] = naive["time_s"] / r["time_s"]
+        r.pop("_file", None)
     shape = {
         "n": args.n,
         "v": args.v,
@@ -175,6 +207,8 @@ def main(argv=None) -> int:
         "group_weights": args.group_weights,
         "block_v": args.block_v,
         "block_n": args.block_n,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     if args.json:
         print(json.dumps({"shape": shape, "results": rows}, indent=2))
@@ -184,14 +218,15 @@ def main(argv=None) -> int:
         f"groups={args.group_sizes} weights={args.group_weights} block_v={args.block_v or 'default'} "
         f"block_n={args.block_n or 'default'}"
     )
-    print(f"{'impl':<8}{'loss':>12}{'time (s)':>11}{'extra mem':>12}{'vs naive':>10}{'speedup':>9}")
+    print(f"{'part':<10}{'impl':<8}{'loss':>12}{'time (s)':>11}{'extra mem':>12}{'vs naive':>10}{'speedup':>9}{'max err':>10}")
     for r in rows:
         if "error" in r:
-            print(f"{r['impl']:<8}  {r['error']}")
+            print(f"{r['part']:<10}{r['impl']:<8}  {r['error']}")
             continue
         print(
-            f"{r['impl']:<8}{r['loss']:>12.5f}{r['time_s']:>11.3f}{r['extra_bytes'] / 2**20:>10.1f}MB"
+            f"{r['part']:<10}{r['impl']:<8}{r['loss']:>12.5f}{r['time_s']:>11.3f}{r['extra_bytes'] / 2**20:>10.1f}MB"
             f"{r.get('extra_vs_naive', float('nan')):>10.1%}{r.get('speed_vs_naive', float('nan')):>8.2f}x"
+            f"{r.get('max_err', float('nan')):>10.1e}"
         )
     return 0
 
