@@ -343,7 +343,8 @@ def _drive_train_steps(ov):
 
     from megamdm.compat.megatron_cpu import active
     from megamdm.objective import unpack_sums
-    from megamdm.training.flops import step_flops, train_flops
+    from megamdm.text import format_prompt
+    from megamdm.training.flops import head_flops, train_flops
     from megamdm.training.trainer import MetricsWindow, Trainer
 
     cfg = load_config(ROOT / "configs/model/tiny.yaml", ov)
@@ -354,11 +355,13 @@ def _drive_train_steps(ov):
         for _ in range(2):
             r = tr.train_step()
             s = unpack_sums(r.sums)
-            flops = tr.cfg.data.global_batch_size * train_flops(cfg.model, cfg.text.max_len, *r.grid, 0.0) + (
+            # every toy caption is "pattern k" at 32x32: its prompt has the same real length, cut to max_len
+            real = min(len(format_prompt("pattern 3", width=32, height=32, score=6.0)), cfg.text.max_len)
+            flops = tr.cfg.data.global_batch_size * train_flops(cfg.model, real, *r.grid, 0.0) + (
                 6.0 * s["n_tokens"] * cfg.model.hidden_size * cfg.model.image_vocab_size
             )
             window.add(r, tr.cfg.data.global_batch_size, flops)
-            logged = step_flops(cfg.model, cfg.text.max_len, *r.grid, tr.cfg.data.global_batch_size, s["n_tokens"])
+            logged = r.body_flops + head_flops(cfg.model, s["n_tokens"])
             steps.append({"sums": s, "grid": r.grid, "finite": r.finite, "flops": flops, "logged_flops": logged})
         summary = window.summary(world=tr.world, peak=0.0)
         step = tr.step
@@ -374,10 +377,13 @@ def _drive_train_steps(ov):
     }
 
 
-def test_train_step_can_be_driven_and_the_window_counts_what_happened(toy_dataset):
+@pytest.mark.parametrize("padded", [False, True])
+def test_train_step_can_be_driven_and_the_window_counts_what_happened(toy_dataset, padded):
     """Two hand-driven steps at DP 2: every rank sees the global sums, the window's loss is the token-
-    weighted mean of the steps, and leaving the Trainer leaves megatron-on-CPU."""
-    res = run_distributed(_drive_train_steps, 2, overrides(toy_dataset))
+    weighted mean of the steps, the FLOPs count each prompt's real tokens (``padded``: prompts of 46
+    bytes padded to 64, dropped ones of their own length), and leaving the Trainer leaves megatron-on-CPU."""
+    extra = {"text.max_len": 64, "text.drop_len": -1, "data.trim_text": False} if padded else {}
+    res = run_distributed(_drive_train_steps, 2, overrides(toy_dataset, **extra))
     a, b = res
     assert a["steps"] == b["steps"]  # the global batch's sums, on every rank
     r = a
@@ -393,7 +399,7 @@ def test_train_step_can_be_driven_and_the_window_counts_what_happened(toy_datase
     assert r["summary"]["tflops_per_gpu"] > 0
     # "pattern 3 | size 32x32 | crop 0,0 | score 6.0" is longer than text.max_len 24: all 16 are cut
     # and counted over both data-parallel ranks
-    assert r["summary"]["prompts_cut"] == 16
+    assert r["summary"]["prompts_cut"] == (None if padded else 16)
 
 
 @pytest.mark.parametrize(

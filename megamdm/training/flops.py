@@ -1,6 +1,6 @@
 """Model FLOPs of the MDM, for TFLOP/s and MFU (the formula is stated in docs/training.md).
 
-Per sample, with ``L`` text tokens, an ``h x w`` token grid, ``M = hw/4`` merged positions,
+Per sample, with ``L`` real (unpadded) text tokens, an ``h x w`` token grid, ``M = hw/4`` merged positions,
 ``S = L + M``, ``n`` supervised (masked or flipped) tokens, hidden ``d``, ``H`` query heads and
 ``G`` KV heads of size ``k``, FFN ``F``, ``N`` layers and image vocabulary ``V``, the forward pass is
 
@@ -35,13 +35,15 @@ def train_flops(m: ModelConfig, text_len: int, grid_h: int, grid_w: int, supervi
     return 3.0 * forward_flops(m, text_len, grid_h, grid_w, supervised)
 
 
-def step_flops(m: ModelConfig, text_len: int, grid_h: int, grid_w: int, samples: int, supervised_tokens: float) -> float:
-    """Model FLOPs of one training step: ``samples`` samples, the head on the step's
-    ``supervised_tokens`` (counted, not estimated)."""
-    return (
-        samples * train_flops(m, text_len, grid_h, grid_w, 0.0)
-        + 3.0 * 2.0 * supervised_tokens * m.hidden_size * m.image_vocab_size
-    )
+def body_flops(m: ModelConfig, text_lens, grid_h: int, grid_w: int) -> float:
+    """Training FLOPs of everything but the head for samples whose prompts have ``text_lens`` real
+    tokens: padding is not model work, so each sample counts its own sequence length."""
+    return sum(train_flops(m, int(n), grid_h, grid_w, 0.0) for n in text_lens)
+
+
+def head_flops(m: ModelConfig, supervised_tokens: float) -> float:
+    """Training FLOPs of the image head on the supervised tokens (counted, not estimated)."""
+    return 3.0 * 2.0 * supervised_tokens * m.hidden_size * m.image_vocab_size
 
 
 def flops_per_sample(m: ModelConfig, text_len: int, grid_h: int, grid_w: int, supervised_fraction: float) -> float:

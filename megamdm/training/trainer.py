@@ -37,7 +37,7 @@ from ..text import load_text_tokenizer
 from ..vq import codebook_hash, load_image_tokenizer
 from . import parallel
 from .checkpoint import Checkpointer, load_model_weights
-from .flops import peak_tflops, step_flops
+from .flops import body_flops, head_flops, peak_tflops
 from .fp8 import check_fp8_recipe
 from .logging import RunLogger
 from .optim import build_optimizer, params_in_sync, wrap_model
@@ -147,7 +147,7 @@ class StepResult:
     grid: tuple[int, int]  # the token grid of this step's batch
     wait_s: float  # time spent waiting for the batch
     prompts_cut: int = 0  # captions of the global batch longer than text.max_len
-    text_len: int = 0  # prompt positions of this rank's step after trimming (data.trim_text)
+    body_flops: float = 0.0  # model FLOPs of the global batch's real positions, the head aside
 
 
 @dataclass
@@ -374,11 +374,13 @@ class Trainer:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         out = self._schedule(batches, forward_only=False)
-        sums = torch.zeros(len(STEP_SUMS) + 1, dtype=torch.float64, device=self.device)  # + prompts cut
+        sums = torch.zeros(len(STEP_SUMS) + 2, dtype=torch.float64, device=self.device)  # + prompts cut, FLOPs
         if ps.is_pipeline_last_stage():
             for o in out:
-                sums[:-1] += o["sums"].to(sums)
-            sums[-1] = sum(m.prompts_cut for m in micro)
+                sums[:-2] += o["sums"].to(sums)
+            sums[-2] = sum(m.prompts_cut for m in micro)
+            lens = [n for m in micro for n in (~m.corrupted.text_pad_mask).sum(1).tolist()]  # CPU: no sync
+            sums[-1] = body_flops(self.cfg.model, lens, gh, gw)
             dist.all_reduce(sums, group=ps.get_data_parallel_group())
         finite = torch.tensor([1.0 if all(math.isfinite(v) for v in sums.tolist()) else 0.0], device=self.device)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -394,9 +396,7 @@ class Trainer:
         if ps.get_pipeline_model_parallel_world_size() > 1:  # the logging rank is on the last stage
             dist.broadcast(sums, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
         sums = sums.cpu()
-        return StepResult(
-            sums[:-1], bool(finite.item() > 0), grad_norm, (gh, gw), wait, int(sums[-1]), batches[0].text_ids.shape[1]
-        )
+        return StepResult(sums[:-2], bool(finite.item() > 0), grad_norm, (gh, gw), wait, int(sums[-2]), float(sums[-1]))
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -450,7 +450,7 @@ class Trainer:
                 s = unpack_sums(r.sums)
                 losses.append(s["loss_sum"] / max(s["n_tokens"], 1) if r.finite else float("nan"))
                 samples = cfg.data.global_batch_size
-                window.add(r, samples, step_flops(cfg.model, r.text_len or cfg.text.max_len, *r.grid, samples, s["n_tokens"]))
+                window.add(r, samples, r.body_flops + head_flops(cfg.model, s["n_tokens"]))
                 if step % lg.log_interval == 0 or step == t.steps:
                     self.log.log(
                         step,
