@@ -490,3 +490,38 @@ def test_overlapped_data_parallel_communication_follows_the_same_trajectory(toy_
     rest = train(2, overrides(toy_dataset, **{**ov, "checkpoint.save_dir": run}))
     for a, b in zip(first["losses"] + rest["losses"], reference["losses"]):
         assert abs(a - b) / b < 2e-5, (first["losses"] + rest["losses"], reference["losses"])
+
+
+def _bench_train(ov):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "tools/bench_train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = load_config(ROOT / "configs/model/tiny.yaml", ov)
+    res = mod.bench(cfg, warmup=1, steps=2)
+    return {"res": res, "table": mod.table(res)}
+
+
+def test_bench_train_counts_tokens_and_flops_and_splits_the_step(toy_dataset):
+    """tools/bench_train.py on the tiny model: real tokens are the unpadded prompts (every toy prompt
+    has the same 46 bytes, padded to 64) plus the image tokens; FLOPs are training/flops.py's for
+    those lengths; the five parts of the breakdown add up to the step, GCE and attention among them."""
+    from megamdm.text import format_prompt
+    from megamdm.training.flops import train_flops
+
+    ov = overrides(toy_dataset, **{"text.max_len": 64, "text.drop_len": -1, "data.trim_text": False})
+    out = run_distributed(_bench_train, 1, ov)[0]
+    r = out["res"]
+    cfg = load_config(ROOT / "configs/model/tiny.yaml", ov)
+    real = len(format_prompt("pattern 3", width=32, height=32, score=6.0))
+    assert real < 64
+    samples, (h, w) = r["samples"], (8, 8)
+    assert r["real_tokens"] == samples * (real + h * w)
+    body = samples * train_flops(cfg.model, real, h, w, 0.0)
+    assert body < r["flops"] < body + 6.0 * samples * h * w * cfg.model.hidden_size * cfg.model.image_vocab_size
+    assert r["tflops_per_gpu"] == pytest.approx(r["flops"] / r["step_s"] / 1e12)
+    parts = [r[k] for k in ("body", "attention", "gce_head", "optimizer", "data_wait")]
+    assert sum(parts) == pytest.approx(r["step_s"]) and all(p >= 0 for p in parts)
+    assert r["attention"] > 0 and r["gce_head"] > 0 and r["optimizer"] > 0
+    assert "GCE head" in out["table"] and "MFU" in out["table"]

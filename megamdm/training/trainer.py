@@ -147,6 +147,7 @@ class StepResult:
     grid: tuple[int, int]  # the token grid of this step's batch
     wait_s: float  # time spent waiting for the batch
     prompts_cut: int = 0  # captions of the global batch longer than text.max_len
+    prompt_tokens: int = 0  # real (unpadded) prompt tokens of the global batch
     body_flops: float = 0.0  # model FLOPs of the global batch's real positions, the head aside
 
 
@@ -374,13 +375,13 @@ class Trainer:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         out = self._schedule(batches, forward_only=False)
-        sums = torch.zeros(len(STEP_SUMS) + 2, dtype=torch.float64, device=self.device)  # + prompts cut, FLOPs
+        # + prompts cut, real prompt tokens, model FLOPs: the global batch's, reduced with the loss sums
+        sums = torch.zeros(len(STEP_SUMS) + 3, dtype=torch.float64, device=self.device)
         if ps.is_pipeline_last_stage():
             for o in out:
-                sums[:-2] += o["sums"].to(sums)
-            sums[-2] = sum(m.prompts_cut for m in micro)
+                sums[:-3] += o["sums"].to(sums)
             lens = [n for m in micro for n in (~m.corrupted.text_pad_mask).sum(1).tolist()]  # CPU: no sync
-            sums[-1] = body_flops(self.cfg.model, lens, gh, gw)
+            sums[-3:] = torch.tensor([sum(m.prompts_cut for m in micro), sum(lens), body_flops(self.cfg.model, lens, gh, gw)])
             dist.all_reduce(sums, group=ps.get_data_parallel_group())
         finite = torch.tensor([1.0 if all(math.isfinite(v) for v in sums.tolist()) else 0.0], device=self.device)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -396,7 +397,8 @@ class Trainer:
         if ps.get_pipeline_model_parallel_world_size() > 1:  # the logging rank is on the last stage
             dist.broadcast(sums, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
         sums = sums.cpu()
-        return StepResult(sums[:-2], bool(finite.item() > 0), grad_norm, (gh, gw), wait, int(sums[-2]), float(sums[-1]))
+        cut, prompt_tokens, flops = sums[-3:].tolist()
+        return StepResult(sums[:-3], bool(finite.item() > 0), grad_norm, (gh, gw), wait, int(cut), int(prompt_tokens), flops)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
