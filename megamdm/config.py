@@ -9,6 +9,7 @@ An unknown key or a value of the wrong type is a :class:`ConfigError` naming the
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -360,14 +361,30 @@ class SampleSettings:
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide steps with lo <= k/steps < hi
     # NL-Diffusion-Image's released sampler differs in these three (docs/sampling.md):
     filter_order: str = choice("temperature_first", "filter_first")  # filter_first: top-k/top-p, then temperature
-    confidence: str = choice("sampled", "raw")  # raw: a token's probability under the untempered, unfiltered softmax
+    # raw: a token's probability under the untempered, unfiltered softmax; untempered: under the filtered one
+    confidence: str = choice("sampled", "raw", "untempered")
     final_prediction: bool = False  # with editing: after the last step every position takes that step's prediction
     schedule_counts: str = choice("megamdm", "nld")  # nld: fp32, truncated, each step >= 1, excess back from the last
     maskgit_draw: str = choice("confidence", "softmax")  # softmax: maskgit draws by softmax(confidence / gumbel_temperature)
+    # the Gumbel / maskgit temperature over the steps: falls from gumbel_temperature to min_gumbel_temperature times it
+    gumbel_temperature_schedule: str = choice("constant", "linear", "cosine", "shift", "exp")
+    min_gumbel_temperature: float = 0.01
+    stratified_order: str = choice("halton", "pmj")  # pmj: the release's progressive multi-jittered order (seed 42)
+    cfg_interval_rule: str = choice("megamdm", "nld")  # nld: guided at 1-based steps int(lo n) <= k <= int(hi n)
 
     def validate(self) -> SampleSettings:
         """ValueError naming the setting and what is allowed (sampler calls pass settings directly)."""
-        for name in ("policy", "schedule", "filter_order", "confidence", "schedule_counts", "maskgit_draw"):
+        for name in (
+            "policy",
+            "schedule",
+            "filter_order",
+            "confidence",
+            "schedule_counts",
+            "maskgit_draw",
+            "gumbel_temperature_schedule",
+            "stratified_order",
+            "cfg_interval_rule",
+        ):
             allowed = choices(SampleSettings, name)
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; allowed: {', '.join(allowed)}")
@@ -387,7 +404,28 @@ class SampleSettings:
     def guided(self, step: int) -> bool:
         """Whether step ``step`` (0-based) runs classifier-free guidance."""
         lo, hi = self.cfg_interval
+        if self.cfg_interval_rule == "nld":
+            return self.cfg > 0 and int(lo * self.steps) <= step + 1 <= int(hi * self.steps)
         return self.cfg != 0 and lo <= step / self.steps < hi
+
+    def gumbel_temperature_at(self, step: int) -> float:
+        """The Gumbel / maskgit-draw temperature of step ``step`` (0-based): ``gumbel_temperature`` times
+        a factor that falls from 1 to ``min_gumbel_temperature`` over the steps (NL-Diffusion-Image's
+        dynamic temperature), or 1 throughout (``constant``)."""
+        kind, lo = self.gumbel_temperature_schedule, self.min_gumbel_temperature
+        if kind == "constant":
+            return self.gumbel_temperature
+        t = step / (self.steps - 1) if self.steps > 1 else 0.0  # linspace(0, 1, steps)
+        x = 1.0 - t
+        if kind == "linear":
+            f = x
+        elif kind == "cosine":
+            f = math.cos(math.pi * t / 2)
+        elif kind == "shift":
+            f = self.shift * x / (1 + (self.shift - 1) * x)
+        else:  # exp
+            f = min(max((1 - math.exp(-5 * x)) / (1 - math.exp(-5)), 1e-4), 1.0)
+        return self.gumbel_temperature * (f * (1 - lo) + lo)
 
     @property
     def editing(self) -> bool:
@@ -414,10 +452,13 @@ SAMPLE_PRESETS = {
         edit_threshold=0.0,
         cfg_interval=[0.0, 1.0],
         filter_order="filter_first",
-        confidence="raw",
         final_prediction=True,
         schedule_counts="nld",
         maskgit_draw="softmax",
+        confidence="untempered",
+        stratified_order="pmj",
+        cfg_interval_rule="nld",
+        gumbel_temperature_schedule="constant",  # the release's dynamic_temperature is off by default
     ),
 }
 

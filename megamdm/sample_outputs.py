@@ -32,7 +32,17 @@ from .grid import image_grid
 # the sampler settings added after 0.2.0's first PNGs, at the values those PNGs were made with
 SETTING_DEFAULTS = {  # settings newer than some PNGs: those had the default
     f: getattr(SampleSettings(), f)
-    for f in ("filter_order", "confidence", "final_prediction", "schedule_counts", "maskgit_draw")
+    for f in (
+        "filter_order",
+        "confidence",
+        "final_prediction",
+        "schedule_counts",
+        "maskgit_draw",
+        "gumbel_temperature_schedule",
+        "min_gumbel_temperature",
+        "stratified_order",
+        "cfg_interval_rule",
+    )
 }
 
 LAYOUTS = ("plain", "geneval", "dpg")

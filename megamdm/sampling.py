@@ -137,6 +137,43 @@ def stratified_order(h: int, w: int) -> torch.Tensor:
     return rank
 
 
+@lru_cache(maxsize=32)
+def pmj_order(h: int, w: int, seed: int = 42) -> torch.Tensor:
+    """Rank of each cell of a square power-of-two grid in NL-Diffusion-Image's stratified order: a
+    progressive multi-jittered sequence from Python's ``random.Random(seed)``. The grid is split into
+    quadrants level by level; at each level the quadrants are shuffled and every quadrant that holds no
+    visited cell gets one, uniform within it (x then y, drawn again while taken); the cells never
+    visited come last, shuffled."""
+    import random
+
+    if h != w or h & (h - 1):
+        raise ValueError(f"stratified_order=pmj needs a square power-of-two token grid, got {h}x{w}")
+    n, rng = h, random.Random(seed)
+    taken = [[False] * n for _ in range(n)]
+    order: list[int] = []
+    blocks, size = [(0, 0)], n
+    while size > 1:
+        half = size // 2
+        children = [(x + dx, y + dy) for x, y in blocks for dx, dy in ((0, 0), (half, 0), (0, half), (half, half))]
+        rng.shuffle(children)
+        for x0, y0 in children:
+            if any(taken[y][x] for y in range(y0, y0 + half) for x in range(x0, x0 + half)):
+                continue
+            while True:
+                x, y = rng.randrange(x0, x0 + half), rng.randrange(y0, y0 + half)
+                if not taken[y][x]:
+                    break
+            taken[y][x] = True
+            order.append(y * n + x)
+        blocks, size = children, half
+    rest = [y * n + x for y in range(n) for x in range(n) if not taken[y][x]]
+    rng.shuffle(rest)
+    order += rest
+    rank = torch.empty(n * n, dtype=torch.long)
+    rank[torch.tensor(order)] = torch.arange(n * n)
+    return rank
+
+
 def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """One token per row of ``probs [n, V]`` by inverse CDF: one uniform per row from ``gen`` (rows in
     order, so the draws do not depend on how rows are chunked), fp64 cumulative sums, on any device."""
@@ -197,12 +234,16 @@ def _predict(
         cand = torch.arange(masked.numel(), device=masked.device)
     else:
         cand = (masked | editable).nonzero().squeeze(1)
-    raw = st.confidence == "raw"
-    tau = st.temperature if st.temperature > 0 else 1.0  # kept logits are the raw ones divided by this
+    # raw / untempered: the confidence is the untempered softmax's, unfiltered or filtered, so its
+    # log-normaliser lse_raw is taken before or after filtering; kept logits are the raw ones / tau
+    raw = st.confidence in ("raw", "untempered")
+    tau = st.temperature if st.temperature > 0 else 1.0
     for rows in cand.split(chunk):
         z = head_fn(hidden[rows])
-        lse_raw = torch.logsumexp(z.float(), -1) if raw else None
+        lse_raw = torch.logsumexp(z.float(), -1) if st.confidence == "raw" else None
         z = filter_logits(z, st.temperature, st.top_k, st.top_p, inplace=True, filter_first=st.filter_order == "filter_first")
+        if st.confidence == "untempered":
+            lse_raw = torch.logsumexp(z * tau, -1)
         if st.editing and not keep_all:
             lse = lse_raw if raw else torch.logsumexp(z, -1)
             top = torch.exp(z.max(-1).values * (tau if raw else 1.0) - lse)
@@ -244,7 +285,9 @@ def sample_tokens(
     x = init.clone()
     b, h, w = x.shape
     flat = x.view(b, h * w)
-    rank = stratified_order(h, w) if settings.policy == "stratified" else None
+    rank = None
+    if settings.policy == "stratified":
+        rank = stratified_order(h, w) if settings.stratified_order == "halton" else pmj_order(h, w)
     schedules = [
         unmask_counts(
             int((flat[i] == mask_id).sum()), settings.steps, settings.schedule, settings.shift, settings.schedule_counts
@@ -264,7 +307,8 @@ def sample_tokens(
             last = settings.final_prediction and settings.editing and k == settings.steps - 1
             _predict(hidden[i], head_fn, masked, allowed, settings, generators[i], chunk, x0, conf, keep_all=last)
             n_commit, st = schedules[i][k], settings
-            chosen = _choose(st.policy, conf, masked, n_commit, rank, st.gumbel_temperature, generators[i], st.maskgit_draw)
+            tau_k = st.gumbel_temperature_at(k)
+            chosen = _choose(st.policy, conf, masked, n_commit, rank, tau_k, generators[i], st.maskgit_draw)
             committed = torch.zeros_like(masked)
             committed[chosen] = True
             edits = torch.zeros((), dtype=torch.long, device=x.device)

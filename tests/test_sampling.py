@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -329,14 +330,14 @@ def test_auto_batch_size_follows_the_memory_there_is(ckpt, monkeypatch):
     assert s.auto_batch_size(32, 32, st, 6) == 1  # never fewer than one
 
 
-@pytest.mark.parametrize("release", [False, True])
+@pytest.mark.parametrize("release", [False, "raw", "untempered"])
 @pytest.mark.parametrize("threshold,top_k,top_p", [(0.0, 0, 1.0), (0.3, 5, 1.0), (0.3, 0, 0.8), (0.2, 6, 0.9)])
 def test_chunked_prediction_equals_the_straightforward_one_for_the_same_draws(threshold, top_k, top_p, release):
     """One step of the fused, chunked prediction against the whole-image computation: full logits,
     filtering, the editing test, then inverse-CDF draws from the same uniforms (same generator
     seed, rows in ascending order). The hidden states are one-hot rows through a logits table, so
-    both see bit-identical logits. ``release``: NL-Diffusion-Image's rules, the filters before the
-    temperature and confidences from the untempered, unfiltered softmax."""
+    both see bit-identical logits. ``release``: the filters before the temperature, and confidences
+    from the untempered softmax, unfiltered (``raw``) or filtered (``untempered``, the release's)."""
     from megamdm.sampling import _predict
 
     n, vocab = 64, 40
@@ -345,14 +346,16 @@ def test_chunked_prediction_equals_the_straightforward_one_for_the_same_draws(th
     masked = torch.rand(n, generator=g) < 0.5
     st = SampleSettings(temperature=0.7, top_k=top_k, top_p=top_p, edit_threshold=threshold)
     if release:
-        st.filter_order, st.confidence = "filter_first", "raw"
+        st.filter_order, st.confidence = "filter_first", release
     x0 = torch.zeros(n, dtype=torch.long)
     conf = torch.zeros(n)
     _predict(torch.eye(n), lambda r: r @ table, masked, None, st, torch.Generator().manual_seed(5), 7, x0, conf)
 
     if release:
-        z = filter_logits(table, 1.0, top_k, top_p) / st.temperature
-        top = torch.softmax(table, -1).max(-1).values
+        kept = filter_logits(table, 1.0, top_k, top_p)
+        z = kept / st.temperature
+        untempered = torch.softmax(table if release == "raw" else kept, -1)
+        top = untempered.max(-1).values
     else:
         z = filter_logits(table, st.temperature, top_k, top_p)
         top = torch.softmax(z, -1).max(-1).values
@@ -363,7 +366,7 @@ def test_chunked_prediction_equals_the_straightforward_one_for_the_same_draws(th
     pick = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)
     assert rows.numel() > masked.sum() or threshold == 0
     assert torch.equal(x0[rows], pick)
-    want = (torch.softmax(table[rows], -1) if release else probs).gather(1, pick[:, None]).squeeze(1)
+    want = (untempered[rows] if release else probs).gather(1, pick[:, None]).squeeze(1)
     assert torch.allclose(conf[rows], want, rtol=1e-5, atol=0)
     assert not conf[~torch.isin(torch.arange(n), rows)].any()  # nothing computed where nothing can change
 
@@ -562,6 +565,33 @@ def test_maskgit_draws_positions_in_proportion_to_what_it_says(draw):
     assert torch.equal(seen[0].nonzero().squeeze(1).sort().values, want.sort().values)
 
 
+def test_gumbel_temperature_schedule_cfg_interval_rule_and_pmj_order():
+    """The release's dynamic Gumbel temperature, its guidance interval and its stratified order."""
+    from megamdm.sampling import pmj_order
+
+    st = SampleSettings(steps=3, gumbel_temperature=2.0, min_gumbel_temperature=0.1)
+    assert [st.gumbel_temperature_at(k) for k in range(3)] == [2.0, 2.0, 2.0]  # constant: the default
+    st.gumbel_temperature_schedule = "linear"  # t = 0, .5, 1: factor 1, .5, 0 -> 2 (f .9 + .1)
+    assert [round(st.gumbel_temperature_at(k), 6) for k in range(3)] == [2.0, 1.1, 0.2]
+    st.gumbel_temperature_schedule = "cosine"
+    assert st.gumbel_temperature_at(1) == pytest.approx(2.0 * (math.cos(math.pi / 4) * 0.9 + 0.1))
+    g = SampleSettings(steps=20, cfg=5.0, cfg_interval=[0.25, 1.0])
+    assert [k for k in range(20) if g.guided(k)] == list(range(5, 20))  # lo <= k/steps < hi
+    g.cfg_interval_rule = "nld"  # guided at 1-based steps 5..20
+    assert [k for k in range(20) if g.guided(k)] == list(range(4, 20))
+    rank = pmj_order(16, 16)
+    assert sorted(rank.tolist()) == list(range(256)) and torch.equal(rank, pmj_order.__wrapped__(16, 16))
+    order = rank.argsort()
+    for level in range(1, 5):  # the first 4^L cells visited hold one cell of every block of side 16 / 2^L
+        side = 16 >> level
+        cells = order[: 4**level]
+        blocks = {(int(c) // 16 // side, int(c) % 16 // side) for c in cells}
+        assert len(blocks) == 4**level
+    assert not torch.equal(rank, pmj_order(16, 16, seed=1))
+    with pytest.raises(ValueError, match="square power-of-two"):
+        pmj_order(8, 12)
+
+
 def test_the_nld_preset_sets_the_released_samplers_rules(ckpt):
     from megamdm.config import SAMPLE_PRESETS
 
@@ -577,4 +607,4 @@ def test_the_nld_preset_sets_the_released_samplers_rules(ckpt):
     r = cli("--checkpoint", ckpt, "--prompt", "a red circle", "--preset", "nld", "--steps", 2, "--out", ckpt.parent / "p")
     assert r.returncode == 0, r.stderr
     meta = json.loads(Image.open(ckpt.parent / "p" / "00000_00.png").info["megamdm"])
-    assert meta["schedule_counts"] == "nld" and meta["confidence"] == "raw" and meta["steps"] == 2
+    assert meta["schedule_counts"] == "nld" and meta["confidence"] == "untempered" and meta["steps"] == 2

@@ -64,6 +64,10 @@ def parse_args(argv):
     )
     ap.add_argument("--schedule-counts", help="megamdm | nld (NL-Diffusion-Image's rounding of the shift schedule)")
     ap.add_argument("--maskgit-draw", help="confidence | softmax (maskgit draws by softmax(confidence / gumbel temperature))")
+    ap.add_argument("--gumbel-temperature-schedule", help="constant | linear | cosine | shift | exp (falls over the steps)")
+    ap.add_argument("--min-gumbel-temperature", type=float, help="where the schedule ends, times --gumbel-temperature")
+    ap.add_argument("--stratified-order", help="halton | pmj (the release's progressive multi-jittered order)")
+    ap.add_argument("--cfg-interval-rule", help="megamdm | nld (guided at 1-based steps int(lo n)..int(hi n))")
     ap.add_argument(
         "--preset", help=f"start from a named sampler ({' | '.join(SAMPLE_PRESETS)}) instead of the checkpoint's settings"
     )
@@ -126,6 +130,10 @@ def main(argv=None) -> int:
             final_prediction=args.final_prediction,
             schedule_counts=args.schedule_counts,
             maskgit_draw=args.maskgit_draw,
+            gumbel_temperature_schedule=args.gumbel_temperature_schedule,
+            min_gumbel_temperature=args.min_gumbel_temperature,
+            stratified_order=args.stratified_order,
+            cfg_interval_rule=args.cfg_interval_rule,
         )
         init_image = mask = outpaint = None
         if args.init_image:
