@@ -67,7 +67,7 @@ def gpu_tests(out: Path) -> dict:
 def train_and_sample(args, work: Path) -> dict:
     from megamdm.config import load_config
     from megamdm.objective import unpack_sums
-    from megamdm.training.flops import step_flops
+    from megamdm.training.flops import head_flops
     from megamdm.training.samples import sample_images
     from megamdm.training.trainer import MetricsWindow, Trainer, peak_memory_gb
     from megamdm.vq import KMeansPatchTokenizer
@@ -121,7 +121,7 @@ def train_and_sample(args, work: Path) -> dict:
             if window is not None:
                 s = unpack_sums(r.sums)
                 gbs = t.cfg.data.global_batch_size
-                window.add(r, gbs, step_flops(t.cfg.model, t.cfg.text.max_len, *r.grid, gbs, s["n_tokens"]))
+                window.add(r, gbs, r.body_flops + head_flops(t.cfg.model, s["n_tokens"]))
         if t.device == "cuda":
             torch.cuda.synchronize()
         res["train"] = window.summary(world=t.world, peak=t.peak)
