@@ -39,7 +39,7 @@ from .pretrained import PICKLE_SUFFIXES
 
 ARCHITECTURE = "NemotronLabsDiffusionImageForMaskedDiffusion"
 DROPPED = ("diffusion_head.", "encoder.image_newline", "encoder.mm_projector.", "encoder.vision_tower.", "encoder.vqvae.")
-SHARD_BYTES = 2 * 2**30
+SHARD_BYTES = 2**30  # output shards: the writer holds one in memory
 NLD_PROMPT_TOKENS = 512  # text.max_len: the conversation's ~70 template tokens and a long caption
 _LAYER = re.compile(r"^encoder\.(layers\.\d+\..+)$")
 
@@ -218,14 +218,14 @@ def from_nld(
         by_file: dict[Path, list[str]] = {}
         for key in shapes:
             by_file.setdefault(files[key], []).append(key)
-        for path, keys in by_file.items():  # each shard opened once, one tensor in memory at a time
-            with safe_open(str(path), framework="pt") as f:
-                for key in keys:
+        for path, keys in by_file.items():
+            for key in keys:  # opened per tensor: a shard's mapped pages are let go as soon as it is read
+                with safe_open(str(path), framework="pt") as f:
                     t = f.get_tensor(key)
-                    if tuple(t.shape) != shapes[key]:
-                        raise ConversionError(f"{path.name}: {key} has shape {tuple(t.shape)}, expected {shapes[key]}")
-                    t = convert_tensor(key, t, m)
-                    yield target_name(key), t.to(dtype) if dtype is not None else t
+                if tuple(t.shape) != shapes[key]:
+                    raise ConversionError(f"{path.name}: {key} has shape {tuple(t.shape)}, expected {shapes[key]}")
+                t = convert_tensor(key, t, m)
+                yield target_name(key), t.to(dtype) if dtype is not None else t
 
     return write_single(out, stream(), cfg, groups, image_tok, text_tok, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
 
