@@ -19,6 +19,7 @@ depend on the batch it was generated in, nor on the chunk size. This module neve
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -236,7 +237,7 @@ def _predict(
         cand = (masked | editable).nonzero().squeeze(1)
     # raw / untempered: the confidence is the untempered softmax's, unfiltered or filtered, so its
     # log-normaliser lse_raw is taken before or after filtering; kept logits are the raw ones / tau
-    raw = st.confidence in ("raw", "untempered")
+    untempered = st.confidence in ("raw", "untempered")
     tau = st.temperature if st.temperature > 0 else 1.0
     for rows in cand.split(chunk):
         z = head_fn(hidden[rows])
@@ -245,17 +246,17 @@ def _predict(
         if st.confidence == "untempered":
             lse_raw = torch.logsumexp(z * tau, -1)
         if st.editing and not keep_all:
-            lse = lse_raw if raw else torch.logsumexp(z, -1)
-            top = torch.exp(z.max(-1).values * (tau if raw else 1.0) - lse)
+            lse = lse_raw if untempered else torch.logsumexp(z, -1)
+            top = torch.exp(z.max(-1).values * (tau if untempered else 1.0) - lse)
             keep = masked[rows] | (top > st.edit_threshold)
             rows, z = rows[keep], z[keep]
-            lse_raw = lse_raw[keep] if raw else None
+            lse_raw = lse_raw[keep] if untempered else None
             if not rows.numel():
                 continue
         probs = torch.softmax(z, -1)
         pick = _draw(probs, gen) if st.temperature > 0 else probs.argmax(-1)
         x0[rows] = pick
-        if raw:  # the picked token is never filtered out, so its raw logit is tau times the kept one
+        if untempered:  # the picked token is never filtered out, so its raw logit is tau times the kept one
             conf[rows] = torch.exp(z.gather(1, pick[:, None]).squeeze(1) * tau - lse_raw)
         else:
             conf[rows] = probs.gather(1, pick[:, None]).squeeze(1)
@@ -298,6 +299,7 @@ def sample_tokens(
     edit_counts: list[list[torch.Tensor]] = [[] for _ in range(b)]  # on the device until the end
     may_edit = editable.reshape(b, h * w) if editable is not None else None
     for k in range(settings.steps):
+        tau_k = settings.gumbel_temperature_at(k)
         hidden = hidden_fn(flat.view(b, h, w), k).reshape(b, h * w, -1)
         for i in range(b):
             masked = flat[i] == mask_id
@@ -306,9 +308,8 @@ def sample_tokens(
             allowed = may_edit[i] if may_edit is not None else None
             last = settings.final_prediction and settings.editing and k == settings.steps - 1
             _predict(hidden[i], head_fn, masked, allowed, settings, generators[i], chunk, x0, conf, keep_all=last)
-            n_commit, st = schedules[i][k], settings
-            tau_k = st.gumbel_temperature_at(k)
-            chosen = _choose(st.policy, conf, masked, n_commit, rank, tau_k, generators[i], st.maskgit_draw)
+            policy, n_commit = settings.policy, schedules[i][k]
+            chosen = _choose(policy, conf, masked, n_commit, rank, tau_k, generators[i], settings.maskgit_draw)
             committed = torch.zeros_like(masked)
             committed[chosen] = True
             edits = torch.zeros((), dtype=torch.long, device=x.device)
@@ -374,11 +375,10 @@ class MDMSampler:
     def __init__(self, pretrained, device="cpu", dtype="fp32", compile: bool = False, preset: str | None = None):
         self.pretrained = pretrained
         self.cfg = pretrained.config
-        if preset is not None:
+        if preset is not None:  # on a copy: the caller's Pretrained keeps its own settings
             from .config import preset_settings
 
-            for k, v in preset_settings(preset).items():
-                setattr(self.cfg.sample, k, v)
+            self.cfg = dataclasses.replace(self.cfg, sample=dataclasses.replace(self.cfg.sample, **preset_settings(preset)))
         self.device = torch.device(device)
         self.dtype = _dtype(dtype)
         self.model = pretrained.model.to(self.device, self.dtype).eval()

@@ -601,6 +601,8 @@ def test_the_nld_preset_sets_the_released_samplers_rules(ckpt):
     for k, v in SAMPLE_PRESETS["nld"].items():
         assert getattr(st, k) == v, k
     assert plain.default_settings().schedule_counts == "megamdm"  # megamdm's own defaults stay
+    MDMSampler(plain.pretrained, preset="nld")
+    assert plain.pretrained.config.sample.schedule_counts == "megamdm"  # the preset applies to a copy
     assert nld.default_settings(steps=3).steps == 3  # a setting given still wins
     with pytest.raises(ValueError, match="unknown sampler preset 'x'; allowed: nld"):
         MDMSampler.from_pretrained(ckpt, device="cpu", dtype="fp32", preset="x")

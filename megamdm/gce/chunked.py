@@ -65,6 +65,11 @@ def _operand(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_cuda else t.float().contiguous()
 
 
+def _operand_t(t: torch.Tensor) -> torch.Tensor:
+    """``t.t()`` as :func:`_mm_f32`'s right operand, made once per block (contiguous on CPU)."""
+    return t.t() if t.is_cuda else _operand(t.t())
+
+
 def block_size_v(block_v: int | None, group_sizes: Sequence[int], vocab_local: int) -> int:
     gmax = max(group_sizes) if group_sizes else 1
     bv = max(block_v or DEFAULT_BLOCK_V, gmax)
@@ -122,7 +127,7 @@ def _one_pass(hidden, weight, target, token_weight, lseg, group_sizes, group_wei
     n, d = hidden.shape
     v = weight.shape[0]
     hs, ws = _operand(hidden), _operand(weight)
-    wst = ws.t().contiguous()
+    wst = _operand_t(ws)
     bn = max(1, min(block_n, ONE_PASS_BYTES // (4 * v)))
     lse = torch.empty(n)
     d_hidden = torch.empty(n, d) if need_h else None
@@ -185,7 +190,7 @@ class ChunkedGCE(torch.autograd.Function):
                 hs = _operand(hidden)
                 lse_local = torch.full((n,), float("-inf"), device=hidden.device)
                 for vs in range(0, v_local, bv):
-                    wb = _operand(weight[vs : vs + bv]).t()
+                    wb = _operand_t(weight[vs : vs + bv])
                     for ns in range(0, n, bn):
                         part = torch.logsumexp(_mm_f32(hs[ns : ns + bn], wb), dim=1)
                         sl = slice(ns, ns + part.shape[0])
@@ -231,7 +236,7 @@ class ChunkedGCE(torch.autograd.Function):
         hs = _operand(hidden)
         for vs in range(0, v_local, bv):
             wb = _operand(weight[vs : vs + bv])
-            wbt = wb.t().contiguous() if not wb.is_cuda else wb.t()
+            wbt = _operand_t(wb)
             width = wb.shape[0]
             dwb = torch.zeros(width, hidden.shape[1], device=dev, dtype=torch.float32) if need_w else None
             for ns in range(0, n, bn):

@@ -55,31 +55,35 @@ def _category(ev) -> str | None:
 @contextlib.contextmanager
 def tagged(trainer) -> Iterator[None]:
     """Tag core attention (forward) and the optimizer step for the profiler, for the length of the call."""
-    handles, stack = [], []
+    stack = []
+
+    def pre(_m, _args):
+        stack.append(record_function(ATTENTION_TAG).__enter__())
+
+    def post(_m, _args, _out):
+        stack.pop().__exit__(None, None, None)
+
+    handles = []
     for m in trainer.model.modules():
         name = type(m).__name__
         if name == "SDPAttention" or name.endswith("DotProductAttention"):
-
-            def pre(_m, _args):
-                rf = record_function(ATTENTION_TAG)
-                rf.__enter__()
-                stack.append(rf)
-
-            def post(_m, _args, _out):
-                stack.pop().__exit__(None, None, None)
-
             handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-    step = trainer.optimizer.step
+    opt = trainer.optimizer
+    own = vars(opt).get("step")  # an instance attribute, if the optimizer already had one
+    step = opt.step
 
     def tagged_step(*a, **kw):
         with record_function(OPTIMIZER_TAG):
             return step(*a, **kw)
 
-    trainer.optimizer.step = tagged_step  # this instance only, restored below
+    opt.step = tagged_step  # this instance only, restored below
     try:
         yield
     finally:
-        del trainer.optimizer.step
+        if own is None:
+            del opt.step
+        else:
+            opt.step = own
         for h in handles:
             h.remove()
 
