@@ -374,17 +374,7 @@ class SampleSettings:
 
     def validate(self) -> SampleSettings:
         """ValueError naming the setting and what is allowed (sampler calls pass settings directly)."""
-        for name in (
-            "policy",
-            "schedule",
-            "filter_order",
-            "confidence",
-            "schedule_counts",
-            "maskgit_draw",
-            "gumbel_temperature_schedule",
-            "stratified_order",
-            "cfg_interval_rule",
-        ):
+        for name in (f.name for f in dataclasses.fields(SampleSettings) if "choices" in f.metadata):
             allowed = choices(SampleSettings, name)
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; allowed: {', '.join(allowed)}")
@@ -571,10 +561,11 @@ def _moved_keys(layer: DictConfig, source: str, migrate: bool) -> DictConfig:
     return layer
 
 
-def _legacy_positions(layer: DictConfig) -> DictConfig:
-    """A saved config without ``model.fixed_image_start`` is of a model trained before per-sample
-    positions: its images sat at position ``text.max_len``, after the padded prompt."""
-    if isinstance(layer, DictConfig) and "fixed_image_start" not in (layer.get("model") or {}):
+def legacy_positions(layer):
+    """A saved config (a YAML layer, or a checkpoint's JSON as a dict) without
+    ``model.fixed_image_start`` is of a model trained before per-sample positions: its images sat at
+    position ``text.max_len``, after the padded prompt."""
+    if isinstance(layer, (dict, DictConfig)) and "fixed_image_start" not in (layer.get("model") or {}):
         text = layer.get("text") or {}
         if "model" not in layer:
             layer["model"] = {}
@@ -597,7 +588,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     cfg = OmegaConf.structured(Config)
     if path is not None:
         layer = _moved_keys(_read_yaml(Path(path)), str(path), migrate)
-        cfg = _merge_checked(cfg, _legacy_positions(layer) if migrate else layer, str(path))
+        cfg = _merge_checked(cfg, legacy_positions(layer) if migrate else layer, str(path))
     if overrides:
         try:
             layer = OmegaConf.from_dotlist(list(overrides))
@@ -610,7 +601,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 def load_config_text(text: str, source: str = "a checkpoint's config") -> Config:
     """A :class:`Config` from YAML text (a checkpoint's saved config; older layouts migrated)."""
-    layer = _legacy_positions(_moved_keys(OmegaConf.create(text), source, True))
+    layer = legacy_positions(_moved_keys(OmegaConf.create(text), source, True))
     cfg = _merge_checked(OmegaConf.structured(Config), layer, source)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 

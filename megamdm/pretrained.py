@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import Config, GCEConfig, ModelConfig, SampleConfig, TextConfig, section_from_dict
+from .config import Config, GCEConfig, ModelConfig, SampleConfig, TextConfig, legacy_positions, section_from_dict
 from .errors import MegamdmError
 from .gce import GCEGroups
 from .models.standalone import MDMTransformer
@@ -246,8 +246,8 @@ def read_config(directory) -> tuple[Config, dict]:
         raise CheckpointError(
             f"{cpath}: format_version {raw['format_version']} is newer than this megamdm ({FORMAT_VERSION}); upgrade megamdm"
         )
-    if int(raw.get("format_version", -1)) < 2 and "model" in raw and "text" in raw:  # images after padded prompts
-        raw["model"].setdefault("fixed_image_start", int(raw["text"].get("max_len", TextConfig.max_len)))
+    if int(raw.get("format_version", -1)) < 2 and "model" in raw:  # images after padded prompts
+        legacy_positions(raw)
     try:
         cfg = Config(
             model=section_from_dict(ModelConfig, raw["model"], f"{cpath} [model]"),
