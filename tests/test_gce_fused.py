@@ -22,11 +22,14 @@ def problem(n, v, d, dtype, seed=0, weights=True, ignore=True):
     return h, w, y, tw, ign
 
 
-def run(impl, h, w, y, tw, ign, sizes, lams, device="cpu", upstream="z_loss", **kw):
+def run(impl, h, w, y, tw, ign, sizes, lams, device="cpu", upstream="z_loss", sink=False, **kw):
     """Loss and gradients; ``upstream``: what the loss feeds into, ``z_loss`` (a summed loss plus a
-    z-loss on the lse), ``sum`` (the summed loss alone) or ``uneven`` (per-token scales)."""
+    z-loss on the lse), ``sum`` (the summed loss alone) or ``uneven`` (per-token scales). ``sink``:
+    the weight gradient is added into an fp32 sink that already holds 0.5 (megatron's main_grad)."""
     h = h.detach().clone().to(device).requires_grad_(True)
     w = w.detach().clone().to(device).requires_grad_(True)
+    if sink:
+        kw["weight_grad_sink"] = torch.full(w.shape, 0.5, device=device)
     st = gce_loss(
         h,
         w,
@@ -46,7 +49,8 @@ def run(impl, h, w, y, tw, ign, sizes, lams, device="cpu", upstream="z_loss", **
         st.loss.sum().backward()
     else:
         (st.loss * torch.linspace(0.5, 2.0, st.loss.numel(), device=st.loss.device)).sum().backward()
-    return st.loss.detach().sum().float().cpu(), h.grad.float().cpu(), w.grad.float().cpu(), st.lse.detach().float().cpu()
+    dw = kw["weight_grad_sink"] - 0.5 if sink else w.grad
+    return st.loss.detach().sum().float().cpu(), h.grad.float().cpu(), dw.float().cpu(), st.lse.detach().float().cpu()
 
 
 def rel(a, b):
@@ -84,9 +88,12 @@ def test_torch_impl_keeps_bf16_logits_in_fp32(case):
     assert rel(got[0], ref[0]) < 1e-6 and rel(got[3], ref[3]) < 1e-6
 
 
+TRITON_CASES = CASES + [(40, 256, 16, [4, 16], [0.0, 0.3], 64, None)]  # a level of weight 0 (skipped in backward)
+
+
 @pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("case", [CASES[0], CASES[2]])
+@pytest.mark.parametrize("case", TRITON_CASES)
 def test_triton_impl_matches_naive(case, dtype, tol):
     pytest.importorskip("triton")
     n, v, d, sizes, lams, bv, _ = case
@@ -96,6 +103,39 @@ def test_triton_impl_matches_naive(case, dtype, tol):
     got = run("triton", h, w, y, tw, ign, sizes, lams, device=dev, block_v=bv)
     for a, b in zip(got, ref):
         assert rel(a, b) < tol
+
+
+def test_triton_forward_merges_vocabulary_splits():
+    """The forward's grid splits the vocabulary; the per-split log-sum-exps must merge exactly."""
+    pytest.importorskip("triton")
+    from megamdm.gce.triton_kernels import _split_width
+
+    assert _split_width(37, 200, torch.device("cpu")) < 200  # the cases above run with several splits
+
+
+@pytest.mark.parametrize("upstream", ["sum", "uneven", "z_loss"])
+@pytest.mark.parametrize("impl", ["torch"] + (["triton"] if TRITON_OK else []))
+def test_weight_gradient_goes_into_the_sink(impl, upstream):
+    """With ``weight_grad_sink`` the weight gradient is added to it in fp32 (one pass and recompute
+    paths alike) and the weight's own gradient is only a placeholder."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    n, v, d, sizes, lams, bv, bn = CASES[1]
+    h, w, y, tw, ign = problem(n, v, d, torch.bfloat16)
+    ref = run("naive", h, w, y, tw, ign, sizes, lams, upstream=upstream)
+    got = run(impl, h, w, y, tw, ign, sizes, lams, upstream=upstream, sink=True, block_v=bv)
+    for a, b in zip(got, ref):
+        assert rel(a, b) < 1e-2
+    # fp32 in the sink: the gradient of the upcast operands, not its bf16 rounding
+    exact = run(impl, h.float(), w.float(), y, tw, ign, sizes, lams, upstream=upstream, block_v=bv)[2]
+    rounded = run(impl, h, w, y, tw, ign, sizes, lams, upstream=upstream, block_v=bv)[2]
+    assert rel(got[2], exact) < 1e-5 < 1e-4 < rel(rounded, exact)
+
+
+def test_a_wrong_sink_is_refused():
+    h, w, y, _, _ = problem(8, 32, 8, torch.float32)
+    with pytest.raises(ValueError, match="weight_grad_sink must be fp32"):
+        gce_loss(h, w, y, [8], [0.2], impl="torch", weight_grad_sink=torch.zeros(32, 8, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("upstream", ["sum", "uneven"])
@@ -169,17 +209,22 @@ def test_group_size_must_divide_the_shard():
 
 
 @pytest.mark.gpu
-def test_the_torch_op_makes_no_host_sync_on_gpu():
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_the_fused_op_makes_no_host_sync_on_gpu(impl):
     """With CUDA's sync debug mode set to error, forward and backward of the fused op run through:
-    no ``.item()``, no data-dependent branch, no pageable copy."""
+    no ``.item()``, no data-dependent branch, no pageable copy (the warm-up call autotunes)."""
+    if impl == "triton":
+        pytest.importorskip("triton")
     h, w, y, tw, _ = problem(700, 384, 32, torch.bfloat16)
     h, w = h.cuda().requires_grad_(True), w.cuda().requires_grad_(True)
     y, tw = y.cuda(), tw.cuda()
-    gce_loss(h, w, y, [8], [0.2], impl="torch", token_weight=tw)  # warm-up: lazy CUDA initialisation
+    sink = torch.zeros(w.shape, device="cuda")
+    gce_loss(h, w, y, [8], [0.2], impl=impl, token_weight=tw, reduction="sum", weight_grad_sink=sink).backward()
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss = gce_loss(h, w, y, [8], [0.2], impl="torch", token_weight=tw, reduction="sum")
+        loss = gce_loss(h, w, y, [8], [0.2], impl=impl, token_weight=tw, reduction="sum", weight_grad_sink=sink)
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert h.grad is not None and w.grad is not None
+    assert h.grad is not None and sink.abs().sum() > 0

@@ -58,18 +58,19 @@ def standalone_reference(single_dir, c):
     return parts.loss_sum.item(), logits.detach(), grads
 
 
-def _worker(ckpt, tp, pp, sp, micro_batches, cudnn=False, attention="local"):
+def _worker(ckpt, tp, pp, sp, micro_batches, cudnn=False, attention="local", ddp=False, spec=SPEC):
     """Build the model at (TP, PP, SP), load the checkpoint, run forward/backward via megatron's
-    schedule; ``cudnn``: under cuDNN fused attention's reading of the padding mask."""
+    schedule; ``cudnn``: under cuDNN fused attention's reading of the padding mask; ``ddp``: wrapped
+    in megatron's DDP as the trainer does (gradients then in ``main_grad``)."""
     from megamdm.compat.megatron_cpu import megatron_on_cpu
 
     from .support.cudnn_attention import cudnn_padding_semantics
 
     with megatron_on_cpu(), cudnn_padding_semantics() if cudnn else contextlib.nullcontext():
-        return _run_layout(ckpt, tp, pp, sp, micro_batches, attention)
+        return _run_layout(ckpt, tp, pp, sp, micro_batches, attention, ddp, spec)
 
 
-def _run_layout(ckpt, tp, pp, sp, micro_batches, attention="local"):
+def _run_layout(ckpt, tp, pp, sp, micro_batches, attention="local", ddp=False, spec=SPEC):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -85,10 +86,15 @@ def _run_layout(ckpt, tp, pp, sp, micro_batches, attention="local"):
         train=TrainConfig(precision="fp32", attention=attention),
         parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=sp),
     )
-    model = build_model(cfg, SPEC, device="cpu", use_te=False)
+    model = build_model(cfg, spec, device="cpu", use_te=False)
     cores = {type(m).__name__ for m in model.modules() if "Attention" in type(m).__name__ and "Self" not in type(m).__name__}
     assert (cores == {"SDPAttention"}) == (attention == "sdpa"), cores
     load_model_weights(model, ckpt / "iter_0000000")
+    module = model
+    if ddp:
+        from megamdm.training.optim import wrap_model
+
+        model = wrap_model(model, model.config, cfg.parallel, "cpu")
     c = batch(cfg.model)
     seq = c.text_ids.shape[1] + c.image_input[0].numel() // 4
 
@@ -114,16 +120,19 @@ def _run_layout(ckpt, tp, pp, sp, micro_batches, attention="local"):
         micro_batch_size=c.text_ids.shape[0],
         forward_only=False,
     )
-    res = {"losses": [o["loss"][0].item() for o in out]}
-    if ps.is_pipeline_last_stage() and pp == 1:
+    res = {"losses": [o["loss"][0].item() for o in out], "tokens": sum(o["loss"][1].item() for o in out)}
+    if ps.is_pipeline_last_stage() and pp == 1 and not ddp:
         with torch.no_grad():
             hid = model(c.text_ids, c.text_pad_mask, c.image_input)
             res["logits"] = model.logits(hid)
     res["grads"] = {
-        k: p.grad.clone() if p.grad is not None else None
-        for k, p in model.named_parameters()
+        k: (p.main_grad if ddp else p.grad).clone() if p.grad is not None or ddp else None
+        for k, p in module.named_parameters()
         if any(s in k for s in ("merge", "unmerge", "head", "final_layernorm", "linear_qkv.weight"))
     }
+    if ddp:
+        res["grad_is_none"] = all(p.grad is None for p in module.parameters())
+        res["head_in_main_grad"] = getattr(module.head.weight, "grad_added_to_main_grad", None) if pp == 1 else None
     res["tp_rank"] = ps.get_tensor_model_parallel_rank()
     res["pp_rank"] = ps.get_pipeline_model_parallel_rank()
     return res
@@ -150,6 +159,30 @@ def test_from_single_round_trip_is_bit_identical(checkpoints, tmp_path):
     for k, v in a.model.state_dict().items():
         assert torch.equal(b.model.state_dict()[k], v), k
     assert torch.equal(a.groups.perm, b.groups.perm)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_fused_head_adds_its_weight_gradient_into_megatrons_main_grad(checkpoints, tp):
+    """Under megatron's DDP the fused GCE adds the head's weight gradient straight into the fp32
+    ``main_grad`` (no second copy of it), over two accumulated micro-batches and per TP shard: it
+    must equal the standalone model's, scaled by the tokens of the step (``calculate_per_token_loss``),
+    and at TP 1 every gradient must equal what the autograd path (``naive``, no sink) leaves there."""
+    single = checkpoints / "single"
+    c = batch(load_single(single).config.model)
+    _, _, ref_grads = standalone_reference(single, c)
+    fused = run_distributed(_worker, tp, checkpoints / "dist", tp, 1, False, 2, False, "local", True, SPEC)
+    for r in fused:
+        assert r["grad_is_none"] and r["head_in_main_grad"] is True  # megatron's hook skipped the placeholder
+        scale = 2 / r["tokens"]
+        head = scale * ref_grads["head.weight"].chunk(tp, 0)[r["tp_rank"]]
+        assert torch.allclose(r["grads"]["head.weight"], head, rtol=1e-4, atol=1e-7)
+        assert torch.allclose(r["grads"]["unmerge.weight"], scale * ref_grads["unmerge.weight"], rtol=1e-4, atol=1e-7)
+    if tp == 1:  # naive has no vocab-parallel mode
+        naive = LossSpec([8], [0.2], impl="naive")
+        (plain,) = run_distributed(_worker, 1, checkpoints / "dist", 1, 1, False, 2, False, "local", True, naive)
+        assert plain["head_in_main_grad"] is False
+        for k, g in fused[0]["grads"].items():
+            assert torch.allclose(g, plain["grads"][k], rtol=1e-4, atol=1e-7), k
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,9 @@ and GCE (ours). "max err" is the largest absolute difference of the loss, dH and
 implementation's, relative to the largest absolute value of that naive tensor.
 
 "Extra memory" is the peak during forward+backward minus what every implementation must hold:
-the inputs and their gradients. On CUDA it comes from the caching allocator's peak; on CPU from
+the inputs and their gradients. With --sink ours add the weight gradient into an fp32 tensor held
+beside the inputs (megatron's main_grad) and the weight gets a placeholder gradient, which counts
+as the weight's gradient. On CUDA it comes from the caching allocator's peak; on CPU from
 the process's peak resident set (reset through /proc/self/clear_refs), each implementation in a
 fresh forked process. Times are the median of --repeat runs after a warm-up.
 """
@@ -40,10 +42,14 @@ from megamdm.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _loss_fn(impl: str, sizes, lams, block_v=None, block_n=None):
+def _loss_fn(impl: str, sizes, lams, block_v=None, block_n=None, sink=None):
     if impl == "torch":
-        return lambda h, w, y: gce_loss(h, w, y, sizes, lams, impl=impl, block_v=block_v, block_n=block_n)
-    if impl in ("naive", "triton"):
+        return lambda h, w, y: gce_loss(
+            h, w, y, sizes, lams, impl=impl, block_v=block_v, block_n=block_n, weight_grad_sink=sink
+        )
+    if impl == "triton":
+        return lambda h, w, y: gce_loss(h, w, y, sizes, lams, impl=impl, block_v=block_v, weight_grad_sink=sink)
+    if impl == "naive":
         return lambda h, w, y: gce_loss(h, w, y, sizes, lams, impl=impl, block_v=block_v)
     if impl == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
@@ -56,17 +62,20 @@ def _loss_fn(impl: str, sizes, lams, block_v=None, block_n=None):
     raise ValueError(impl)
 
 
-def measure(impl, n, v, d, dtype, device, sizes, lams, repeat, block_v=None, block_n=None, seed=0, save_to=None):
+def measure(impl, n, v, d, dtype, device, sizes, lams, repeat, block_v=None, block_n=None, seed=0, save_to=None, sink=False):
     torch.manual_seed(seed)
-    fn = _loss_fn(impl, sizes, lams, block_v, block_n)
     h = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
     w = (torch.randn(v, d, device=device) / d**0.5).to(dtype).requires_grad_(True)
     y = torch.randint(0, v, (n,), device=device)
+    main_grad = torch.zeros(v, d, device=device) if sink and impl in ("torch", "triton") else None
+    fn = _loss_fn(impl, sizes, lams, block_v, block_n, main_grad)
     esize = torch.empty((), dtype=dtype).element_size()
-    must_hold = 2 * (n * d + v * d) * esize  # inputs and their gradients
+    must_hold = 2 * (n * d + v * d) * esize  # inputs and their gradients (with a sink: its placeholder)
 
     def step():
         h.grad = w.grad = None
+        if main_grad is not None:
+            main_grad.zero_()
         loss = fn(h, w, y)
         loss.backward()
         return loss
@@ -85,7 +94,11 @@ def measure(impl, n, v, d, dtype, device, sizes, lams, repeat, block_v=None, blo
         from safetensors.torch import save_file
 
         save_file(
-            {"loss": loss.detach().float().reshape(1).cpu(), "dh": h.grad.float().cpu(), "dw": w.grad.float().cpu()},
+            {
+                "loss": loss.detach().float().reshape(1).cpu(),
+                "dh": h.grad.float().cpu(),
+                "dw": (w.grad if main_grad is None else main_grad).float().cpu(),
+            },
             save_to,
         )
     h.grad = w.grad = None
@@ -158,6 +171,11 @@ def main(argv=None) -> int:
     ap.add_argument("--block-v", type=int, default=None, help="vocabulary chunk of the fused implementations")
     ap.add_argument("--block-n", type=int, default=None, help="token chunk of the torch implementation")
     ap.add_argument("--peers", action="store_true", help="also plain CE, with Liger and CCE where importable")
+    ap.add_argument(
+        "--sink",
+        action="store_true",
+        help="ours add dW into an fp32 main_grad as under megatron's DDP (held beside the inputs)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     dtype = DTYPES[args.dtype]
@@ -178,7 +196,7 @@ def main(argv=None) -> int:
             for impl in impls:
                 out = str(Path(tmp) / f"{part}-{impl}.safetensors")
                 shape_args = (args.n, args.v, args.d, dtype, args.device)
-                r = run_isolated(impl, *shape_args, sizes, lams, args.repeat, args.block_v, args.block_n, 0, out)
+                r = run_isolated(impl, *shape_args, sizes, lams, args.repeat, args.block_v, args.block_n, 0, out, args.sink)
                 r["part"] = part
                 r["_file"] = out
                 rows.append(r)
@@ -207,6 +225,7 @@ def main(argv=None) -> int:
         "group_weights": args.group_weights,
         "block_v": args.block_v,
         "block_n": args.block_n,
+        "sink": args.sink,
         "cpu": platform.processor() or platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }

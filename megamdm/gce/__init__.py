@@ -42,6 +42,7 @@ def gce_loss(
     return_stats: bool = False,
     block_v: int | None = None,
     block_n: int | None = None,
+    weight_grad_sink: torch.Tensor | None = None,
 ):
     """Grouped cross-entropy of ``hidden [N, d] @ weight[V, d]^T`` against ``target [N]`` (model order).
 
@@ -49,7 +50,10 @@ def gce_loss(
     ``ignore_mask [N]`` (True = ignore) drops tokens. ``reduction``: ``"none"`` gives the weighted
     per-token fp32 loss, ``"sum"`` its sum, ``"mean"`` the sum over the sum of weights.
     With ``return_stats`` a :class:`GCEStats` is returned instead of the loss alone.
-    ``block_v`` / ``block_n`` tune the chunk sizes of the fused implementations (``block_n``: torch only)."""
+    ``block_v`` / ``block_n`` tune the chunk sizes of the fused implementations (``block_n``: torch only).
+    ``weight_grad_sink``: an fp32 tensor of the weight's shape (megatron's ``main_grad``) into which
+    the fused implementations add the weight gradient; the weight then receives an uninitialised
+    placeholder gradient that the caller must ignore (megatron's ``grad_added_to_main_grad``)."""
     if impl not in IMPLS:
         raise ValueError(f"unknown GCE impl {impl!r}; allowed: {', '.join(IMPLS)}")
     if reduction not in REDUCTIONS:
@@ -60,6 +64,12 @@ def gce_loss(
         raise ValueError(f"target {tuple(target.shape)} must be [N] with N = {hidden.shape[0]}")
     if len(group_sizes) != len(group_weights):
         raise ValueError(f"{len(group_sizes)} group sizes but {len(group_weights)} group weights")
+    if weight_grad_sink is not None and (weight_grad_sink.shape != weight.shape or weight_grad_sink.dtype != torch.float32):
+        raise ValueError(
+            f"weight_grad_sink must be fp32 {tuple(weight.shape)}, got {weight_grad_sink.dtype} {tuple(weight_grad_sink.shape)}"
+        )
+    if weight_grad_sink is not None and impl == "naive":
+        raise ValueError("impl='naive' has no weight gradient sink; use impl='torch' or 'triton'")
     tp = tp_group is not None and torch.distributed.get_world_size(tp_group) > 1
     check_group_sizes(group_sizes, weight.shape[0], "the vocabulary shard of this rank" if tp else "the vocabulary")
     if tp and impl == "naive":
@@ -90,12 +100,14 @@ def gce_loss(
         from .chunked import gce_chunked
 
         per, lse, ce, grp = gce_chunked(
-            hidden, weight, target, group_sizes, group_weights, w, tp_group if tp else None, block_v, block_n
+            hidden, weight, target, group_sizes, group_weights, w, tp_group if tp else None, block_v, block_n, weight_grad_sink
         )
     else:
         from .triton_kernels import gce_triton
 
-        per, lse, ce, grp = gce_triton(hidden, weight, target, group_sizes, group_weights, w, tp_group if tp else None, block_v)
+        per, lse, ce, grp = gce_triton(
+            hidden, weight, target, group_sizes, group_weights, w, tp_group if tp else None, block_v, weight_grad_sink
+        )
 
     if reduction == "none":
         loss = per

@@ -11,8 +11,12 @@ tile's logits and forms
 
 with ``a = grad_loss * token_weight``: the softmax term for the whole tile, the two sparse terms by a
 masked scatter of the few columns of the tile that hold a token's target group (tokens whose target
-lies in another block add zeros). Then ``dH += dz W_b`` (fp32, [N, d]) and ``dW_b += dz^T H``.
-Peak extra memory: the fp32 ``dH`` accumulator, one block's fp32 ``dW`` and a few tiles.
+lies in another block add zeros). Then ``dH += dz W_b`` (fp32, [N, d]) and ``dW_b += dz^T H``, each
+added in place. With a weight gradient sink (megatron's fp32 ``main_grad``) ``dW_b`` is added
+straight into the sink's rows and the weight receives a placeholder, so the weight gradient is
+never held a second time.
+Peak extra memory: the fp32 ``dH`` accumulator, one block's fp32 ``dW`` (none with a sink) and a
+few tiles.
 
 On CPU without vocab parallelism, when a backward will follow, the forward also forms the gradient
 for a unit upstream gradient (:func:`_one_pass`: three matmuls per token block instead of four, the
@@ -57,6 +61,23 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.is_cuda:
         return a.float() @ b.float()
     return a.float() @ b.float().contiguous()
+
+
+def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc += a @ b`` in place, ``acc`` fp32, multiplied as :func:`_mm_f32` does: no product
+    temporary beside the accumulator (on CUDA cuBLAS adds the fp32 product of half operands)."""
+    low = a.dtype if a.dtype in _HALF else b.dtype if b.dtype in _HALF else None
+    if a.is_cuda and low is not None:
+        return torch.addmm(acc, a.to(low), b.to(low), out_dtype=torch.float32, out=acc)
+    if a.is_cuda:
+        return acc.addmm_(a.float(), b.float())
+    return acc.addmm_(a.float(), b.float().contiguous())
+
+
+def weight_grad_placeholder(weight: torch.Tensor) -> torch.Tensor:
+    """What backward returns for the weight when its gradient went into a sink: an uninitialised
+    tensor the caller ignores (it exists so the weight's gradient hooks still run)."""
+    return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
 
 
 def _operand(t: torch.Tensor) -> torch.Tensor:
@@ -159,7 +180,7 @@ def _uniform(g: torch.Tensor) -> bool:
 
 class ChunkedGCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, token_weight, group_sizes, group_weights, tp_group, block_v, block_n, grads):
+    def forward(ctx, hidden, weight, target, token_weight, group_sizes, group_weights, tp_group, block_v, block_n, grads, sink):
         n, v_local = hidden.shape[0], weight.shape[0]
         rank, _ = tp_rank_and_size(tp_group)
         v0 = rank * v_local
@@ -204,6 +225,7 @@ class ChunkedGCE(torch.autograd.Function):
             loss = token_weight * total
         ctx.save_for_backward(hidden, weight, target, token_weight, lse, lseg)
         ctx.cfg = (list(group_sizes), list(group_weights), v0, bv, bn)
+        ctx.sink = sink
         ctx.mark_non_differentiable(ce, grp)
         ctx.set_materialize_grads(False)  # an unused lse (no z-loss) has no gradient, not one of zeros
         return loss, lse, ce, grp
@@ -212,25 +234,29 @@ class ChunkedGCE(torch.autograd.Function):
     def backward(ctx, g_loss, g_lse, _g_ce, _g_grp):
         hidden, weight, target, token_weight, lse, lseg = ctx.saved_tensors
         group_sizes, group_weights, v0, bv, bn = ctx.cfg
+        sink = ctx.sink
+        need_h = ctx.needs_input_grad[0]
+        need_w = ctx.needs_input_grad[1]
         ahead, ctx.ahead = ctx.ahead, None
         if ahead is not None and g_lse is None and g_loss is not None and _uniform(g_loss):
             g0 = g_loss.float()[0] if g_loss.numel() else 0.0
             dh, dw = ahead
-            return (
-                dh.mul_(g0).to(hidden.dtype) if dh is not None else None,
-                dw.mul_(g0).to(weight.dtype) if dw is not None else None,
-                *([None] * 8),
-            )
+            if dw is not None and sink is not None:
+                sink.add_(dw, alpha=float(g0))
+                dw = weight_grad_placeholder(weight)
+            elif dw is not None:
+                dw = dw.mul_(g0).to(weight.dtype)
+            return (dh.mul_(g0).to(hidden.dtype) if dh is not None else None, dw, *([None] * 9))
         n, v_local = hidden.shape[0], weight.shape[0]
         dev = hidden.device
         a = (g_loss.float() if g_loss is not None else torch.zeros(n, device=dev)) * token_weight
         coef = a * (1.0 + sum(group_weights))
         if g_lse is not None:
             coef = coef + g_lse.float()
-        need_h = ctx.needs_input_grad[0]
-        need_w = ctx.needs_input_grad[1]
         d_hidden = torch.zeros(n, hidden.shape[1], device=dev, dtype=torch.float32) if need_h else None
-        d_weight = torch.empty_like(weight) if need_w else None
+        d_weight = None
+        if need_w:
+            d_weight = weight_grad_placeholder(weight) if sink is not None else torch.empty_like(weight)
         t_local = target - v0
         ranges = [torch.arange(g, device=dev) for g in group_sizes]
         hs = _operand(hidden)
@@ -238,7 +264,9 @@ class ChunkedGCE(torch.autograd.Function):
             wb = _operand(weight[vs : vs + bv])
             wbt = _operand_t(wb)
             width = wb.shape[0]
-            dwb = torch.zeros(width, hidden.shape[1], device=dev, dtype=torch.float32) if need_w else None
+            dwb = None  # this block's fp32 weight gradient: the sink's rows, or a buffer
+            if need_w:
+                dwb = sink[vs : vs + width] if sink is not None else torch.zeros(width, hidden.shape[1], device=dev)
             for ns in range(0, n, bn):
                 hb = hs[ns : ns + bn]
                 sl = slice(ns, ns + hb.shape[0])
@@ -251,18 +279,39 @@ class ChunkedGCE(torch.autograd.Function):
                 for cols, vals in sparse:
                     dz.scatter_add_(1, cols, vals)
                 if need_h:
-                    d_hidden[sl] += _mm_f32(dz, wb)
+                    _addmm_f32_(d_hidden[sl], dz, wb)
                 if need_w:
-                    dwb += _mm_f32(dz.t(), hb)
-            if need_w:
+                    _addmm_f32_(dwb, dz.t(), hb)
+            if need_w and sink is None:
                 d_weight[vs : vs + width] = dwb.to(weight.dtype)
         if need_h:
             d_hidden = d_hidden.to(hidden.dtype)
-        return d_hidden, d_weight, None, None, None, None, None, None, None, None
+        return d_hidden, d_weight, *([None] * 9)
 
 
-def gce_chunked(hidden, weight, target, group_sizes, group_weights, token_weight, tp_group=None, block_v=None, block_n=None):
+def gce_chunked(
+    hidden,
+    weight,
+    target,
+    group_sizes,
+    group_weights,
+    token_weight,
+    tp_group=None,
+    block_v=None,
+    block_n=None,
+    weight_grad_sink=None,
+):
     grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)  # a backward will follow
     return ChunkedGCE.apply(
-        hidden, weight, target, token_weight, tuple(group_sizes), tuple(group_weights), tp_group, block_v, block_n, grads
+        hidden,
+        weight,
+        target,
+        token_weight,
+        tuple(group_sizes),
+        tuple(group_weights),
+        tp_group,
+        block_v,
+        block_n,
+        grads,
+        weight_grad_sink,
     )

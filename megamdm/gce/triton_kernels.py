@@ -1,40 +1,63 @@
 """Triton kernels for the fused GCE.
 
-Forward (one program per block of tokens) walks the vocabulary shard tile by tile: each tile's
-logits are computed in registers with ``tl.dot`` (fp32 accumulation) and folded into an online
-log-sum-exp, the target logit, and, for each group level, an online log-sum-exp restricted to
-the target's group; nothing of size N x V reaches memory. Groups of any size work, since the
-group statistics are folded across tiles like the full one.
+The target logit and the target groups' log-sum-exps come up front from indexed dot products
+(:func:`~megamdm.gce.chunked.target_stats`, shared with the torch implementation), so the kernels
+hold no group state and do no integer division per logit.
 
-Backward goes a vocabulary chunk at a time: a kernel recomputes each tile's logits and writes
-the logit gradient ``dz`` of the chunk (fp32, ``N x chunk``), then two GEMMs give
-``dH += dz W_chunk`` (fp32 accumulator) and ``dW_chunk = dz^T H``. Peak extra memory is the
-``N x chunk`` buffer plus the fp32 ``dH``.
+Forward: a 2-D grid over (token blocks, vocabulary splits). Each program computes its tiles'
+logits in registers with ``tl.dot`` (fp32 accumulation) and folds them into an online
+log-sum-exp over its split; the per-split partials ``[splits, N]`` are merged by one small
+``logsumexp``. Token blocks vary fastest in launch order, so the programs resident at one time
+read the same weight tiles (L2 reuse: the grouped rasterisation of a matmul with a single group
+along the vocabulary). The number of splits fills about two waves of the GPU's SMs.
 
-On CPU the kernels run under ``TRITON_INTERPRET=1`` (tests, tiny shapes). The interpreter's
-bf16 ``tl.dot`` is wrong, so there operands are upcast to fp32 first; on a GPU bf16/fp16 operands
-go to the tensor cores as they are and fp32 operands use IEEE precision (no TF32).
+Backward, a vocabulary chunk at a time: a kernel recomputes each tile and writes the logit
+gradient ``dz`` in the operands' dtype (bf16 on a bf16 model), including the target's and its
+groups' sparse terms (a range test per row, levels of weight 0 skipped). Then
+``dH += dz W_chunk`` (fp32 accumulator, added in place by cuBLAS) and ``dW_chunk = dz^T H``
+written into the weight gradient's rows, or added into an fp32 sink (megatron's ``main_grad``)
+when one is given. Peak extra memory: the ``N x chunk`` ``dz`` buffer and the fp32 ``dH``.
+
+Tile sizes are autotuned on a GPU (configs for Hopper; key: vocabulary shard, d, and N rounded to
+a power of two, so a step's varying token count does not retune). On CPU the kernels run under
+``TRITON_INTERPRET=1`` (tests, tiny shapes) with fixed tiles. The interpreter's bf16 ``tl.dot``
+is wrong, so there operands are upcast to fp32 first; on a GPU bf16/fp16 operands go to the
+tensor cores as they are and fp32 operands use IEEE precision (no TF32).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .chunked import _mm_f32
+from .chunked import _addmm_f32_, _mm_f32, target_stats, weight_grad_placeholder
 from .vocab_parallel import combine, tp_rank_and_size
 
 NEG_INF = tl.constexpr(float("-inf"))  # a plain global float does not compile (only the interpreter accepts it)
-# The backward's vocabulary chunk. On an H100 (N=4096, V=131072, d=4096, bf16) 2048 keeps the extra
-# memory at 1.3% of the naive operator's for 4% more time than 8192 (3.1%); docs/gce.md has the table.
+# The backward's vocabulary chunk. On an H100 (N=4096, V=131072, d=4096, bf16) 2048 kept the extra
+# memory at 1.3% of the naive operator's with fp32 dz (docs/gce.md); bf16 dz halves the buffer.
 DEFAULT_CHUNK_V = 2048
+MAX_LEVELS = 4  # group levels the kernels take as scalar arguments (the paper uses one)
+SPLIT_ALIGN = 256  # a vocabulary split is a multiple of this many columns
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs():
+    """Hopper-sized tiles for both kernels (autotuned once per key)."""
+    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 4, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4)]
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=w, num_stages=st) for bn, bv, bd, w, st in shapes
+    ]
+
+
+INTERPRET_BLOCKS = {"BLOCK_N": 32, "BLOCK_V": 64}  # few, large programs: the interpreter's cost is per program
 
 
 @triton.jit
@@ -69,67 +92,51 @@ def _logits_tile(
 
 
 @triton.jit
-def _gce_fwd_kernel(
+def _lse_split_kernel(
     H,
     W,
-    T,
-    M_OUT,
-    S_OUT,
-    ZY_OUT,
-    GM_OUT,
-    GS_OUT,
-    GSIZES,
+    PART,
     N,
     V,
     D,
-    v0,
+    split_v,
+    n_key,
     s_hn,
     s_hd,
     s_wv,
     s_wd,
-    NUM_LEVELS: tl.constexpr,
-    LP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    """``PART[split, n]``: log-sum-exp of token ``n``'s logits over one vocabulary split."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    tgt = tl.load(T + rows, mask=rmask, other=-1).to(tl.int64) - v0
-    owned = (tgt >= 0) & (tgt < V)
-    lv = tl.arange(0, LP)
-    gsz = tl.load(GSIZES + lv, mask=lv < NUM_LEVELS, other=1).to(tl.int64)
-    tgrp = tl.where(owned[:, None], tgt[:, None] // gsz[None, :], -1)  # [BN, LP]
+    v_lo = pid_s * split_v
+    v_hi = tl.minimum(v_lo + split_v, V)
     m = tl.full([BLOCK_N], NEG_INF, tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
-    zy = tl.zeros([BLOCK_N], tl.float32)
-    gm = tl.full([BLOCK_N, LP], NEG_INF, tl.float32)
-    gs = tl.zeros([BLOCK_N, LP], tl.float32)
-    for vs in range(0, V, BLOCK_V):
+    for vs in range(v_lo, v_hi, BLOCK_V):
         cols = vs + tl.arange(0, BLOCK_V)
-        cmask = cols < V
+        cmask = cols < v_hi
         z = _logits_tile(H, W, rows, cols, rmask, cmask, D, s_hn, s_hd, s_wv, s_wd, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
         z = tl.where(cmask[None, :], z, NEG_INF)
         bm = tl.maximum(m, tl.max(z, 1))
         s = s * tl.exp(m - bm) + tl.sum(tl.exp(z - bm[:, None]), 1)
         m = bm
-        zy += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
-        ing = ((cols[None, :, None] // gsz[None, None, :]) == tgrp[:, None, :]) & cmask[None, :, None]
-        zg = tl.where(ing, z[:, :, None], NEG_INF)
-        gbm = tl.maximum(gm, tl.max(zg, 1))
-        live = gbm > NEG_INF
-        scale = tl.exp(gm - tl.where(live, gbm, 0.0))  # 0 while the group has not been seen
-        add = tl.sum(tl.where(ing, tl.exp(zg - tl.where(live, gbm, 0.0)[:, None, :]), 0.0), 1)
-        gs = gs * scale + add
-        gm = gbm
-    tl.store(M_OUT + rows, m, mask=rmask)
-    tl.store(S_OUT + rows, s, mask=rmask)
-    tl.store(ZY_OUT + rows, zy, mask=rmask)
-    off = rows[:, None] * LP + lv[None, :]
-    tl.store(GM_OUT + off, gm, mask=rmask[:, None])
-    tl.store(GS_OUT + off, gs, mask=rmask[:, None])
+    tl.store(PART + pid_s * N + rows, m + tl.log(s), mask=rmask)
+
+
+@triton.jit
+def _group_term(dz, z, cols, tgt, owned, a, LSEG, rows, rmask, N, level: tl.constexpr, g, lam):
+    """``dz - a lambda softmax_G(z)`` over the columns of the target's group ``G`` of size ``g``."""
+    lseg = tl.load(LSEG + level * N + rows, mask=rmask, other=0.0)
+    start = tgt - tgt % g
+    ing = (cols[None, :] >= start[:, None]) & (cols[None, :] < start[:, None] + g) & owned[:, None]
+    return dz - tl.where(ing, (a * lam)[:, None] * tl.exp(z - lseg[:, None]), 0.0)
 
 
 @triton.jit
@@ -141,8 +148,6 @@ def _gce_dz_kernel(
     COEF,
     A,
     LSEG,
-    GSIZES,
-    GLAM,
     DZ,
     N,
     V,
@@ -150,13 +155,21 @@ def _gce_dz_kernel(
     D,
     vstart,
     v0,
+    n_key,
     s_hn,
     s_hd,
     s_wv,
     s_wd,
     s_zn,
+    G0,
+    G1,
+    G2,
+    G3,
+    LAM0,
+    LAM1,
+    LAM2,
+    LAM3,
     NUM_LEVELS: tl.constexpr,
-    LP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -177,27 +190,61 @@ def _gce_dz_kernel(
     owned = (tgt >= 0) & (tgt < V)
     dz = coef[:, None] * tl.exp(z - lse[:, None])
     dz -= tl.where(cols[None, :] == tgt[:, None], a[:, None], 0.0)
-    lv = tl.arange(0, LP)
-    lvm = lv < NUM_LEVELS
-    gsz = tl.load(GSIZES + lv, mask=lvm, other=1).to(tl.int64)
-    lam = tl.load(GLAM + lv, mask=lvm, other=0.0)
-    lseg = tl.load(LSEG + lv[None, :] * N + rows[:, None], mask=rmask[:, None] & lvm[None, :], other=0.0)
-    tgrp = tl.where(owned[:, None], tgt[:, None] // gsz[None, :], -1)
-    ing = ((cols[None, :, None] // gsz[None, None, :]) == tgrp[:, None, :]) & lvm[None, None, :]
-    pg = tl.where(ing, tl.exp(z[:, :, None] - lseg[:, None, :]), 0.0)
-    dz -= a[:, None] * tl.sum(pg * lam[None, None, :], 2)
-    tl.store(DZ + rows[:, None] * s_zn + ccol[None, :], dz, mask=rmask[:, None] & cmask[None, :])
+    if NUM_LEVELS > 0:
+        dz = _group_term(dz, z, cols, tgt, owned, a, LSEG, rows, rmask, N, 0, G0, LAM0)
+    if NUM_LEVELS > 1:
+        dz = _group_term(dz, z, cols, tgt, owned, a, LSEG, rows, rmask, N, 1, G1, LAM1)
+    if NUM_LEVELS > 2:
+        dz = _group_term(dz, z, cols, tgt, owned, a, LSEG, rows, rmask, N, 2, G2, LAM2)
+    if NUM_LEVELS > 3:
+        dz = _group_term(dz, z, cols, tgt, owned, a, LSEG, rows, rmask, N, 3, G3, LAM3)
+    out = DZ + rows[:, None] * s_zn + ccol[None, :]
+    tl.store(out, dz.to(DZ.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
-def _blocks(d: int):
-    if _interpreting():  # few, large programs: the interpreter's cost is per program and per op
-        return 32, 64, max(16, triton.next_power_of_2(min(d, 64)))
-    return 64, 64, 64
+_lse_split_tuned = triton.autotune(_configs(), key=["V", "D", "n_key"])(_lse_split_kernel)
+_gce_dz_tuned = triton.autotune(_configs(), key=["VC", "D", "n_key"])(_gce_dz_kernel)
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split_width(n: int, v: int, device: torch.device) -> int:
+    """Columns per vocabulary split: enough splits that (token blocks x splits) fills about two
+    waves of the SMs (128-token blocks assumed), each split at least 2048 columns wide. Under the
+    interpreter a few narrow splits, so the tests cover the merge."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        programs, bn, min_width, align = 2 * _sm_count(index), 128, 2048, SPLIT_ALIGN
+    else:
+        programs, bn, min_width, align = 4, INTERPRET_BLOCKS["BLOCK_N"], 64, 1
+    splits = max(1, min(triton.cdiv(programs, triton.cdiv(max(n, 1), bn)), triton.cdiv(v, min_width)))
+    return triton.cdiv(triton.cdiv(v, splits), align) * align
+
+
+def _launch(tuned, raw, grid_rows, grid_cols, d, *args, **kw):
+    """Launch the autotuned kernel on a GPU, the raw one with fixed tiles under the interpreter."""
+    if _interpreting():
+        blocks = dict(INTERPRET_BLOCKS, BLOCK_D=max(16, triton.next_power_of_2(min(d, 64))))
+        raw[(triton.cdiv(grid_rows, blocks["BLOCK_N"]), grid_cols(blocks))](*args, **kw, **blocks)
+    else:
+        tuned[lambda meta: (triton.cdiv(grid_rows, meta["BLOCK_N"]), grid_cols(meta))](*args, **kw)
+
+
+def _levels(group_sizes, group_weights):
+    """Backward's group levels: those of nonzero weight, as the kernel's scalar arguments."""
+    kept = [(li, g, lam) for li, (g, lam) in enumerate(zip(group_sizes, group_weights)) if lam != 0.0]
+    if len(kept) > MAX_LEVELS:
+        raise ValueError(f"impl='triton' takes at most {MAX_LEVELS} weighted group levels, got {len(kept)}")
+    pad = [(0, 1, 0.0)] * (MAX_LEVELS - len(kept))
+    return kept, [g for _, g, _ in kept + pad], [float(lam) for _, _, lam in kept + pad]
 
 
 class TritonGCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, token_weight, group_sizes, group_weights, tp_group, block_v):
+    def forward(ctx, hidden, weight, target, token_weight, group_sizes, group_weights, tp_group, block_v, sink):
         if not hidden.is_cuda and not _interpreting():
             raise RuntimeError(
                 "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests); use impl='torch' on CPU"
@@ -208,93 +255,92 @@ class TritonGCE(torch.autograd.Function):
         d = hidden.shape[1]
         rank, _ = tp_rank_and_size(tp_group)
         v0 = rank * v_local
-        dev = hidden.device
-        nl = len(group_sizes)
-        lp = max(1, triton.next_power_of_2(nl))
-        gsizes = torch.tensor(list(group_sizes) + [1] * (lp - nl), dtype=torch.int32, device=dev)
-        bn, bv, bd = _blocks(d)
         upcast = _interpreting() or hidden.dtype == torch.float32
-        m = torch.empty(n, device=dev, dtype=torch.float32)
-        s = torch.empty_like(m)
-        zy = torch.empty_like(m)
-        gm = torch.empty(n, lp, device=dev, dtype=torch.float32)
-        gs = torch.empty_like(gm)
-        if n:
-            _gce_fwd_kernel[(triton.cdiv(n, bn),)](
-                hidden,
-                weight,
-                target,
-                m,
-                s,
-                zy,
-                gm,
-                gs,
-                gsizes,
-                n,
-                v_local,
-                d,
-                v0,
-                hidden.stride(0),
-                hidden.stride(1),
-                weight.stride(0),
-                weight.stride(1),
-                NUM_LEVELS=nl,
-                LP=lp,
-                BLOCK_N=bn,
-                BLOCK_V=bv,
-                BLOCK_D=bd,
-                UPCAST=upcast,
-            )
+        _levels(group_sizes, group_weights)  # refuse too many levels before any work
         t_local = target - v0
         owned = (t_local >= 0) & (t_local < v_local)
-        lseg_local = (gm + torch.log(gs)).t()[:nl].contiguous()
-        lse, zy, lseg = combine(m + torch.log(s), zy, lseg_local, owned, tp_group)
-        ce = lse - zy
-        grp = lse[None, :] - lseg
-        lam = torch.tensor(list(group_weights), device=dev, dtype=torch.float32)
-        loss = token_weight * (ce + (lam[:, None] * grp).sum(0))
+        with torch.no_grad():
+            zy, lseg = target_stats(hidden, weight, t_local, group_sizes)
+            split_v = _split_width(n, v_local, hidden.device)
+            splits = triton.cdiv(v_local, split_v)
+            part = torch.empty(splits, n, device=hidden.device, dtype=torch.float32)
+            if n:
+                _launch(
+                    _lse_split_tuned,
+                    _lse_split_kernel,
+                    n,
+                    lambda meta: splits,
+                    d,
+                    hidden,
+                    weight,
+                    part,
+                    n,
+                    v_local,
+                    d,
+                    split_v,
+                    triton.next_power_of_2(max(n, 1)),
+                    hidden.stride(0),
+                    hidden.stride(1),
+                    weight.stride(0),
+                    weight.stride(1),
+                    UPCAST=upcast,
+                )
+            lse_local = torch.logsumexp(part, dim=0)
+            lse, zy, lseg = combine(lse_local, zy, lseg, owned, tp_group)
+            ce = lse - zy
+            grp = lse[None, :] - lseg
+            total = ce
+            for li, lam in enumerate(group_weights):
+                total = total + lam * grp[li]
+            loss = token_weight * total
         ctx.save_for_backward(hidden, weight, target, token_weight, lse, lseg)
         ctx.cfg = (list(group_sizes), list(group_weights), v0, block_v, upcast)
+        ctx.sink = sink
         ctx.mark_non_differentiable(ce, grp)
+        ctx.set_materialize_grads(False)  # an unused lse (no z-loss) has no gradient, not one of zeros
         return loss, lse, ce, grp
 
     @staticmethod
     def backward(ctx, g_loss, g_lse, _g_ce, _g_grp):
         hidden, weight, target, token_weight, lse, lseg = ctx.saved_tensors
         group_sizes, group_weights, v0, block_v, upcast = ctx.cfg
+        sink = ctx.sink
         n, v_local = hidden.shape[0], weight.shape[0]
         d = hidden.shape[1]
         dev = hidden.device
-        nl = len(group_sizes)
-        lp = max(1, triton.next_power_of_2(nl))
-        gsizes = torch.tensor(list(group_sizes) + [1] * (lp - nl), dtype=torch.int32, device=dev)
-        glam = torch.tensor(list(group_weights) + [0.0] * (lp - nl), dtype=torch.float32, device=dev)
-        lseg_p = torch.zeros(lp, n, device=dev, dtype=torch.float32)
-        lseg_p[:nl] = lseg
+        kept, gs, lams = _levels(group_sizes, group_weights)
+        lseg_kept = torch.stack([lseg[li] for li, _, _ in kept]) if kept else lse[None, :0]  # no host index
         a = (g_loss.float() if g_loss is not None else torch.zeros(n, device=dev)) * token_weight
         coef = a * (1.0 + sum(group_weights))
         if g_lse is not None:
             coef = coef + g_lse.float()
         a, coef = a.contiguous(), coef.contiguous()
-        bn, bv, bd = _blocks(d)
-        chunk = min(v_local, max(bv, (block_v or DEFAULT_CHUNK_V) // bv * bv))
-        dz = torch.empty(n, chunk, device=dev, dtype=torch.float32)
-        d_hidden = torch.zeros(n, d, device=dev, dtype=torch.float32) if ctx.needs_input_grad[0] else None
-        d_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        align = 1 if _interpreting() else SPLIT_ALIGN
+        chunk = min(v_local, max(align, (block_v or DEFAULT_CHUNK_V) // align * align))
+        dz = torch.empty(n, chunk, device=dev, dtype=torch.float32 if upcast else hidden.dtype)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        d_hidden = torch.zeros(n, d, device=dev, dtype=torch.float32) if need_h else None
+        d_weight = None
+        if need_w:
+            d_weight = weight_grad_placeholder(weight) if sink is not None else torch.empty_like(weight)
+        direct = dz.dtype == hidden.dtype == weight.dtype  # dW rows written by the GEMM itself
         for vs in range(0, v_local, chunk):
             vc = min(chunk, v_local - vs)
             buf = dz[:, :vc]
             if n:
-                _gce_dz_kernel[(triton.cdiv(n, bn), triton.cdiv(vc, bv))](
+                _launch(
+                    _gce_dz_tuned,
+                    _gce_dz_kernel,
+                    n,
+                    lambda meta, vc=vc: triton.cdiv(vc, meta["BLOCK_V"]),
+                    d,
                     hidden,
                     weight,
                     target,
                     lse,
                     coef,
                     a,
-                    lseg_p,
-                    gsizes,
-                    glam,
+                    lseg_kept,
                     buf,
                     n,
                     v_local,
@@ -302,29 +348,34 @@ class TritonGCE(torch.autograd.Function):
                     d,
                     vs,
                     v0,
+                    triton.next_power_of_2(max(n, 1)),
                     hidden.stride(0),
                     hidden.stride(1),
                     weight.stride(0),
                     weight.stride(1),
                     dz.stride(0),
-                    NUM_LEVELS=nl,
-                    LP=lp,
-                    BLOCK_N=bn,
-                    BLOCK_V=bv,
-                    BLOCK_D=bd,
+                    *gs,
+                    *lams,
+                    NUM_LEVELS=len(kept),
                     UPCAST=upcast,
                 )
             wc = weight[vs : vs + vc]
-            if d_hidden is not None:
-                d_hidden += _mm_f32(buf, wc)
-            if d_weight is not None:
+            if need_h:
+                _addmm_f32_(d_hidden, buf, wc)
+            if need_w and sink is not None:
+                _addmm_f32_(sink[vs : vs + vc], buf.t(), hidden)
+            elif need_w and direct:
+                torch.mm(buf.t(), hidden, out=d_weight[vs : vs + vc])
+            elif need_w:
                 d_weight[vs : vs + vc] = _mm_f32(buf.t(), hidden).to(weight.dtype)
-        if d_hidden is not None:
+        if need_h:
             d_hidden = d_hidden.to(hidden.dtype)
-        return d_hidden, d_weight, None, None, None, None, None, None
+        return d_hidden, d_weight, None, None, None, None, None, None, None
 
 
-def gce_triton(hidden, weight, target, group_sizes, group_weights, token_weight, tp_group=None, block_v=None):
+def gce_triton(
+    hidden, weight, target, group_sizes, group_weights, token_weight, tp_group=None, block_v=None, weight_grad_sink=None
+):
     """``block_v`` is the vocabulary chunk of the backward's logit-gradient buffer (default
     ``DEFAULT_CHUNK_V``)."""
     return TritonGCE.apply(
@@ -336,4 +387,5 @@ def gce_triton(hidden, weight, target, group_sizes, group_weights, token_weight,
         tuple(group_weights),
         tp_group,
         block_v,
+        weight_grad_sink,
     )

@@ -228,9 +228,24 @@ class MDMModel(MegatronModule):
         hsel, tsel, wsel, fsel = select_supervised(hidden, target, loss_weight, is_flipped)
         hsel = copy_to_tensor_model_parallel_region(hsel)
         spec = self.loss_spec
+        weight = self.head.weight
+        # under megatron's DDP the fused op adds the head's weight gradient straight into the fp32
+        # main_grad, as megatron's gradient-accumulation fusion does for its own linear layers
+        # (not with parallel.grad_reduce_dtype bf16, whose main_grad is bf16)
+        sink = None
+        main = getattr(weight, "main_grad", None)
+        if (
+            main is not None
+            and main.dtype == torch.float32
+            and spec.impl != "naive"
+            and torch.is_grad_enabled()
+            and weight.requires_grad
+        ):
+            sink = main.view(weight.shape)
+            weight.grad_added_to_main_grad = True
         stats = gce_loss(
             hsel,
-            self.head.weight,
+            weight,
             tsel,
             spec.group_sizes,
             spec.group_weights,
@@ -239,6 +254,7 @@ class MDMModel(MegatronModule):
             token_weight=wsel,
             return_stats=True,
             tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None,
+            weight_grad_sink=sink,
         )
         parts = loss_parts(stats, fsel, spec)
         return parts.loss_sum, parts.num_tokens, pack_metric_sums(parts)
