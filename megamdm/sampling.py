@@ -175,12 +175,29 @@ def pmj_order(h: int, w: int, seed: int = 42) -> torch.Tensor:
     return rank
 
 
+def _draw_block(v: int) -> int:
+    """The block width of :func:`_draw`'s first level: the largest power of two up to 512 dividing ``v``."""
+    b = 512
+    while v % b:
+        b //= 2
+    return b
+
+
 def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One token per row of ``probs [n, V]`` by inverse CDF: one uniform per row from ``gen`` (rows in
-    order, so the draws do not depend on how rows are chunked), fp64 cumulative sums, on any device."""
-    cdf = torch.cumsum(probs, -1, dtype=torch.float64)
-    u = torch.rand(probs.shape[0], 1, generator=gen, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=probs.shape[1] - 1)
+    """One token per row of ``probs [n, V]`` (unnormalised weights) by inverse CDF: one uniform per row from ``gen`` (rows in
+    order, so the draws do not depend on how rows are chunked), fp64 sums, on any device. In two
+    levels, so that one pass over the probabilities does it: the block of columns from the cumulative
+    block sums, then the column from the cumulative sum within that block."""
+    n, v = probs.shape
+    b = _draw_block(v)
+    blocks = probs.view(n, v // b, b)
+    cdf = blocks.sum(-1, dtype=torch.float64).cumsum_(-1)  # [n, V / b]
+    u = torch.rand(n, 1, generator=gen, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    block = torch.searchsorted(cdf, u).clamp_(max=v // b - 1)  # [n, 1]
+    before = torch.where(block > 0, cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
+    inner = blocks.gather(1, block[:, :, None].expand(n, 1, b))[:, 0].double().cumsum_(-1)  # [n, b]
+    col = torch.searchsorted(inner, u - before).clamp_(max=b - 1)
+    return (block * b + col).squeeze(1)
 
 
 def _choose(
@@ -205,18 +222,37 @@ def _choose(
             p = torch.softmax((conf / max(gumbel_temperature, 1e-6)).masked_fill(~masked, float("-inf")), -1)
         else:
             p = conf.clamp_min(1e-12) * masked
-        return torch.multinomial(p, n, replacement=False, generator=gen)
+        return _draw_without_replacement(p, n, gen)
     if policy == "stratified":
-        r = rank.to(conf.device).masked_fill(~masked, torch.iinfo(torch.long).max)
+        r = rank.masked_fill(~masked, torch.iinfo(torch.long).max)
         return torch.topk(r, n, largest=False).indices
     raise ValueError(f"unknown policy {policy!r}; allowed: {', '.join(POLICIES)}")
+
+
+def _draw_without_replacement(p: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``torch.multinomial(p, n, replacement=False, generator=gen)``, draw for draw (the same
+    exponential race ``p / Exp(1)``), without its validity check, which reads the device back."""
+    q = torch.empty_like(p).exponential_(1, generator=gen)
+    race = p / q
+    return race.argmax(-1, keepdim=True) if n == 1 else torch.topk(race, n).indices
+
+
+def _candidates(masked: torch.Tensor, editable: torch.Tensor | None, st: SampleSettings, bound: int) -> torch.Tensor:
+    """Positions (one image, ascending) whose prediction may be used, as an index of a size known on
+    the host, so that no step waits for the device: the masked ones (``bound`` of them: the count the
+    schedule leaves), with editing every position or the masked and ``editable`` ones (``bound``: an
+    upper limit of their count; the rest of the index is ``N``, a scratch slot)."""
+    n = masked.numel()
+    if st.editing and editable is None:
+        return torch.arange(n, device=masked.device)
+    return (masked | editable if st.editing else masked).nonzero_static(size=bound, fill_value=n).squeeze(1)
 
 
 def _predict(
     hidden: torch.Tensor,
     head_fn: Callable[[torch.Tensor], torch.Tensor],
     masked: torch.Tensor,
-    editable: torch.Tensor | None,
+    cand: torch.Tensor,
     st: SampleSettings,
     gen: torch.Generator,
     chunk: int,
@@ -224,42 +260,43 @@ def _predict(
     conf: torch.Tensor,
     keep_all: bool = False,
 ) -> None:
-    """Sampled tokens ``x0`` and their confidences ``conf`` (one image, ``[N]``, filled in place)
-    where they matter: masked positions, and with editing the unmasked (``editable``) positions whose
-    top probability exceeds the threshold (no other sampled token there could pass it). Positions are
-    visited in ascending order, so the draws do not depend on ``chunk``. ``keep_all``: every
-    candidate gets its prediction, whatever its probability (``final_prediction``)."""
-    if not st.editing:
-        cand = masked.nonzero().squeeze(1)
-    elif editable is None:
-        cand = torch.arange(masked.numel(), device=masked.device)
-    else:
-        cand = (masked | editable).nonzero().squeeze(1)
+    """Sampled tokens ``x0`` and their confidences ``conf`` (one image, ``[N + 1]`` with a scratch
+    slot at ``N``, filled in place) at the candidate positions ``cand`` (:func:`_candidates`) where
+    they matter: masked positions, and with editing unmasked positions whose top probability exceeds
+    the threshold (no other sampled token there could pass it); elsewhere ``x0`` keeps the current
+    token and ``conf`` 0. Every candidate takes one draw, in ascending order, so the draws do not
+    depend on ``chunk``. ``keep_all``: every candidate gets its prediction, whatever its probability
+    (``final_prediction``). Nothing here reads the device back."""
+    n = masked.numel()
+    masked = torch.cat([masked, masked.new_zeros(1)])  # the scratch slot is never masked
     # raw / untempered: the confidence is the untempered softmax's, unfiltered or filtered, so its
     # log-normaliser lse_raw is taken before or after filtering; kept logits are the raw ones / tau
     untempered = st.confidence in ("raw", "untempered")
     tau = st.temperature if st.temperature > 0 else 1.0
     for rows in cand.split(chunk):
-        z = head_fn(hidden[rows])
+        z = head_fn(hidden[rows.clamp(max=n - 1)])
         lse_raw = torch.logsumexp(z.float(), -1) if st.confidence == "raw" else None
         z = filter_logits(z, st.temperature, st.top_k, st.top_p, inplace=True, filter_first=st.filter_order == "filter_first")
         if st.confidence == "untempered":
             lse_raw = torch.logsumexp(z * tau, -1)
+        # one max, one exp and one sum pass: e = exp(z - max) is the sampling distribution up to its
+        # normaliser `total` (the draw needs no normalised copy); the top probability is 1 / total
+        m = z.max(-1, keepdim=True).values
+        e = (z - m).exp_() if untempered else z.sub_(m).exp_()  # untempered still needs z
+        total = e.sum(-1)
+        keep = None
         if st.editing and not keep_all:
-            lse = lse_raw if untempered else torch.logsumexp(z, -1)
-            top = torch.exp(z.max(-1).values * (tau if untempered else 1.0) - lse)
+            top = torch.exp(m[:, 0] * tau - lse_raw) if untempered else total.reciprocal()
             keep = masked[rows] | (top > st.edit_threshold)
-            rows, z = rows[keep], z[keep]
-            lse_raw = lse_raw[keep] if untempered else None
-            if not rows.numel():
-                continue
-        probs = torch.softmax(z, -1)
-        pick = _draw(probs, gen) if st.temperature > 0 else probs.argmax(-1)
-        x0[rows] = pick
+        pick = _draw(e, gen) if st.temperature > 0 else e.argmax(-1)
         if untempered:  # the picked token is never filtered out, so its raw logit is tau times the kept one
-            conf[rows] = torch.exp(z.gather(1, pick[:, None]).squeeze(1) * tau - lse_raw)
+            c = torch.exp(z.gather(1, pick[:, None]).squeeze(1) * tau - lse_raw)
         else:
-            conf[rows] = probs.gather(1, pick[:, None]).squeeze(1)
+            c = e.gather(1, pick[:, None]).squeeze(1) / total
+        if keep is not None:
+            pick, c = torch.where(keep, pick, x0[rows]), torch.where(keep, c, 0.0)
+        x0[rows] = pick
+        conf[rows] = c
 
 
 @torch.no_grad()
@@ -285,33 +322,40 @@ def sample_tokens(
     settings.validate()
     x = init.clone()
     b, h, w = x.shape
-    flat = x.view(b, h * w)
+    n = h * w
+    flat = x.view(b, n)
     rank = None
     if settings.policy == "stratified":
         rank = stratified_order(h, w) if settings.stratified_order == "halton" else pmj_order(h, w)
+        rank = rank.to(x.device)
+    # the only reads of the device before the loop: each image's masked count (and editable region)
+    n_masked = [int((flat[i] == mask_id).sum()) for i in range(b)]
     schedules = [
-        unmask_counts(
-            int((flat[i] == mask_id).sum()), settings.steps, settings.schedule, settings.shift, settings.schedule_counts
-        )
+        unmask_counts(n_masked[i], settings.steps, settings.schedule, settings.shift, settings.schedule_counts)
         for i in range(b)
     ]
+    may_edit = editable.reshape(b, n) if editable is not None else None
+    n_editable = [int(may_edit[i].sum()) for i in range(b)] if may_edit is not None and settings.editing else [0] * b
     result = SampleResult(flat.view(b, h, w), committed_per_step=[[] for _ in range(b)])
     edit_counts: list[list[torch.Tensor]] = [[] for _ in range(b)]  # on the device until the end
-    may_edit = editable.reshape(b, h * w) if editable is not None else None
+    shown = _LaggedCount()
     for k in range(settings.steps):
         tau_k = settings.gumbel_temperature_at(k)
-        hidden = hidden_fn(flat.view(b, h, w), k).reshape(b, h * w, -1)
+        hidden = hidden_fn(flat.view(b, h, w), k).reshape(b, n, -1)
         for i in range(b):
             masked = flat[i] == mask_id
-            x0 = flat[i].clone()
-            conf = torch.zeros(h * w, device=x.device)
+            x0 = torch.cat([flat[i], flat.new_zeros(1)])  # [N + 1]: a scratch slot for padded candidates
+            conf = torch.zeros(n + 1, device=x.device)
             allowed = may_edit[i] if may_edit is not None else None
             last = settings.final_prediction and settings.editing and k == settings.steps - 1
-            _predict(hidden[i], head_fn, masked, allowed, settings, generators[i], chunk, x0, conf, keep_all=last)
+            cand = _candidates(masked, allowed, settings, min(n, n_masked[i] + n_editable[i]))
+            _predict(hidden[i], head_fn, masked, cand, settings, generators[i], chunk, x0, conf, keep_all=last)
+            x0, conf = x0[:n], conf[:n]
             policy, n_commit = settings.policy, schedules[i][k]
             chosen = _choose(policy, conf, masked, n_commit, rank, tau_k, generators[i], settings.maskgit_draw)
+            n_masked[i] -= n_commit
             committed = torch.zeros_like(masked)
-            committed[chosen] = True
+            committed.index_fill_(0, chosen, True)  # a scalar fill: no host tensor to copy over
             edits = torch.zeros((), dtype=torch.long, device=x.device)
             if settings.editing:  # positions unmasked before this step, not the ones committed now
                 before = ~masked & ~committed
@@ -328,10 +372,36 @@ def sample_tokens(
         if progress is not None:
             progress.update(1)
             if settings.editing:
-                progress.set_postfix(edits=int(sum(e[-1] for e in edit_counts)))
+                shown.put(sum(e[-1] for e in edit_counts))
+                if shown.value is not None:
+                    progress.set_postfix(edits=shown.value)
     # one host sync for the edit counts instead of one per image and step
     result.edits_per_step = torch.stack([torch.stack(e) for e in edit_counts]).tolist() if b else []
     return result
+
+
+class _LaggedCount:
+    """A device count shown without waiting for the device: copied to pinned host memory as soon
+    as it is computed, and read once that copy has finished (on CPU at once)."""
+
+    def __init__(self):
+        self.value = None
+        self._pending = None
+
+    def put(self, count: torch.Tensor) -> None:
+        if not count.is_cuda:
+            self.value = int(count)
+            return
+        if self._pending is not None:
+            host, done = self._pending
+            if not done.query():  # the last copy is still on its way: this count is not shown
+                return
+            self.value = int(host)
+        host = torch.empty((), dtype=count.dtype, pin_memory=True)
+        host.copy_(count, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._pending = (host, done)
 
 
 # ---- the pipeline -------------------------------------------------------------------------------

@@ -335,10 +335,11 @@ def test_auto_batch_size_follows_the_memory_there_is(ckpt, monkeypatch):
 def test_chunked_prediction_equals_the_straightforward_one_for_the_same_draws(threshold, top_k, top_p, release):
     """One step of the fused, chunked prediction against the whole-image computation: full logits,
     filtering, the editing test, then inverse-CDF draws from the same uniforms (same generator
-    seed, rows in ascending order). The hidden states are one-hot rows through a logits table, so
-    both see bit-identical logits. ``release``: the filters before the temperature, and confidences
-    from the untempered softmax, unfiltered (``raw``) or filtered (``untempered``, the release's)."""
-    from megamdm.sampling import _predict
+    seed, one per candidate row in ascending order: every position with editing, the masked ones
+    without). The hidden states are one-hot rows through a logits table, so both see bit-identical
+    logits. ``release``: the filters before the temperature, and confidences from the untempered
+    softmax, unfiltered (``raw``) or filtered (``untempered``, the release's)."""
+    from megamdm.sampling import _candidates, _predict
 
     n, vocab = 64, 40
     g = torch.Generator().manual_seed(11)
@@ -347,9 +348,10 @@ def test_chunked_prediction_equals_the_straightforward_one_for_the_same_draws(th
     st = SampleSettings(temperature=0.7, top_k=top_k, top_p=top_p, edit_threshold=threshold)
     if release:
         st.filter_order, st.confidence = "filter_first", release
-    x0 = torch.zeros(n, dtype=torch.long)
-    conf = torch.zeros(n)
-    _predict(torch.eye(n), lambda r: r @ table, masked, None, st, torch.Generator().manual_seed(5), 7, x0, conf)
+    x0 = torch.full((n + 1,), -1, dtype=torch.long)
+    conf = torch.zeros(n + 1)
+    cand = _candidates(masked, None, st, int(masked.sum()))
+    _predict(torch.eye(n), lambda r: r @ table, masked, cand, st, torch.Generator().manual_seed(5), 7, x0, conf)
 
     if release:
         kept = filter_logits(table, 1.0, top_k, top_p)
@@ -359,16 +361,21 @@ def test_chunked_prediction_equals_the_straightforward_one_for_the_same_draws(th
     else:
         z = filter_logits(table, st.temperature, top_k, top_p)
         top = torch.softmax(z, -1).max(-1).values
-    rows = (masked | (top > threshold)).nonzero().squeeze(1) if threshold > 0 else masked.nonzero().squeeze(1)
-    probs = torch.softmax(z[rows], -1)
-    u = torch.rand(rows.numel(), 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    drawn = torch.arange(n) if threshold > 0 else masked.nonzero().squeeze(1)
+    assert torch.equal(cand, drawn)
+    probs = torch.softmax(z[drawn], -1)
+    u = torch.rand(drawn.numel(), 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     cdf = probs.double().cumsum(-1)
-    pick = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)
+    picks = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)
+    used = (masked | (top > threshold))[drawn] if threshold > 0 else torch.ones(drawn.numel(), dtype=torch.bool)
+    rows, pick = drawn[used], picks[used]
     assert rows.numel() > masked.sum() or threshold == 0
     assert torch.equal(x0[rows], pick)
-    want = (untempered[rows] if release else probs).gather(1, pick[:, None]).squeeze(1)
+    want = (untempered[rows] if release else probs[used]).gather(1, pick[:, None]).squeeze(1)
     assert torch.allclose(conf[rows], want, rtol=1e-5, atol=0)
-    assert not conf[~torch.isin(torch.arange(n), rows)].any()  # nothing computed where nothing can change
+    others = ~torch.isin(torch.arange(n), rows)
+    assert not conf[:n][others].any()  # nothing predicted where nothing can change
+    assert (x0[:n][others] == -1).all()  # the current token (here -1) stays where the prediction is not used
 
 
 def _spy(sampler):
@@ -610,3 +617,96 @@ def test_the_nld_preset_sets_the_released_samplers_rules(ckpt):
     assert r.returncode == 0, r.stderr
     meta = json.loads(Image.open(ckpt.parent / "p" / "00000_00.png").info["megamdm"])
     assert meta["schedule_counts"] == "nld" and meta["confidence"] == "untempered" and meta["steps"] == 2
+
+
+class _DeviceReads:
+    """A dispatch mode that records every op which makes the host wait for the device on a GPU: a
+    scalar read (``.item()``, ``int()``, ``bool()``), an output whose size depends on the data
+    (``nonzero``, boolean indexing, ``masked_select``), a tensor built from host data inside the
+    loop (a host-to-device copy there), and ``multinomial`` (its validity check reads back)."""
+
+    READS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "lift_fresh", "multinomial", "unique"}
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        reads = self.reads = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                bool_index = name.startswith("index") and any(
+                    isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else ()) or ()
+                )
+                if name in _DeviceReads.READS or name.startswith("unique") or bool_index:
+                    reads.append(name)
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize(
+    "kw,region",
+    [
+        (dict(edit_threshold=0.0, policy="gumbel", top_k=4), False),
+        (dict(edit_threshold=0.05, policy="maskgit", top_p=0.9), False),
+        (dict(edit_threshold=0.05, policy="stratified", final_prediction=True), True),  # inpainting
+    ],
+)
+def test_a_sampling_step_never_waits_for_the_device(ckpt, kw, region):
+    """The loop reads the device only before its first step (each image's masked count, and the
+    editable region's size) and after its last (the edit counts): the reads do not grow with the
+    number of steps, so ``--compile`` and CUDA graphs can cover a whole step. The real tiny model,
+    guidance on, two images."""
+    s = MDMSampler.from_pretrained(ckpt, device="cpu", dtype="fp32")
+    ids, pad, _ = s.encode_prompts(["a red circle", "two blue squares"], 32, 32)
+    gh, gw = s.grid_for(32, 32)
+    mask_id = s.model.mask_id if hasattr(s.model, "mask_id") else s.cfg.model.image_vocab_size
+    init = torch.full((2, gh, gw), mask_id, dtype=torch.long)
+    editable = None
+    if region:
+        init[:, : gh // 2] = 1  # the given half, editable only on its last row
+        editable = torch.zeros(2, gh, gw, dtype=torch.bool)
+        editable[:, gh // 2 - 1 :] = True
+
+    def reads(steps):
+        st = s.default_settings(steps=steps, cfg=2.0, **kw)
+        fn = s.guided_hidden_fn(ids, pad, st)
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        spy = _DeviceReads()
+        with spy.mode:
+            out = sample_tokens(fn, s.head_fn, init, mask_id, st, gens, editable=editable)
+        assert (out.tokens != mask_id).all()
+        return spy.reads
+
+    stratified_order(gh, gw)  # built once and cached: host work before any step
+    few, many = reads(2), reads(6)
+    assert few == many, (few, many)
+    assert len(few) == (4 if region else 2), few  # 2 images: masked counts (+ the editable regions' sizes)
+
+
+@pytest.mark.gpu
+def test_sampling_steps_make_no_host_sync_on_gpu(ckpt):
+    """CUDA's sync debug mode set to error from the end of the first step to the end of the last
+    but one: the steps in between (guided forward, chunked head, draws, editing, progress bar) run."""
+    from tqdm import tqdm
+
+    s = MDMSampler.from_pretrained(ckpt, device="cuda", dtype="bf16")
+    ids, pad, _ = s.encode_prompts(["a red circle", "two blue squares"], 32, 32)
+    gh, gw = s.grid_for(32, 32)
+    mask_id = s.cfg.model.image_vocab_size
+    st = s.default_settings(steps=5, cfg=2.0, edit_threshold=0.05, policy="maskgit")
+    init = torch.full((2, gh, gw), mask_id, dtype=torch.long, device="cuda")
+    gens = [torch.Generator(device="cuda").manual_seed(i) for i in range(2)]
+
+    def on_step(k, _x):
+        torch.cuda.set_sync_debug_mode("error" if k < st.steps - 2 else "default")
+
+    try:
+        with tqdm(total=st.steps, disable=True) as bar:
+            out = sample_tokens(
+                s.guided_hidden_fn(ids, pad, st), s.head_fn, init, mask_id, st, gens, on_step=on_step, progress=bar
+            )
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert (out.tokens != mask_id).all()
