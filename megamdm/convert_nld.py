@@ -253,10 +253,16 @@ def _release_groups(raw: dict, vocab: int):
     from .gce import GCEGroups
 
     spec = raw.get("group_ce_weight") or "{}"
+    pairs = re.findall(r"(\d+)\s*:\s*([^,}\s]+)", str(spec))
     try:
-        levels = {int(k): float(w) for k, w in re.findall(r"(\d+)\s*:\s*([0-9.eE+-]+)", str(spec))}
+        levels = {int(k): float(w) for k, w in pairs}
     except ValueError:
-        levels = {}
+        levels = None
+    if levels is None or len(pairs) != str(spec).count(":"):
+        raise ConversionError(
+            f"config.json group_ce_weight {spec!r} is not {{groups: weight, ...}} (e.g. {{16384: 0.2}}); "
+            "pass --gce-groups to choose the groups yourself"
+        )
     sizes, weights = [], []
     for n_groups, w in sorted(levels.items(), reverse=True):
         if n_groups < 1 or vocab % n_groups:

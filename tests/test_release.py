@@ -259,6 +259,7 @@ def test_converted_release_round_trips_through_megatron_core(release, tmp_path):
         ("pickle", "model.safetensors.index.json not found (only pickle files (pytorch_model.bin)"),
         ("architecture", "architecture 'LlamaForCausalLM' is not NL-Diffusion-Image's"),
         ("unknown_key", "release tensor 'encoder.extra_head.weight' is not part of"),
+        ("group_weight", "group_ce_weight '{8:high}' is not {groups: weight, ...}"),
     ],
 )
 def test_bad_release_folders_are_one_line_and_write_nothing(tmp_path, damage, message):
@@ -281,6 +282,8 @@ def test_bad_release_folders_are_one_line_and_write_nothing(tmp_path, damage, me
     if damage == "architecture":
         cfg = release_config() | {"architectures": ["LlamaForCausalLM"]}
         (folder / "config.json").write_text(json.dumps(cfg))
+    if damage == "group_weight":  # was silently read as plain cross-entropy
+        (folder / "config.json").write_text(json.dumps(release_config() | {"group_ce_weight": "{8:high}"}))
     with pytest.raises(ConversionError, match="."):
         from_nld(folder, tmp_path / "out")
     import contextlib
