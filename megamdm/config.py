@@ -150,8 +150,13 @@ class GCEConfig:
     group_weights: list[float] = field(default_factory=lambda: [0.2])
     impl: str = choice("torch", "naive", "triton")
     z_loss_weight: float = 0.0
+    grad_filter: float = 0.0  # triton: skip gradient tiles whose softmax stays below this (inexact; CCE uses 2**-12)
 
     def validate(self) -> None:
+        if not 0.0 <= self.grad_filter < 1.0:
+            raise ConfigError(f"gce.grad_filter={self.grad_filter} must be in [0, 1) (0: no filtering)")
+        if self.grad_filter and self.impl != "triton":
+            raise ConfigError(f"gce.grad_filter needs gce.impl=triton, not {self.impl}")
         if len(self.group_sizes) != len(self.group_weights):
             raise ConfigError(
                 f"gce.group_sizes has {len(self.group_sizes)} levels but gce.group_weights has {len(self.group_weights)}"

@@ -39,7 +39,13 @@ class TrainStep(nn.Module):
         hidden = self.model(text_ids, text_pad_mask, image_input)
         hs, ts, ws, fl = select_supervised(hidden, target, loss_weight, is_flipped)
         stats = self.model.head(
-            hs, ts, ws, group_sizes=self.spec.group_sizes, group_weights=self.spec.group_weights, impl=self.spec.impl
+            hs,
+            ts,
+            ws,
+            group_sizes=self.spec.group_sizes,
+            group_weights=self.spec.group_weights,
+            impl=self.spec.impl,
+            grad_filter=self.spec.grad_filter,
         )
         parts = loss_parts(stats, fl, self.spec)
         return parts.loss_sum, parts.num_tokens, parts.metrics
@@ -175,7 +181,11 @@ def _finetune(checkpoint, cfg: Config, opts: FinetuneConfig, device: str) -> dic
     cfg.model, cfg.text = pre.config.model, pre.config.text
     groups = pre.groups.with_weights(cfg.gce.group_weights)
     spec = LossSpec(
-        list(groups.group_sizes), list(cfg.gce.group_weights), impl=cfg.gce.impl, z_loss_weight=cfg.gce.z_loss_weight
+        list(groups.group_sizes),
+        list(cfg.gce.group_weights),
+        impl=cfg.gce.impl,
+        z_loss_weight=cfg.gce.z_loss_weight,
+        grad_filter=cfg.gce.grad_filter,
     )
     loader = TrainLoader(
         cfg,

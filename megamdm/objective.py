@@ -23,13 +23,14 @@ class LossSpec:
     group_weights: Sequence[float]
     impl: str = "torch"
     z_loss_weight: float = 0.0
+    grad_filter: float = 0.0  # triton only: gce_loss's grad_filter
 
     @classmethod
     def from_config(cls, gce_cfg, groups=None) -> LossSpec:
         sizes = list(groups.group_sizes) if groups is not None else list(gce_cfg.group_sizes)
         if list(gce_cfg.group_sizes) != sizes:
             raise ValueError(f"gce.group_sizes={list(gce_cfg.group_sizes)} does not match the groups file ({sizes})")
-        return cls(sizes, list(gce_cfg.group_weights), gce_cfg.impl, gce_cfg.z_loss_weight)
+        return cls(sizes, list(gce_cfg.group_weights), gce_cfg.impl, gce_cfg.z_loss_weight, gce_cfg.grad_filter)
 
 
 @dataclass

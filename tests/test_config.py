@@ -43,6 +43,9 @@ def test_wrong_type_names_key_and_source(tmp_path):
 def test_semantic_validation():
     with pytest.raises(ConfigError, match="group_weights"):
         load_config(None, ["gce.group_sizes=[8,64]", "gce.group_weights=[0.2]"])
+    with pytest.raises(ConfigError, match="gce.grad_filter needs gce.impl=triton, not torch"):
+        load_config(None, ["gce.grad_filter=0.0002"])
+    assert load_config(None, ["gce.grad_filter=0.0002", "gce.impl=triton"]).gce.grad_filter == 0.0002
     with pytest.raises(ConfigError, match="num_query_groups"):
         load_config(None, ["model.num_attention_heads=6", "model.num_query_groups=4"])
     with pytest.raises(ConfigError, match=r"optim.lr_decay_style='wsd' is not one of cosine, .*WSD"):

@@ -228,3 +228,51 @@ def test_the_fused_op_makes_no_host_sync_on_gpu(impl):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert h.grad is not None and sink.abs().sum() > 0
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("sink", [False, True])
+def test_gradient_filtering_skips_only_negligible_tiles(sink):
+    """``grad_filter``: with a threshold no softmax value reaches, only the tiles holding a target or
+    a target group contribute, and the gradients are exactly those of the dense op with every other
+    column's softmax term dropped; with a threshold of 1e-30 nothing is skipped (equal to naive)."""
+    pytest.importorskip("triton")
+    n, v, d, sizes, lams, bv = 40, 4096, 16, [8], [0.2], 1024  # most 64-column tiles hold no target
+    h, w, y, tw, ign = problem(n, v, d, torch.float32)
+    ref = run("naive", h, w, y, tw, ign, sizes, lams, upstream="sum")
+    dense = run("triton", h, w, y, tw, ign, sizes, lams, upstream="sum", block_v=bv, grad_filter=1e-30, sink=sink)
+    for a, b in zip(dense, ref):
+        assert rel(a, b) < 1e-5
+    got = run("triton", h, w, y, tw, ign, sizes, lams, upstream="sum", block_v=bv, grad_filter=0.999, sink=sink)
+    assert rel(got[0], ref[0]) < 1e-6  # the forward is never filtered
+    assert 1e-3 < rel(got[2], ref[2]) < 0.5  # inexact, but the target and group terms are kept
+    # the expected filtered dW: softmax terms only in 64-column tiles (the interpreter's) that hold a
+    # target or target group of a token of the same 32-token block
+    wt = tw * (~ign).float()
+    yy = torch.where(ign, 0, y)
+    z = (h @ w.t()).requires_grad_(True)
+    p = torch.softmax(z, -1).detach()
+    keep = torch.zeros(n, v, dtype=torch.bool)
+    widest = max(sizes)
+    for r0 in range(0, n, 32):
+        rows = slice(r0, r0 + 32)
+        for c0 in range(0, v, 64):
+            cols = torch.arange(c0, min(c0 + 64, v))
+            start = yy[rows] - yy[rows] % widest
+            if ((cols[None, :] >= start[:, None]) & (cols[None, :] < start[:, None] + widest)).any():
+                keep[rows, c0 : c0 + 64] = True
+    lse = torch.logsumexp(z, -1)
+    g0 = (yy - yy % sizes[0])[:, None] + torch.arange(sizes[0])
+    loss = wt * (lse - z.gather(1, yy[:, None])[:, 0] + lams[0] * (lse - torch.logsumexp(z.gather(1, g0), -1)))
+    dz = torch.autograd.grad(loss.sum(), z)[0]
+    coef = wt * (1 + sum(lams))
+    dz_kept = torch.where(keep, dz, dz - coef[:, None] * p)  # skipped tiles lose only their softmax term
+    assert not keep.all()
+    assert rel(got[2], dz_kept.t() @ h) < 1e-5
+    assert rel(got[1], dz_kept @ w) < 1e-5
+
+
+def test_gradient_filtering_needs_the_triton_operator():
+    h, w, y, _, _ = problem(8, 32, 8, torch.float32)
+    with pytest.raises(ValueError, match="grad_filter needs impl='triton'"):
+        gce_loss(h, w, y, [8], [0.2], impl="torch", grad_filter=1e-4)

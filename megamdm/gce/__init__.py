@@ -43,6 +43,7 @@ def gce_loss(
     block_v: int | None = None,
     block_n: int | None = None,
     weight_grad_sink: torch.Tensor | None = None,
+    grad_filter: float = 0.0,
 ):
     """Grouped cross-entropy of ``hidden [N, d] @ weight[V, d]^T`` against ``target [N]`` (model order).
 
@@ -53,7 +54,11 @@ def gce_loss(
     ``block_v`` / ``block_n`` tune the chunk sizes of the fused implementations (``block_n``: torch only).
     ``weight_grad_sink``: an fp32 tensor of the weight's shape (megatron's ``main_grad``) into which
     the fused implementations add the weight gradient; the weight then receives an uninitialised
-    placeholder gradient that the caller must ignore (megatron's ``grad_added_to_main_grad``)."""
+    placeholder gradient that the caller must ignore (megatron's ``grad_added_to_main_grad``).
+    ``grad_filter`` (``impl="triton"``): backward skips every tile of the logit gradient whose softmax
+    stays below it and that holds no target or target group, as Cut Cross-Entropy's gradient
+    filtering does; inexact (the skipped terms are dropped) and not bitwise reproducible (atomic
+    additions). 0 (the default) filters nothing; Cut Cross-Entropy uses 2**-12 for bf16."""
     if impl not in IMPLS:
         raise ValueError(f"unknown GCE impl {impl!r}; allowed: {', '.join(IMPLS)}")
     if reduction not in REDUCTIONS:
@@ -68,6 +73,12 @@ def gce_loss(
         raise ValueError(
             f"weight_grad_sink must be fp32 {tuple(weight.shape)}, got {weight_grad_sink.dtype} {tuple(weight_grad_sink.shape)}"
         )
+    if weight_grad_sink is not None and not weight_grad_sink.is_contiguous():
+        raise ValueError("weight_grad_sink must be contiguous")
+    if not 0.0 <= grad_filter < 1.0:
+        raise ValueError(f"grad_filter must be in [0, 1), got {grad_filter}")
+    if grad_filter and impl != "triton":
+        raise ValueError(f"grad_filter needs impl='triton' (the {impl!r} operator cannot skip work without a host sync)")
     if weight_grad_sink is not None and impl == "naive":
         raise ValueError("impl='naive' has no weight gradient sink; use impl='torch' or 'triton'")
     tp = tp_group is not None and torch.distributed.get_world_size(tp_group) > 1
@@ -106,7 +117,16 @@ def gce_loss(
         from .triton_kernels import gce_triton
 
         per, lse, ce, grp = gce_triton(
-            hidden, weight, target, group_sizes, group_weights, w, tp_group if tp else None, block_v, weight_grad_sink
+            hidden,
+            weight,
+            target,
+            group_sizes,
+            group_weights,
+            w,
+            tp_group if tp else None,
+            block_v,
+            weight_grad_sink,
+            grad_filter,
         )
 
     if reduction == "none":

@@ -131,12 +131,73 @@ def _lse_split_kernel(
 
 
 @triton.jit
-def _group_term(dz, z, cols, tgt, owned, a, LSEG, rows, rmask, N, level: tl.constexpr, g, lam):
-    """``dz - a lambda softmax_G(z)`` over the columns of the target's group ``G`` of size ``g``."""
+def _group_term(dz, hit, z, cols, tgt, owned, a, LSEG, rows, rmask, N, level: tl.constexpr, g, lam):
+    """``dz - a lambda softmax_G(z)`` over the columns of the target's group ``G`` of size ``g``, and
+    whether any row's group reaches into this tile."""
     lseg = tl.load(LSEG + level * N + rows, mask=rmask, other=0.0)
     start = tgt - tgt % g
     ing = (cols[None, :] >= start[:, None]) & (cols[None, :] < start[:, None] + g) & owned[:, None]
-    return dz - tl.where(ing, (a * lam)[:, None] * tl.exp(z - lseg[:, None]), 0.0)
+    hit = tl.maximum(hit, tl.max(tl.max(ing.to(tl.int32), 1), 0))
+    return dz - tl.where(ing, (a * lam)[:, None] * tl.exp(z - lseg[:, None]), 0.0), hit
+
+
+@triton.jit
+def _dz_tile(
+    H,
+    W,
+    T,
+    LSE,
+    COEF,
+    A,
+    LSEG,
+    rows,
+    rmask,
+    cols,
+    cmask,
+    N,
+    V,
+    D,
+    v0,
+    s_hn,
+    s_hd,
+    s_wv,
+    s_wd,
+    G0,
+    G1,
+    G2,
+    G3,
+    LAM0,
+    LAM1,
+    LAM2,
+    LAM3,
+    NUM_LEVELS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """A tile's logit gradient (fp32), its largest softmax probability, and whether a target or a
+    target group lies in it (its sparse terms)."""
+    z = _logits_tile(H, W, rows, cols, rmask, cmask, D, s_hn, s_hd, s_wv, s_wd, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+    lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+    coef = tl.load(COEF + rows, mask=rmask, other=0.0)
+    a = tl.load(A + rows, mask=rmask, other=0.0)
+    tgt = tl.load(T + rows, mask=rmask, other=-1).to(tl.int64) - v0
+    owned = (tgt >= 0) & (tgt < V)
+    p = tl.where(rmask[:, None] & cmask[None, :], tl.exp(z - lse[:, None]), 0.0)
+    dz = coef[:, None] * p
+    at = (cols[None, :] == tgt[:, None]) & cmask[None, :]
+    dz -= tl.where(at, a[:, None], 0.0)
+    hit = tl.max(tl.max(at.to(tl.int32), 1), 0)
+    if NUM_LEVELS > 0:
+        dz, hit = _group_term(dz, hit, z, cols, tgt, owned, a, LSEG, rows, rmask, N, 0, G0, LAM0)
+    if NUM_LEVELS > 1:
+        dz, hit = _group_term(dz, hit, z, cols, tgt, owned, a, LSEG, rows, rmask, N, 1, G1, LAM1)
+    if NUM_LEVELS > 2:
+        dz, hit = _group_term(dz, hit, z, cols, tgt, owned, a, LSEG, rows, rmask, N, 2, G2, LAM2)
+    if NUM_LEVELS > 3:
+        dz, hit = _group_term(dz, hit, z, cols, tgt, owned, a, LSEG, rows, rmask, N, 3, G3, LAM3)
+    return dz, tl.max(tl.max(p, 1), 0), hit
 
 
 @triton.jit
@@ -175,31 +236,83 @@ def _gce_dz_kernel(
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    ccol = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column within the chunk
+    ccol = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)  # column within the chunk
     cmask = ccol < VC
     cols = vstart + ccol  # column within this rank's shard
-    z = _logits_tile(H, W, rows, cols, rmask, cmask, D, s_hn, s_hd, s_wv, s_wd, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
-    lse = tl.load(LSE + rows, mask=rmask, other=0.0)
-    coef = tl.load(COEF + rows, mask=rmask, other=0.0)
-    a = tl.load(A + rows, mask=rmask, other=0.0)
-    tgt = tl.load(T + rows, mask=rmask, other=-1).to(tl.int64) - v0
-    owned = (tgt >= 0) & (tgt < V)
-    dz = coef[:, None] * tl.exp(z - lse[:, None])
-    dz -= tl.where(cols[None, :] == tgt[:, None], a[:, None], 0.0)
-    if NUM_LEVELS > 0:
-        dz = _group_term(dz, z, cols, tgt, owned, a, LSEG, rows, rmask, N, 0, G0, LAM0)
-    if NUM_LEVELS > 1:
-        dz = _group_term(dz, z, cols, tgt, owned, a, LSEG, rows, rmask, N, 1, G1, LAM1)
-    if NUM_LEVELS > 2:
-        dz = _group_term(dz, z, cols, tgt, owned, a, LSEG, rows, rmask, N, 2, G2, LAM2)
-    if NUM_LEVELS > 3:
-        dz = _group_term(dz, z, cols, tgt, owned, a, LSEG, rows, rmask, N, 3, G3, LAM3)
+    dz, _p, _hit = _dz_tile(
+        H, W, T, LSE, COEF, A, LSEG, rows, rmask, cols, cmask, N, V, D, v0, s_hn, s_hd, s_wv, s_wd,
+        G0, G1, G2, G3, LAM0, LAM1, LAM2, LAM3, NUM_LEVELS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
+    )  # fmt: skip
     out = DZ + rows[:, None] * s_zn + ccol[None, :]
     tl.store(out, dz.to(DZ.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _gce_bwd_filtered_kernel(
+    H,
+    W,
+    T,
+    LSE,
+    COEF,
+    A,
+    LSEG,
+    DH,
+    DW,
+    N,
+    V,
+    VC,
+    D,
+    vstart,
+    v0,
+    s_hn,
+    s_hd,
+    s_wv,
+    s_wd,
+    s_dw,
+    G0,
+    G1,
+    G2,
+    G3,
+    LAM0,
+    LAM1,
+    LAM2,
+    LAM3,
+    eps,
+    NUM_LEVELS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Gradient filtering (Cut Cross-Entropy's): a tile whose softmax stays below ``eps`` everywhere
+    and that holds no target or target group adds nothing; the others add ``dz W`` to ``DH [N, D]``
+    and ``dz^T H`` to ``DW [VC, D]`` (both fp32) with atomic additions."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    ccol = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cmask = ccol < VC
+    cols = vstart + ccol
+    dz, pmax, hit = _dz_tile(
+        H, W, T, LSE, COEF, A, LSEG, rows, rmask, cols, cmask, N, V, D, v0, s_hn, s_hd, s_wv, s_wd,
+        G0, G1, G2, G3, LAM0, LAM1, LAM2, LAM3, NUM_LEVELS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
+    )  # fmt: skip
+    if (pmax >= eps) | (hit > 0):
+        for ds in range(0, D, BLOCK_D):
+            dd = ds + tl.arange(0, BLOCK_D)
+            dmask = dd < D
+            w = tl.load(W + cols[:, None] * s_wv + dd[None, :] * s_wd, mask=cmask[:, None] & dmask[None, :], other=0.0)
+            h = tl.load(H + rows[:, None] * s_hn + dd[None, :] * s_hd, mask=rmask[:, None] & dmask[None, :], other=0.0)
+            if UPCAST:
+                dh = tl.dot(dz, w.to(tl.float32), input_precision="ieee")
+                dw = tl.dot(tl.trans(dz), h.to(tl.float32), input_precision="ieee")
+            else:
+                dzl = dz.to(w.dtype)
+                dh = tl.dot(dzl, w)
+                dw = tl.dot(tl.trans(dzl), h)
+            tl.atomic_add(DH + rows[:, None] * D + dd[None, :], dh, mask=rmask[:, None] & dmask[None, :])
+            tl.atomic_add(DW + ccol[:, None] * s_dw + dd[None, :], dw, mask=cmask[:, None] & dmask[None, :])
 
 
 _lse_split_tuned = triton.autotune(_configs(), key=["V", "D", "n_key"])(_lse_split_kernel)
@@ -244,7 +357,7 @@ def _levels(group_sizes, group_weights):
 
 class TritonGCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, token_weight, group_sizes, group_weights, tp_group, block_v, sink):
+    def forward(ctx, hidden, weight, target, token_weight, group_sizes, group_weights, tp_group, block_v, sink, grad_filter):
         if not hidden.is_cuda and not _interpreting():
             raise RuntimeError(
                 "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests); use impl='torch' on CPU"
@@ -295,7 +408,7 @@ class TritonGCE(torch.autograd.Function):
             loss = token_weight * total
         ctx.save_for_backward(hidden, weight, target, token_weight, lse, lseg)
         ctx.cfg = (list(group_sizes), list(group_weights), v0, block_v, upcast)
-        ctx.sink = sink
+        ctx.sink, ctx.grad_filter = sink, grad_filter
         ctx.mark_non_differentiable(ce, grp)
         ctx.set_materialize_grads(False)  # an unused lse (no z-loss) has no gradient, not one of zeros
         return loss, lse, ce, grp
@@ -317,67 +430,156 @@ class TritonGCE(torch.autograd.Function):
         a, coef = a.contiguous(), coef.contiguous()
         align = 1 if _interpreting() else SPLIT_ALIGN
         chunk = min(v_local, max(align, (block_v or DEFAULT_CHUNK_V) // align * align))
-        dz = torch.empty(n, chunk, device=dev, dtype=torch.float32 if upcast else hidden.dtype)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         d_hidden = torch.zeros(n, d, device=dev, dtype=torch.float32) if need_h else None
         d_weight = None
         if need_w:
             d_weight = weight_grad_placeholder(weight) if sink is not None else torch.empty_like(weight)
-        direct = dz.dtype == hidden.dtype == weight.dtype  # dW rows written by the GEMM itself
-        for vs in range(0, v_local, chunk):
-            vc = min(chunk, v_local - vs)
-            buf = dz[:, :vc]
-            if n:
-                _launch(
-                    _gce_dz_tuned,
-                    _gce_dz_kernel,
-                    n,
-                    lambda meta, vc=vc: triton.cdiv(vc, meta["BLOCK_V"]),
-                    d,
-                    hidden,
-                    weight,
-                    target,
-                    lse,
-                    coef,
-                    a,
-                    lseg_kept,
-                    buf,
-                    n,
-                    v_local,
-                    vc,
-                    d,
-                    vs,
-                    v0,
-                    triton.next_power_of_2(max(n, 1)),
-                    hidden.stride(0),
-                    hidden.stride(1),
-                    weight.stride(0),
-                    weight.stride(1),
-                    dz.stride(0),
-                    *gs,
-                    *lams,
-                    NUM_LEVELS=len(kept),
-                    UPCAST=upcast,
-                )
-            wc = weight[vs : vs + vc]
-            if need_h:
-                _addmm_f32_(d_hidden, buf, wc)
-            if need_w and sink is not None:
-                _addmm_f32_(sink[vs : vs + vc], buf.t(), hidden)
-            elif need_w and direct:
-                torch.mm(buf.t(), hidden, out=d_weight[vs : vs + vc])
-            elif need_w:
-                d_weight[vs : vs + vc] = _mm_f32(buf.t(), hidden).to(weight.dtype)
+        scalars = (*gs, *lams)
+        if ctx.grad_filter > 0:
+            args = (hidden, weight, target, lse, coef, a, lseg_kept, n, v_local, d, v0, chunk, kept, scalars, upcast)
+            _filtered_backward(*args, ctx.grad_filter, d_hidden, d_weight, sink)
+        else:
+            _backward(
+                hidden,
+                weight,
+                target,
+                lse,
+                coef,
+                a,
+                lseg_kept,
+                n,
+                v_local,
+                d,
+                v0,
+                chunk,
+                kept,
+                scalars,
+                upcast,
+                d_hidden,
+                d_weight,
+                sink,
+            )
         if need_h:
             d_hidden = d_hidden.to(hidden.dtype)
-        return d_hidden, d_weight, None, None, None, None, None, None, None
+        return d_hidden, d_weight, *([None] * 8)
+
+
+def _backward(
+    hidden, weight, target, lse, coef, a, lseg, n, v_local, d, v0, chunk, kept, scalars, upcast, d_hidden, d_weight, sink
+):
+    """``dz`` a vocabulary chunk at a time (kernel), then ``dH`` and ``dW`` by cuBLAS."""
+    dz = torch.empty(n, chunk, device=hidden.device, dtype=torch.float32 if upcast else hidden.dtype)
+    direct = dz.dtype == hidden.dtype == weight.dtype  # dW rows written by the GEMM itself
+    for vs in range(0, v_local, chunk):
+        vc = min(chunk, v_local - vs)
+        buf = dz[:, :vc]
+        if n:
+            _launch(
+                _gce_dz_tuned,
+                _gce_dz_kernel,
+                n,
+                lambda meta, vc=vc: triton.cdiv(vc, meta["BLOCK_V"]),
+                d,
+                hidden,
+                weight,
+                target,
+                lse,
+                coef,
+                a,
+                lseg,
+                buf,
+                n,
+                v_local,
+                vc,
+                d,
+                vs,
+                v0,
+                triton.next_power_of_2(max(n, 1)),
+                hidden.stride(0),
+                hidden.stride(1),
+                weight.stride(0),
+                weight.stride(1),
+                dz.stride(0),
+                *scalars,
+                NUM_LEVELS=len(kept),
+                UPCAST=upcast,
+            )
+        wc = weight[vs : vs + vc]
+        if d_hidden is not None:
+            _addmm_f32_(d_hidden, buf, wc)
+        if d_weight is not None and sink is not None:
+            _addmm_f32_(sink[vs : vs + vc], buf.t(), hidden)
+        elif d_weight is not None and direct:
+            torch.mm(buf.t(), hidden, out=d_weight[vs : vs + vc])
+        elif d_weight is not None:
+            d_weight[vs : vs + vc] = _mm_f32(buf.t(), hidden).to(weight.dtype)
+
+
+FILTERED_BLOCKS = {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64}  # fixed: tuning runs would add twice
+
+
+def _filtered_backward(
+    hidden, weight, target, lse, coef, a, lseg, n, v_local, d, v0, chunk, kept, scalars, upcast, eps, d_hidden, d_weight, sink
+):
+    """One fused kernel per vocabulary chunk: tiles below ``eps`` are skipped, the others add their
+    ``dH`` and ``dW`` atomically (fp32; the summation order varies run to run)."""
+    dev = hidden.device
+    dh = d_hidden if d_hidden is not None else torch.zeros(n, d, device=dev)
+    blocks = dict(INTERPRET_BLOCKS, BLOCK_D=max(16, triton.next_power_of_2(min(d, 64)))) if _interpreting() else FILTERED_BLOCKS
+    extra = {} if _interpreting() else {"num_warps": 4}
+    for vs in range(0, v_local, chunk):
+        vc = min(chunk, v_local - vs)
+        dw = sink[vs : vs + vc] if sink is not None else torch.zeros(vc, d, device=dev)
+        if n:
+            grid = (triton.cdiv(n, blocks["BLOCK_N"]), triton.cdiv(vc, blocks["BLOCK_V"]))
+            _gce_bwd_filtered_kernel[grid](
+                hidden,
+                weight,
+                target,
+                lse,
+                coef,
+                a,
+                lseg,
+                dh,
+                dw,
+                n,
+                v_local,
+                vc,
+                d,
+                vs,
+                v0,
+                hidden.stride(0),
+                hidden.stride(1),
+                weight.stride(0),
+                weight.stride(1),
+                dw.stride(0),
+                *scalars,
+                float(eps),
+                NUM_LEVELS=len(kept),
+                UPCAST=upcast,
+                **blocks,
+                **extra,
+            )
+        if d_weight is not None and sink is None:
+            d_weight[vs : vs + vc] = dw.to(weight.dtype)
 
 
 def gce_triton(
-    hidden, weight, target, group_sizes, group_weights, token_weight, tp_group=None, block_v=None, weight_grad_sink=None
+    hidden,
+    weight,
+    target,
+    group_sizes,
+    group_weights,
+    token_weight,
+    tp_group=None,
+    block_v=None,
+    weight_grad_sink=None,
+    grad_filter=0.0,
 ):
     """``block_v`` is the vocabulary chunk of the backward's logit-gradient buffer (default
-    ``DEFAULT_CHUNK_V``)."""
+    ``DEFAULT_CHUNK_V``); ``grad_filter > 0`` skips the gradient tiles whose softmax stays below it
+    (inexact, :func:`_filtered_backward`)."""
     return TritonGCE.apply(
         hidden,
         weight,
@@ -388,4 +590,5 @@ def gce_triton(
         tp_group,
         block_v,
         weight_grad_sink,
+        float(grad_filter),
     )

@@ -98,7 +98,15 @@ class GCEHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab_size, dim))
 
     def forward(
-        self, hidden, target=None, token_weight=None, *, group_sizes=(), group_weights=(), impl: str = "torch"
+        self,
+        hidden,
+        target=None,
+        token_weight=None,
+        *,
+        group_sizes=(),
+        group_weights=(),
+        impl: str = "torch",
+        grad_filter: float = 0.0,
     ) -> torch.Tensor | GCEStats:
         if target is None:
             return hidden @ self.weight.t()
@@ -112,6 +120,7 @@ class GCEHead(nn.Module):
             reduction="none",
             token_weight=token_weight,
             return_stats=True,
+            grad_filter=grad_filter,
         )
 
 

@@ -255,6 +255,7 @@ class MDMModel(MegatronModule):
             return_stats=True,
             tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None,
             weight_grad_sink=sink,
+            grad_filter=spec.grad_filter,
         )
         parts = loss_parts(stats, fsel, spec)
         return parts.loss_sum, parts.num_tokens, pack_metric_sums(parts)
