@@ -205,6 +205,8 @@ class TrainConfig:
     transformer_impl: str = choice("auto", "transformer_engine", "local")
     # the local spec's core attention: sdpa (PyTorch's fused kernels) or megatron's unfused one; auto: sdpa on CUDA
     attention: str = choice("auto", "sdpa", "local")
+    # the local spec's RMSNorm: compiled (one fused kernel each way) or eager; auto: compiled on CUDA
+    norm: str = choice("auto", "compiled", "eager")
     # auto: bf16 on GPUs; on CPUs whichever of bf16 / fp32 the CPU multiplies faster (measured at start-up)
     precision: str = choice("auto", "bf16", "fp32", "fp8")
     # tensorwise (current scaling): Megatron-Bridge's H100 default; mxfp8 needs Blackwell (training.fp8)

@@ -465,3 +465,37 @@ def test_in_training_sampler_draws_the_standalone_samplers_tokens(checkpoints, t
     last_stage = [rows for _, rows in results if rows]
     assert len(last_stage) == tp and all(max(r) <= 5 for r in last_stage)  # logits only per chunk, on the last stage
     assert not torch.equal(ref_model_order[0], ref_model_order[1])
+
+
+def test_compiled_rms_norm_equals_the_eager_one_at_every_length():
+    """``train.norm: compiled`` (auto on CUDA): the local spec's RMSNorm through ``torch.compile``
+    gives the eager norm's output and gradients, at three sequence lengths from one dynamic-shape
+    compilation (a step's trimmed length must not recompile it)."""
+    from types import SimpleNamespace
+
+    from megamdm.models.mcore.model import resolve_norm
+    from megamdm.models.mcore.spec import MegatronRMSNorm, compiled_rms_norm
+
+    assert resolve_norm("auto", "cuda", False) and not resolve_norm("auto", "cpu", False)
+    assert not resolve_norm("compiled", "cuda", True)  # Transformer Engine's norm is fused already
+    cfg = SimpleNamespace(params_dtype=torch.float32, sequence_parallel=False)
+    torch._dynamo.reset()
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        fused, eager = MegatronRMSNorm(cfg, 64, 1e-5, compiled=True).to(dtype), MegatronRMSNorm(cfg, 64, 1e-5).to(dtype)
+        with torch.no_grad():
+            fused.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(0))
+            eager.weight.copy_(fused.weight)
+        for s in (7, 12, 30):
+            x = torch.randn(s, 2, 64, generator=torch.Generator().manual_seed(s)).to(dtype)
+            outs = []
+            for norm in (fused, eager):
+                xi = x.clone().requires_grad_(True)
+                norm.weight.grad = None
+                y = norm(xi)
+                (y.float() * torch.linspace(-1, 1, 64)).sum().backward()
+                outs.append((y.float(), xi.grad.float(), norm.weight.grad.float()))
+            for a, b in zip(*outs):
+                assert ((a - b).norm() / b.norm()).item() < tol, (dtype, s)
+    frames = torch._dynamo.utils.counters["frames"]
+    assert 1 <= frames["ok"] <= 2, dict(frames)  # one compilation per dtype (plus backward), not per length
+    assert compiled_rms_norm() is compiled_rms_norm()

@@ -30,8 +30,8 @@ def cudnn_padding_semantics():
 
     real = mcore_model.layer_spec
 
-    def spec(use_te: bool, sdpa: bool = False):
-        layer, norm = real(use_te, sdpa)
+    def spec(use_te: bool, sdpa: bool = False, compiled_norm: bool = False):
+        layer, norm = real(use_te, sdpa, compiled_norm)
         layer.submodules.self_attention.submodules.core_attention = PrefixCountAttention
         return layer, norm
 

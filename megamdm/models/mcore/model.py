@@ -118,6 +118,7 @@ class MDMModel(MegatronModule):
         *,
         use_te: bool,
         sdpa: bool = False,
+        compiled_norm: bool = False,
         pre_process: bool = True,
         post_process: bool = True,
         vp_stage: int | None = None,
@@ -141,7 +142,7 @@ class MDMModel(MegatronModule):
             self.merge = torch.nn.Linear(4 * d, d, bias=False, dtype=config.params_dtype)
             if mdm.merge_norm:
                 self.merge_norm = RMSNorm(d, mdm.merge_norm_eps)
-        spec, norm = layer_spec(use_te, sdpa)
+        spec, norm = layer_spec(use_te, sdpa, compiled_norm)
         n_layers = get_num_layers_to_build(config, vp_stage)
         self.decoder = TransformerBlock(
             config,
@@ -277,6 +278,14 @@ def resolve_attention(choice: str, device: str, use_te: bool) -> str:
     return choice
 
 
+def resolve_norm(choice: str, device: str, use_te: bool) -> bool:
+    """``train.norm``: whether the local spec's RMSNorms are compiled; ``auto`` compiles them on CUDA
+    (on CPU the eager ones are the reference); Transformer Engine's norm is fused already."""
+    if use_te:
+        return False
+    return choice == "compiled" or (choice == "auto" and device == "cuda")
+
+
 def build_model(cfg, loss_spec: LossSpec, *, device: str, use_te: bool, vp_stage: int | None = None) -> MDMModel:
     """The MDMModel for this rank's pipeline stage (``cfg`` is a megamdm :class:`~megamdm.config.Config`)."""
     tcfg = transformer_config(cfg.model, cfg.train, cfg.parallel, device=device, use_te=use_te)
@@ -286,6 +295,7 @@ def build_model(cfg, loss_spec: LossSpec, *, device: str, use_te: bool, vp_stage
         loss_spec,
         use_te=use_te,
         sdpa=resolve_attention(cfg.train.attention, device, use_te) == "sdpa",
+        compiled_norm=resolve_norm(cfg.train.norm, device, use_te),
         pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
         post_process=ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
         vp_stage=vp_stage,
