@@ -279,20 +279,17 @@ def _predict(
         z = filter_logits(z, st.temperature, st.top_k, st.top_p, inplace=True, filter_first=st.filter_order == "filter_first")
         if st.confidence == "untempered":
             lse_raw = torch.logsumexp(z * tau, -1)
-        # one max, one exp and one sum pass: e = exp(z - max) is the sampling distribution up to its
-        # normaliser `total` (the draw needs no normalised copy); the top probability is 1 / total
-        m = z.max(-1, keepdim=True).values
-        e = (z - m).exp_() if untempered else z.sub_(m).exp_()  # untempered still needs z
-        total = e.sum(-1)
+        # softmax's own exp is the fast vectorised one (a separate exp_ pass costs ~4x more on CPU)
+        probs = torch.softmax(z, -1)
         keep = None
         if st.editing and not keep_all:
-            top = torch.exp(m[:, 0] * tau - lse_raw) if untempered else total.reciprocal()
+            top = torch.exp(z.max(-1).values * tau - lse_raw) if untempered else probs.max(-1).values
             keep = masked[rows] | (top > st.edit_threshold)
-        pick = _draw(e, gen) if st.temperature > 0 else e.argmax(-1)
+        pick = _draw(probs, gen) if st.temperature > 0 else probs.argmax(-1)
         if untempered:  # the picked token is never filtered out, so its raw logit is tau times the kept one
             c = torch.exp(z.gather(1, pick[:, None]).squeeze(1) * tau - lse_raw)
         else:
-            c = e.gather(1, pick[:, None]).squeeze(1) / total
+            c = probs.gather(1, pick[:, None]).squeeze(1)
         if keep is not None:
             pick, c = torch.where(keep, pick, x0[rows]), torch.where(keep, c, 0.0)
         x0[rows] = pick
