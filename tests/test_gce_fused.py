@@ -276,3 +276,29 @@ def test_gradient_filtering_needs_the_triton_operator():
     h, w, y, _, _ = problem(8, 32, 8, torch.float32)
     with pytest.raises(ValueError, match="grad_filter needs impl='triton'"):
         gce_loss(h, w, y, [8], [0.2], impl="torch", grad_filter=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["torch"] + (["triton"] if TRITON_OK else []))
+def test_the_fused_op_reads_nothing_back_by_construction(impl):
+    """On CPU, the ops that would make a GPU's host wait (scalar reads, data-sized outputs, boolean
+    indexing, host-built tensors) are counted under a dispatch mode through forward and backward of
+    the path GPUs take (for ``torch``: the recompute path, not the CPU-only one pass, whose check
+    of a uniform upstream gradient reads a CPU tensor). There must be none."""
+    from megamdm.gce.chunked import ChunkedGCE
+
+    from .support.device_reads import DeviceReads
+
+    h, w, y, tw, _ = problem(70, 192, 16, torch.float32)
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    spy = DeviceReads()
+    with spy.mode:
+        if impl == "torch":
+            out = ChunkedGCE.apply(h, w, y, tw, (8,), (0.2,), None, 64, 32, False, None)
+        else:
+            from megamdm.gce.triton_kernels import gce_triton
+
+            out = gce_triton(h, w, y, [8], [0.2], tw, block_v=64)
+        (out[0].sum() + 1e-2 * (out[1] ** 2).sum()).backward()
+    assert h.grad is not None and w.grad is not None
+    assert spy.reads == [], spy.reads

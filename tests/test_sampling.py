@@ -12,6 +12,7 @@ from PIL import Image
 from megamdm.sampling import MDMSampler, SampleSettings, cfg_combine, filter_logits, sample_tokens, stratified_order
 
 from .support.checkpoints import make_tiny_checkpoint
+from .support.device_reads import DeviceReads
 
 ROOT = Path(__file__).resolve().parents[1]
 V, MASK = 8, 8
@@ -619,32 +620,6 @@ def test_the_nld_preset_sets_the_released_samplers_rules(ckpt):
     assert meta["schedule_counts"] == "nld" and meta["confidence"] == "untempered" and meta["steps"] == 2
 
 
-class _DeviceReads:
-    """A dispatch mode that records every op which makes the host wait for the device on a GPU: a
-    scalar read (``.item()``, ``int()``, ``bool()``), an output whose size depends on the data
-    (``nonzero``, boolean indexing, ``masked_select``), a tensor built from host data inside the
-    loop (a host-to-device copy there), and ``multinomial`` (its validity check reads back)."""
-
-    READS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "lift_fresh", "multinomial", "unique"}
-
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        reads = self.reads = []
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                name = func.overloadpacket.__name__
-                bool_index = name.startswith("index") and any(
-                    isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else ()) or ()
-                )
-                if name in _DeviceReads.READS or name.startswith("unique") or bool_index:
-                    reads.append(name)
-                return func(*args, **(kwargs or {}))
-
-        self.mode = Mode()
-
-
 @pytest.mark.parametrize(
     "kw,region",
     [
@@ -673,7 +648,7 @@ def test_a_sampling_step_never_waits_for_the_device(ckpt, kw, region):
         st = s.default_settings(steps=steps, cfg=2.0, **kw)
         fn = s.guided_hidden_fn(ids, pad, st)
         gens = [torch.Generator().manual_seed(i) for i in range(2)]
-        spy = _DeviceReads()
+        spy = DeviceReads()
         with spy.mode:
             out = sample_tokens(fn, s.head_fn, init, mask_id, st, gens, editable=editable)
         assert (out.tokens != mask_id).all()
