@@ -467,20 +467,14 @@ def test_in_training_sampler_draws_the_standalone_samplers_tokens(checkpoints, t
     assert not torch.equal(ref_model_order[0], ref_model_order[1])
 
 
-def test_compiled_rms_norm_equals_the_eager_one_at_every_length():
-    """``train.norm: compiled`` (auto on CUDA): the local spec's RMSNorm through ``torch.compile``
-    gives the eager norm's output and gradients, at three sequence lengths from one dynamic-shape
-    compilation (a step's trimmed length must not recompile it)."""
+def _compiled_norm_worker():
     from types import SimpleNamespace
 
-    from megamdm.models.mcore.model import resolve_norm
     from megamdm.models.mcore.spec import MegatronRMSNorm, compiled_rms_norm
 
-    assert resolve_norm("auto", "cuda", False) and not resolve_norm("auto", "cpu", False)
-    assert not resolve_norm("compiled", "cuda", True)  # Transformer Engine's norm is fused already
     cfg = SimpleNamespace(params_dtype=torch.float32, sequence_parallel=False)
-    torch._dynamo.reset()
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+    errors = {}
+    for dtype in (torch.float32, torch.bfloat16):
         fused, eager = MegatronRMSNorm(cfg, 64, 1e-5, compiled=True).to(dtype), MegatronRMSNorm(cfg, 64, 1e-5).to(dtype)
         with torch.no_grad():
             fused.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(0))
@@ -494,8 +488,25 @@ def test_compiled_rms_norm_equals_the_eager_one_at_every_length():
                 y = norm(xi)
                 (y.float() * torch.linspace(-1, 1, 64)).sum().backward()
                 outs.append((y.float(), xi.grad.float(), norm.weight.grad.float()))
-            for a, b in zip(*outs):
-                assert ((a - b).norm() / b.norm()).item() < tol, (dtype, s)
-    frames = torch._dynamo.utils.counters["frames"]
-    assert 1 <= frames["ok"] <= 2, dict(frames)  # one compilation per dtype (plus backward), not per length
-    assert compiled_rms_norm() is compiled_rms_norm()
+            errors[(str(dtype), s)] = max(((a - b).norm() / b.norm()).item() for a, b in zip(*outs))
+    return {
+        "errors": errors,
+        "frames": dict(torch._dynamo.utils.counters["frames"]),
+        "cached": compiled_rms_norm() is compiled_rms_norm(),
+    }
+
+
+def test_compiled_rms_norm_equals_the_eager_one_at_every_length():
+    """``train.norm: compiled`` (auto on CUDA): the local spec's RMSNorm through ``torch.compile``
+    gives the eager norm's output and gradients, at three sequence lengths from one dynamic-shape
+    compilation (a step's trimmed length must not recompile it). In a child process: inductor's
+    compile workers, once started in pytest's process, hang the ranks later tests fork from it."""
+    from megamdm.models.mcore.model import resolve_norm
+
+    assert resolve_norm("auto", "cuda", False) and not resolve_norm("auto", "cpu", False)
+    assert not resolve_norm("compiled", "cuda", True)  # Transformer Engine's norm is fused already
+    (r,) = run_distributed(_compiled_norm_worker, 1)
+    for (dtype, _), err in r["errors"].items():
+        assert err < (1e-5 if dtype == "torch.float32" else 1e-2), r["errors"]
+    assert 1 <= r["frames"]["ok"] <= 2, r["frames"]  # one compilation per dtype, not per length
+    assert r["cached"]
