@@ -128,6 +128,29 @@ def target_stats(hidden, weight, t_local, group_sizes) -> tuple[torch.Tensor, to
     return zy, lseg
 
 
+def losses(lse_local, zy, lseg, owned, tp_group, token_weight, group_weights):
+    """The forward's end, shared by the fused implementations: the shards' statistics combined
+    (:func:`~megamdm.gce.vocab_parallel.combine`), then ``(loss [N], lse [N], ce [N], group [L, N],
+    lseg [L, N])`` with ``loss = w (ce + sum_l lambda_l (lse - lse_{G_l}))``."""
+    lse, zy, lseg = combine(lse_local, zy, lseg, owned, tp_group)
+    ce = lse - zy
+    grp = lse[None, :] - lseg
+    total = ce
+    for li, lam in enumerate(group_weights):
+        total = total + lam * grp[li]
+    return token_weight * total, lse, ce, grp, lseg
+
+
+def upstream_coefficients(g_loss, g_lse, token_weight, group_weights, n: int, device):
+    """``a = grad_loss * token_weight`` and the softmax coefficient ``a (1 + sum_l lambda_l) + g_lse``
+    of the logit gradient (fp32 ``[N]`` each), shared by the fused implementations' backwards."""
+    a = (g_loss.float() if g_loss is not None else torch.zeros(n, device=device)) * token_weight
+    coef = a * (1.0 + sum(group_weights))
+    if g_lse is not None:
+        coef = coef + g_lse.float()
+    return a, coef
+
+
 def _sparse_terms(z, t, a, lseg, group_sizes, group_weights, ranges, inb=None):
     """The target's and its groups' terms of a tile's logit gradient, as (columns, values) to scatter:
     ``-a`` at the target and ``-a lambda_l softmax_{G_l}(z)`` over each group (``t``: the target's
@@ -216,13 +239,7 @@ class ChunkedGCE(torch.autograd.Function):
                         part = torch.logsumexp(_mm_f32(hs[ns : ns + bn], wb), dim=1)
                         sl = slice(ns, ns + part.shape[0])
                         lse_local[sl] = torch.logaddexp(lse_local[sl], part)
-            lse, zy, lseg = combine(lse_local, zy, lseg, owned, tp_group)
-            ce = lse - zy
-            grp = lse[None, :] - lseg
-            total = ce
-            for li, lam in enumerate(group_weights):
-                total = total + lam * grp[li]
-            loss = token_weight * total
+            loss, lse, ce, grp, lseg = losses(lse_local, zy, lseg, owned, tp_group, token_weight, group_weights)
         ctx.save_for_backward(hidden, weight, target, token_weight, lse, lseg)
         ctx.cfg = (list(group_sizes), list(group_weights), v0, bv, bn)
         ctx.sink = sink
@@ -249,10 +266,7 @@ class ChunkedGCE(torch.autograd.Function):
             return (dh.mul_(g0).to(hidden.dtype) if dh is not None else None, dw, *([None] * 9))
         n, v_local = hidden.shape[0], weight.shape[0]
         dev = hidden.device
-        a = (g_loss.float() if g_loss is not None else torch.zeros(n, device=dev)) * token_weight
-        coef = a * (1.0 + sum(group_weights))
-        if g_lse is not None:
-            coef = coef + g_lse.float()
+        a, coef = upstream_coefficients(g_loss, g_lse, token_weight, group_weights, n, dev)
         d_hidden = torch.zeros(n, hidden.shape[1], device=dev, dtype=torch.float32) if need_h else None
         d_weight = None
         if need_w:

@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked import _addmm_f32_, _mm_f32, target_stats, weight_grad_placeholder
-from .vocab_parallel import combine, tp_rank_and_size
+from .chunked import _addmm_f32_, _mm_f32, losses, target_stats, upstream_coefficients, weight_grad_placeholder
+from .vocab_parallel import tp_rank_and_size
 
 NEG_INF = tl.constexpr(float("-inf"))  # a plain global float does not compile (only the interpreter accepts it)
 # The backward's vocabulary chunk. On an H100 (N=4096, V=131072, d=4096, bf16) 2048 kept the extra
@@ -399,13 +399,7 @@ class TritonGCE(torch.autograd.Function):
                     UPCAST=upcast,
                 )
             lse_local = torch.logsumexp(part, dim=0)
-            lse, zy, lseg = combine(lse_local, zy, lseg, owned, tp_group)
-            ce = lse - zy
-            grp = lse[None, :] - lseg
-            total = ce
-            for li, lam in enumerate(group_weights):
-                total = total + lam * grp[li]
-            loss = token_weight * total
+            loss, lse, ce, grp, lseg = losses(lse_local, zy, lseg, owned, tp_group, token_weight, group_weights)
         ctx.save_for_backward(hidden, weight, target, token_weight, lse, lseg)
         ctx.cfg = (list(group_sizes), list(group_weights), v0, block_v, upcast)
         ctx.sink, ctx.grad_filter = sink, grad_filter
@@ -423,10 +417,7 @@ class TritonGCE(torch.autograd.Function):
         dev = hidden.device
         kept, gs, lams = _levels(group_sizes, group_weights)
         lseg_kept = torch.stack([lseg[li] for li, _, _ in kept]) if kept else lse[None, :0]  # no host index
-        a = (g_loss.float() if g_loss is not None else torch.zeros(n, device=dev)) * token_weight
-        coef = a * (1.0 + sum(group_weights))
-        if g_lse is not None:
-            coef = coef + g_lse.float()
+        a, coef = upstream_coefficients(g_loss, g_lse, token_weight, group_weights, n, dev)
         a, coef = a.contiguous(), coef.contiguous()
         align = 1 if _interpreting() else SPLIT_ALIGN
         chunk = min(v_local, max(align, (block_v or DEFAULT_CHUNK_V) // align * align))
