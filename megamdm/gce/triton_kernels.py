@@ -426,40 +426,19 @@ class TritonGCE(torch.autograd.Function):
         d_weight = None
         if need_w:
             d_weight = weight_grad_placeholder(weight) if sink is not None else torch.empty_like(weight)
-        scalars = (*gs, *lams)
+        args = (hidden, weight, target, lse, coef, a, lseg_kept, v0, chunk, len(kept), (*gs, *lams), upcast)
         if ctx.grad_filter > 0:
-            args = (hidden, weight, target, lse, coef, a, lseg_kept, n, v_local, d, v0, chunk, kept, scalars, upcast)
-            _filtered_backward(*args, ctx.grad_filter, d_hidden, d_weight, sink)
+            _filtered_backward(*args, d_hidden, d_weight, sink, ctx.grad_filter)
         else:
-            _backward(
-                hidden,
-                weight,
-                target,
-                lse,
-                coef,
-                a,
-                lseg_kept,
-                n,
-                v_local,
-                d,
-                v0,
-                chunk,
-                kept,
-                scalars,
-                upcast,
-                d_hidden,
-                d_weight,
-                sink,
-            )
+            _backward(*args, d_hidden, d_weight, sink)
         if need_h:
             d_hidden = d_hidden.to(hidden.dtype)
         return d_hidden, d_weight, *([None] * 8)
 
 
-def _backward(
-    hidden, weight, target, lse, coef, a, lseg, n, v_local, d, v0, chunk, kept, scalars, upcast, d_hidden, d_weight, sink
-):
+def _backward(hidden, weight, target, lse, coef, a, lseg, v0, chunk, levels, scalars, upcast, d_hidden, d_weight, sink):
     """``dz`` a vocabulary chunk at a time (kernel), then ``dH`` and ``dW`` by cuBLAS."""
+    (n, d), v_local = hidden.shape, weight.shape[0]
     dz = torch.empty(n, chunk, device=hidden.device, dtype=torch.float32 if upcast else hidden.dtype)
     direct = dz.dtype == hidden.dtype == weight.dtype  # dW rows written by the GEMM itself
     for vs in range(0, v_local, chunk):
@@ -493,7 +472,7 @@ def _backward(
                 weight.stride(1),
                 dz.stride(0),
                 *scalars,
-                NUM_LEVELS=len(kept),
+                NUM_LEVELS=levels,
                 UPCAST=upcast,
             )
         wc = weight[vs : vs + vc]
@@ -511,11 +490,11 @@ FILTERED_BLOCKS = {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64}  # fixed: tuning
 
 
 def _filtered_backward(
-    hidden, weight, target, lse, coef, a, lseg, n, v_local, d, v0, chunk, kept, scalars, upcast, eps, d_hidden, d_weight, sink
+    hidden, weight, target, lse, coef, a, lseg, v0, chunk, levels, scalars, upcast, d_hidden, d_weight, sink, eps
 ):
     """One fused kernel per vocabulary chunk: tiles below ``eps`` are skipped, the others add their
     ``dH`` and ``dW`` atomically (fp32; the summation order varies run to run)."""
-    dev = hidden.device
+    (n, d), v_local, dev = hidden.shape, weight.shape[0], hidden.device
     dh = d_hidden if d_hidden is not None else torch.zeros(n, d, device=dev)
     blocks = dict(INTERPRET_BLOCKS, BLOCK_D=max(16, triton.next_power_of_2(min(d, 64)))) if _interpreting() else FILTERED_BLOCKS
     extra = {} if _interpreting() else {"num_warps": 4}
@@ -547,7 +526,7 @@ def _filtered_backward(
                 dw.stride(0),
                 *scalars,
                 float(eps),
-                NUM_LEVELS=len(kept),
+                NUM_LEVELS=levels,
                 UPCAST=upcast,
                 **blocks,
                 **extra,
