@@ -184,8 +184,9 @@ def _draw_block(v: int) -> int:
 
 
 def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One token per row of ``probs [n, V]`` (unnormalised weights) by inverse CDF: one uniform per row from ``gen`` (rows in
-    order, so the draws do not depend on how rows are chunked), fp64 sums, on any device. In two
+    """One token per row of ``probs [n, V]`` (weights; they need not sum to 1) by inverse CDF: one
+    uniform per row from ``gen`` (rows in order, so the draws do not depend on how rows are
+    chunked), fp64 sums, on any device. In two
     levels, so that one pass over the probabilities does it: the block of columns from the cumulative
     block sums, then the column from the cumulative sum within that block."""
     n, v = probs.shape
@@ -279,7 +280,8 @@ def _predict(
         z = filter_logits(z, st.temperature, st.top_k, st.top_p, inplace=True, filter_first=st.filter_order == "filter_first")
         if st.confidence == "untempered":
             lse_raw = torch.logsumexp(z * tau, -1)
-        # softmax's own exp is the fast vectorised one (a separate exp_ pass costs ~4x more on CPU)
+        # softmax, not exp_(z - max): its own exp is the fast vectorised one (exp_ cost 1.7x per image
+        # at the demo's head on CPU, docs/sampling.md)
         probs = torch.softmax(z, -1)
         keep = None
         if st.editing and not keep_all:
