@@ -42,19 +42,23 @@ from megamdm.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# ours: the operator and its gradient filter (triton-filter: Cut Cross-Entropy's bf16 threshold; inexact)
+OURS = {"naive": ("naive", 0.0), "torch": ("torch", 0.0), "triton": ("triton", 0.0), "triton-filter": ("triton", 2**-12)}
+
+
+def _fused(impl: str) -> bool:
+    return impl in OURS and OURS[impl][0] != "naive"
+
+
 def _loss_fn(impl: str, sizes, lams, block_v=None, block_n=None, sink=None):
-    if impl == "torch":
-        return lambda h, w, y: gce_loss(
-            h, w, y, sizes, lams, impl=impl, block_v=block_v, block_n=block_n, weight_grad_sink=sink
-        )
-    if impl == "triton":
-        return lambda h, w, y: gce_loss(h, w, y, sizes, lams, impl=impl, block_v=block_v, weight_grad_sink=sink)
-    if impl == "triton-filter":  # Cut Cross-Entropy's gradient filtering at its bf16 threshold (inexact)
-        return lambda h, w, y: gce_loss(
-            h, w, y, sizes, lams, impl="triton", block_v=block_v, weight_grad_sink=sink, grad_filter=2**-12
-        )
-    if impl == "naive":
-        return lambda h, w, y: gce_loss(h, w, y, sizes, lams, impl=impl, block_v=block_v)
+    if impl in OURS:
+        op, grad_filter = OURS[impl]
+        kw = {"impl": op, "block_v": block_v}
+        if op == "torch":
+            kw["block_n"] = block_n
+        if _fused(impl):
+            kw.update(weight_grad_sink=sink, grad_filter=grad_filter)
+        return lambda h, w, y: gce_loss(h, w, y, sizes, lams, **kw)
     if impl == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
@@ -71,7 +75,7 @@ def measure(impl, n, v, d, dtype, device, sizes, lams, repeat, block_v=None, blo
     h = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
     w = (torch.randn(v, d, device=device) / d**0.5).to(dtype).requires_grad_(True)
     y = torch.randint(0, v, (n,), device=device)
-    main_grad = torch.zeros(v, d, device=device) if sink and impl in ("torch", "triton", "triton-filter") else None
+    main_grad = torch.zeros(v, d, device=device) if sink and _fused(impl) else None
     fn = _loss_fn(impl, sizes, lams, block_v, block_n, main_grad)
     esize = torch.empty((), dtype=dtype).element_size()
     must_hold = 2 * (n * d + v * d) * esize  # inputs and their gradients (with a sink: its placeholder)
