@@ -302,3 +302,53 @@ def test_the_fused_op_reads_nothing_back_by_construction(impl):
         (out[0].sum() + 1e-2 * (out[1] ** 2).sum()).backward()
     assert h.grad is not None and w.grad is not None
     assert spy.reads == [], spy.reads
+
+
+@pytest.mark.parametrize("sink", [False, True])
+def test_the_torch_operators_gpu_path_traces_on_meta(sink):
+    """The GPU branches of the torch operator (fp32-output half matmuls into the accumulators) have
+    not run here; on the meta device they do, with their shape and dtype rules checked."""
+    h = torch.empty(3000, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.empty(4096, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    y = torch.zeros(3000, device="meta", dtype=torch.long)
+    main_grad = torch.empty(w.shape, device="meta") if sink else None
+    loss = gce_loss(h, w, y, [8, 64], [0.2, 0.1], impl="torch", block_v=1024, weight_grad_sink=main_grad)
+    loss.backward()
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert (h.grad.shape, h.grad.dtype) == (h.shape, torch.bfloat16)
+    assert (w.grad.shape, w.grad.dtype) == (w.shape, torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_the_triton_kernels_compile_for_hopper_without_spilling():
+    """Every tile configuration the autotuner would try, compiled for sm_90 at the paper's head in
+    bf16 with one and two group levels (tools/check_triton_kernels.py): no register spills, shared
+    memory within the H100's, wgmma and pipelined loads. The interpreter the other tests use checks
+    none of this. Caught here: 256-column tiles in the logit-gradient kernel (650 bytes of spills
+    per thread), 4 warps in the filtered backward, and int64 target ids (two levels spilled)."""
+    pytest.importorskip("triton")
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from megamdm.gce.triton_kernels import DZ_TILES, LSE_TILES
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run(
+        [sys.executable, str(root / "tools/check_triton_kernels.py"), "--levels", "1", "2", "--json"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.stdout.strip(), r.stderr[-2000:]
+    found = json.loads(r.stdout)
+    assert r.returncode == 0, [c for c in found if c["problems"]]
+    count = {}
+    for c in found:
+        count[c["kernel"]] = count.get(c["kernel"], 0) + 1
+    assert count == {"_lse_split_kernel": len(LSE_TILES), "_gce_dz_kernel": 2 * len(DZ_TILES), "_gce_bwd_filtered_kernel": 1}
+    assert all(c["mma"].startswith("wgmma") and c["async_loads"] > 0 for c in found)

@@ -48,6 +48,12 @@ GATHER_BYTES = 256 * 2**20  # the up-front group rows of one token chunk ([n, g,
 _HALF = (torch.bfloat16, torch.float16)
 
 
+def on_cpu(t: torch.Tensor) -> bool:
+    """Whether ``t`` takes the CPU paths. Every other device takes the GPU paths: CUDA, and the meta
+    device on which tools/check_triton_kernels.py traces them."""
+    return t.device.type == "cpu"
+
+
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` accumulated in fp32, returned in fp32. On CUDA half-precision operands go through
     tensor cores with an fp32 output. On CPU every operand is upcast to fp32: torch has no
@@ -56,9 +62,9 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     operand (the weight block, small) is made contiguous, since CPU BLAS runs ``h @ w.t()`` at half
     the speed of ``h @ w.t().contiguous()``."""
     low = a.dtype if a.dtype in _HALF else b.dtype if b.dtype in _HALF else None
-    if a.is_cuda and low is not None:
+    if not on_cpu(a) and low is not None:
         return torch.mm(a.to(low), b.to(low), out_dtype=torch.float32)
-    if a.is_cuda:
+    if not on_cpu(a):
         return a.float() @ b.float()
     return a.float() @ b.float().contiguous()
 
@@ -67,9 +73,9 @@ def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Te
     """``acc += a @ b`` in place, ``acc`` fp32, multiplied as :func:`_mm_f32` does: no product
     temporary beside the accumulator (on CUDA cuBLAS adds the fp32 product of half operands)."""
     low = a.dtype if a.dtype in _HALF else b.dtype if b.dtype in _HALF else None
-    if a.is_cuda and low is not None:
+    if not on_cpu(a) and low is not None:
         return torch.addmm(acc, a.to(low), b.to(low), out_dtype=torch.float32, out=acc)
-    if a.is_cuda:
+    if not on_cpu(a):
         return acc.addmm_(a.float(), b.float())
     return acc.addmm_(a.float(), b.float().contiguous())
 
@@ -83,12 +89,12 @@ def weight_grad_placeholder(weight: torch.Tensor) -> torch.Tensor:
 def _operand(t: torch.Tensor) -> torch.Tensor:
     """A matmul operand as :func:`_mm_f32` uses it, converted once per call or block rather than per
     tile: fp32 and contiguous on CPU, unchanged on CUDA."""
-    return t if t.is_cuda else t.float().contiguous()
+    return t if not on_cpu(t) else t.float().contiguous()
 
 
 def _operand_t(t: torch.Tensor) -> torch.Tensor:
     """``t.t()`` as :func:`_mm_f32`'s right operand, made once per block (contiguous on CPU)."""
-    return t.t() if t.is_cuda else _operand(t.t())
+    return t.t() if not on_cpu(t) else _operand(t.t())
 
 
 def block_size_v(block_v: int | None, group_sizes: Sequence[int], vocab_local: int) -> int:
@@ -114,7 +120,7 @@ def target_stats(hidden, weight, t_local, group_sizes) -> tuple[torch.Tensor, to
         ts, h = t[s : s + step], hidden[s : s + step]
         start = ts - ts % g
         rows = weight[start[:, None] + offsets]  # [n, g, d]: the widest group, which holds every level's
-        if h.is_cuda and (h.dtype in _HALF or rows.dtype in _HALF):
+        if not on_cpu(h) and (h.dtype in _HALF or rows.dtype in _HALF):
             low = h.dtype if h.dtype in _HALF else rows.dtype
             zg = torch.bmm(rows.to(low), h.to(low)[:, :, None], out_dtype=torch.float32)[..., 0]
         else:
@@ -208,12 +214,12 @@ class ChunkedGCE(torch.autograd.Function):
         rank, _ = tp_rank_and_size(tp_group)
         v0 = rank * v_local
         bv = block_size_v(block_v, group_sizes, v_local)
-        bn = min(block_n or (DEFAULT_BLOCK_N if hidden.is_cuda else DEFAULT_BLOCK_N_CPU), max(n, 1))
+        bn = min(block_n or (DEFAULT_BLOCK_N_CPU if on_cpu(hidden) else DEFAULT_BLOCK_N), max(n, 1))
         t_local = target - v0
         owned = (t_local >= 0) & (t_local < v_local)
         # on CPU without vocab parallelism the gradient is formed with the loss, for the common case
         # of a summed loss (backward checks that it is one); on GPUs that check would be a host sync
-        one_pass = grads and not hidden.is_cuda and tp_group is None
+        one_pass = grads and on_cpu(hidden) and tp_group is None
         ctx.ahead = None
         with torch.no_grad():
             zy, lseg = target_stats(hidden, weight, t_local, group_sizes)

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked import _addmm_f32_, _mm_f32, losses, target_stats, upstream_coefficients, weight_grad_placeholder
+from .chunked import _addmm_f32_, _mm_f32, losses, on_cpu, target_stats, upstream_coefficients, weight_grad_placeholder
 from .vocab_parallel import tp_rank_and_size
 
 NEG_INF = tl.constexpr(float("-inf"))  # a plain global float does not compile (only the interpreter accepts it)
@@ -49,12 +49,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _configs():
-    """Hopper-sized tiles for both kernels (autotuned once per key)."""
-    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 4, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4)]
+def _configs(shapes):
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=w, num_stages=st) for bn, bv, bd, w, st in shapes
     ]
+
+
+# Hopper tiles (BLOCK_N, BLOCK_V, BLOCK_D, warps, stages), autotuned once per key. In bf16 with up to
+# one group level each compiles for sm_90 without spilling registers and within its shared memory
+# (tools/check_triton_kernels.py, docs/gce.md). The logit-gradient kernel holds a tile's logits,
+# softmax and dz at once: 256-column tiles spill there once a group level is on.
+LSE_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 4, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4)]
+DZ_TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4)]
 
 
 INTERPRET_BLOCKS = {"BLOCK_N": 32, "BLOCK_V": 64}  # few, large programs: the interpreter's cost is per program
@@ -182,7 +188,7 @@ def _dz_tile(
     lse = tl.load(LSE + rows, mask=rmask, other=0.0)
     coef = tl.load(COEF + rows, mask=rmask, other=0.0)
     a = tl.load(A + rows, mask=rmask, other=0.0)
-    tgt = tl.load(T + rows, mask=rmask, other=-1).to(tl.int64) - v0
+    tgt = (tl.load(T + rows, mask=rmask, other=-1) - v0).to(tl.int32)  # a vocabulary id fits 31 bits
     owned = (tgt >= 0) & (tgt < V)
     p = tl.where(rmask[:, None] & cmask[None, :], tl.exp(z - lse[:, None]), 0.0)
     dz = coef[:, None] * p
@@ -315,22 +321,21 @@ def _gce_bwd_filtered_kernel(
             tl.atomic_add(DW + ccol[:, None] * s_dw + dd[None, :], dw, mask=cmask[:, None] & dmask[None, :])
 
 
-_lse_split_tuned = triton.autotune(_configs(), key=["V", "D", "n_key"])(_lse_split_kernel)
-_gce_dz_tuned = triton.autotune(_configs(), key=["VC", "D", "n_key"])(_gce_dz_kernel)
+_lse_split_tuned = triton.autotune(_configs(LSE_TILES), key=["V", "D", "n_key"])(_lse_split_kernel)
+_gce_dz_tuned = triton.autotune(_configs(DZ_TILES), key=["VC", "D", "n_key"])(_gce_dz_kernel)
 
 
 @functools.lru_cache(maxsize=8)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _split_width(n: int, v: int, device: torch.device) -> int:
     """Columns per vocabulary split: enough splits that (token blocks x splits) fills about two
     waves of the SMs (128-token blocks assumed), each split at least 2048 columns wide. Under the
     interpreter a few narrow splits, so the tests cover the merge."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        programs, bn, min_width, align = 2 * _sm_count(index), 128, 2048, SPLIT_ALIGN
+    if not _interpreting():
+        programs, bn, min_width, align = 2 * _sm_count(device), 128, 2048, SPLIT_ALIGN
     else:
         programs, bn, min_width, align = 4, INTERPRET_BLOCKS["BLOCK_N"], 64, 1
     splits = max(1, min(triton.cdiv(programs, triton.cdiv(max(n, 1), bn)), triton.cdiv(v, min_width)))
@@ -358,7 +363,7 @@ def _levels(group_sizes, group_weights):
 class TritonGCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, token_weight, group_sizes, group_weights, tp_group, block_v, sink, grad_filter):
-        if not hidden.is_cuda and not _interpreting():
+        if on_cpu(hidden) and not _interpreting():
             raise RuntimeError(
                 "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests); use impl='torch' on CPU"
             )
@@ -486,7 +491,8 @@ def _backward(hidden, weight, target, lse, coef, a, lseg, v0, chunk, levels, sca
             d_weight[vs : vs + vc] = _mm_f32(buf.t(), hidden).to(weight.dtype)
 
 
-FILTERED_BLOCKS = {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64}  # fixed: tuning runs would add twice
+# fixed (tuning runs would add twice); 8 warps: with 4 the tile's dz, dH and dW spill on sm_90
+FILTERED_BLOCKS = {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64}
 
 
 def _filtered_backward(
@@ -497,7 +503,7 @@ def _filtered_backward(
     (n, d), v_local, dev = hidden.shape, weight.shape[0], hidden.device
     dh = d_hidden if d_hidden is not None else torch.zeros(n, d, device=dev)
     blocks = dict(INTERPRET_BLOCKS, BLOCK_D=max(16, triton.next_power_of_2(min(d, 64)))) if _interpreting() else FILTERED_BLOCKS
-    extra = {} if _interpreting() else {"num_warps": 4}
+    extra = {} if _interpreting() else {"num_warps": 8}
     for vs in range(0, v_local, chunk):
         vc = min(chunk, v_local - vs)
         dw = sink[vs : vs + vc] if sink is not None else torch.zeros(vc, d, device=dev)
