@@ -28,28 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def synthetic_shards(root: Path, *, n: int, grid: int, tokenizer) -> Path:
-    """A zarr token dataset of ``n`` random ``grid x grid`` samples (speed does not depend on the tokens)."""
-    from megamdm.data.shards import BucketBuffer, consolidate, write_part
-    from megamdm.vq.base import codebook_hash
-
-    g = np.random.default_rng(0)
-    b = BucketBuffer()
-    px = grid * tokenizer.downsample
-    for i in range(n):
-        b.add(
-            g.integers(0, tokenizer.vocab_size, (grid, grid)), f"a synthetic sample number {i}", f"s{i}", (px, px), (0, 0), 6.0
-        )
-    h = codebook_hash(tokenizer.codebook())
-    write_part(root / "ds.zarr", "00000", {f"{px}x{px}": b}, {"codebook_hash": h})
-    consolidate(root / "ds.zarr", tokenizer=tokenizer.name, codebook_hash=h)
-    return root / "ds.zarr"
 
 
 def gpu_tests(out: Path) -> dict:
@@ -66,11 +47,11 @@ def gpu_tests(out: Path) -> dict:
 
 def train_and_sample(args, work: Path) -> dict:
     from megamdm.config import load_config
+    from megamdm.data.synthetic import synthetic_overrides
     from megamdm.objective import unpack_sums
     from megamdm.training.flops import head_flops
     from megamdm.training.samples import sample_images
     from megamdm.training.trainer import MetricsWindow, Trainer, peak_memory_gb
-    from megamdm.vq import KMeansPatchTokenizer
 
     if args.smoke:
         base, grid, vocab, f = ROOT / "configs/model/tiny.yaml", 8, 1024, 4
@@ -85,19 +66,10 @@ def train_and_sample(args, work: Path) -> dict:
             "parallel.tensor_parallel": 1,
             "parallel.sequence_parallel": False,
         }
-    tok = KMeansPatchTokenizer(torch.rand(vocab, 3 * f * f, generator=torch.Generator().manual_seed(0)), f)
-    tok.save(work / "tok")
-    shards = synthetic_shards(work, n=max(64, 4 * int(ov["data.global_batch_size"])), grid=grid, tokenizer=tok)
+    ov.update(synthetic_overrides(work, vocab=vocab, patch=f, size=grid * f, n=max(64, 4 * int(ov["data.global_batch_size"]))))
     ov.update(
         {
-            "data.shards": f"[{shards}]",
             "data.num_workers": 0 if args.smoke else 2,
-            "image_tokenizer.kind": "kmeans",
-            "image_tokenizer.path": str(work / "tok"),
-            "gce.groups_file": "null",
-            "checkpoint.save_dir": "null",
-            "checkpoint.init_from": "null",
-            "logging.wandb_mode": "disabled",
             "logging.sample_interval": 0,
             "train.steps": args.warmup + args.steps,
             "sample.height": grid * f,
