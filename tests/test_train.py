@@ -334,7 +334,8 @@ def test_sigkill_then_resume_follows_the_uninterrupted_run(toy_dataset, tmp_path
     raw = load_file(to_single(run, tmp_path / "raw", weights="raw") / "model.safetensors")
     for k in ema[1]:
         assert torch.allclose(ema[0][k].float(), ema[1][k].float(), rtol=1e-3, atol=1e-5), k
-    assert max((ema[1][k].float() - raw[k].float()).abs().max().item() for k in raw) > 1e-3  # not the last weights
+    # not the last weights (an EMA export of the raw weights differs by 0); 3e-4 on an AVX2 CPU in fp32, more in bf16
+    assert max((ema[1][k].float() - raw[k].float()).abs().max().item() for k in raw) > 1e-5
 
 
 def _drive_train_steps(ov):
