@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 
 from megamdm.config import load_config
+from megamdm.data.synthetic import random_tokenizer
 from megamdm.gce import GCEGroups
 from megamdm.memory import peak_rss_bytes, reset_peak_rss
 from megamdm.models.standalone import MDMTransformer
 from megamdm.pretrained import Pretrained
 from megamdm.sampling import MDMSampler
 from megamdm.text import load_text_tokenizer
-from megamdm.vq import KMeansPatchTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def random_pretrained(model_cfg_path: str, patch: int, device: str, dtype: torch
     with torch.device(device):
         model = MDMTransformer(cfg.model).to(dtype)
     v = cfg.model.image_vocab_size
-    tok = KMeansPatchTokenizer(torch.rand(v, 3 * patch * patch), patch)
+    tok = random_tokenizer(v, patch)
     groups = GCEGroups.identity(v, cfg.gce.group_sizes, cfg.gce.group_weights)
     return Pretrained(model, cfg, groups, tok, load_text_tokenizer("byte"), Path("."))
 

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from unittest import mock
 
 import torch
@@ -149,20 +149,26 @@ def _examine(case: str, kernel, kwargs, arch: int, half: bool) -> Compiled:
     )
 
 
-@contextlib.contextmanager
-def offline_compilation(arch: int, sms: int, half: bool, found: list[Compiled], case: list[str]):
-    """Within the block, every Triton launch compiles for ``sm_<arch>`` and records a
-    :class:`Compiled` in ``found`` (under the name in ``case[0]``) instead of running; an autotuned
-    launch compiles each of its configurations. Everything is restored on exit."""
-    run = JITFunction.run
+@dataclass
+class Record:
+    """What :func:`offline_compilation` found, each kernel under the case that first launched it."""
 
-    seen = set()
+    case: str = ""
+    found: list[Compiled] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def offline_compilation(arch: int, sms: int, half: bool):
+    """Within the block, every Triton launch compiles for ``sm_<arch>`` instead of running (an
+    autotuned launch: each of its configurations), and each kernel compiled goes into the
+    :class:`Record` it yields once, under its ``case`` at the time. Everything is restored on exit."""
+    record, seen, run = Record(), set(), JITFunction.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        if kernel.hash not in seen:  # each compiled kernel once, under the first case that launched it
+        if kernel.hash not in seen:  # a loop of launches (the backward's chunks) compiles once
             seen.add(kernel.hash)
-            found.append(_examine(case[0], kernel, kwargs, arch, half))
+            record.found.append(_examine(record.case, kernel, kwargs, arch, half))
         return kernel
 
     def every_config(self, *args, grid=None, warmup=False, **kwargs):
@@ -179,7 +185,7 @@ def offline_compilation(arch: int, sms: int, half: bool, found: list[Compiled], 
             warnings.catch_warnings(),
         ):
             warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
-            yield
+            yield record
     finally:
         driver._active = previous
 
@@ -188,15 +194,13 @@ def check(n: int, v: int, d: int, dtype: str, levels: list[int], arch: int, sms:
     """Forward and backward of the Triton GCE at each group-level count (g = 8, 64, ..., weight 0.2),
     then at the most levels with the weight gradient into an fp32 sink and with gradient
     filtering, compiled for ``sm_<arch>``."""
-    found: list[Compiled] = []
-    case = [""]
     cases = [(f"{k} level{'s' * (k != 1)}", k, 0.0, False) for k in levels]
     cases.append((f"{max(levels)} level(s), main_grad", max(levels), 0.0, True))
     if grad_filter > 0:
         cases.append((f"{max(levels)} level(s), filtered", max(levels), grad_filter, False))
-    with offline_compilation(arch, sms, dtype != "fp32", found, case):
+    with offline_compilation(arch, sms, dtype != "fp32") as record:
         for name, k, eps, sink_too in cases:
-            case[0] = name
+            record.case = name
             hidden = torch.empty(n, d, device="meta", dtype=DTYPES[dtype], requires_grad=True)
             weight = torch.empty(v, d, device="meta", dtype=DTYPES[dtype], requires_grad=True)
             target = torch.zeros(n, device="meta", dtype=torch.long)
@@ -205,7 +209,7 @@ def check(n: int, v: int, d: int, dtype: str, levels: list[int], arch: int, sms:
             loss = gce_loss(hidden, weight, target, sizes, weights, impl="triton", weight_grad_sink=sink, grad_filter=eps)
             loss.backward()
             assert hidden.grad.shape == hidden.shape and weight.grad.shape == weight.shape
-    return found
+    return record.found
 
 
 def main(argv=None) -> int:

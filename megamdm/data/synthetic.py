@@ -13,13 +13,15 @@ import torch
 WORDS = "a the red blue small large dog cat tree house on under near with two three old new bright dark city river".split()
 
 
-def random_tokenizer(vocab: int, patch: int, path: Path, seed: int = 0):
-    """A k-means patch tokenizer with ``vocab`` random codes over ``patch x patch`` pixels, saved at ``path``."""
+def random_tokenizer(vocab: int, patch: int, path: Path | None = None, seed: int = 0):
+    """A k-means patch tokenizer with ``vocab`` random codes over ``patch x patch`` pixels, saved at
+    ``path`` when one is given."""
     from megamdm.vq import KMeansPatchTokenizer
 
     g = torch.Generator().manual_seed(seed)
     tok = KMeansPatchTokenizer(torch.rand(vocab, 3 * patch * patch, generator=g), patch)
-    tok.save(path)
+    if path is not None:
+        tok.save(path)
     return tok
 
 

@@ -56,7 +56,7 @@ def _configs(shapes):
 
 
 # Hopper tiles (BLOCK_N, BLOCK_V, BLOCK_D, warps, stages), autotuned once per key. In bf16 with up to
-# one group level each compiles for sm_90 without spilling registers and within its shared memory
+# two group levels each compiles for sm_90 without spilling registers and within its shared memory
 # (tools/check_triton_kernels.py, docs/gce.md). The logit-gradient kernel holds a tile's logits,
 # softmax and dz at once: 256-column tiles spill there once a group level is on.
 LSE_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 4, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4)]
