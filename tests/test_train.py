@@ -493,12 +493,17 @@ def test_overlapped_data_parallel_communication_follows_the_same_trajectory(toy_
         assert abs(a - b) / b < 2e-5, (first["losses"] + rest["losses"], reference["losses"])
 
 
-def _bench_train(ov):
+def _bench_train_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_train", ROOT / "tools/bench_train.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def _bench_train(ov):
+    mod = _bench_train_module()
     cfg = load_config(ROOT / "configs/model/tiny.yaml", ov)
     res = mod.bench(cfg, warmup=1, steps=2)
     return {"res": res, "table": mod.table(res)}
@@ -526,3 +531,22 @@ def test_bench_train_counts_tokens_and_flops_and_splits_the_step(toy_dataset):
     assert sum(parts) == pytest.approx(r["step_s"]) and all(p >= 0 for p in parts)
     assert r["attention"] > 0 and r["gce_head"] > 0 and r["optimizer"] > 0
     assert "GCE head" in out["table"] and "MFU" in out["table"]
+
+
+def test_bench_train_variants_parse_and_compare():
+    """``--variant 'NAME: KEY=VALUE ...'``: a missing name is refused in one line; the comparison
+    table gives each part of the step as a share of that variant's step time."""
+    mod = _bench_train_module()
+    assert mod._variant("padded: data.trim_text=false train.norm=eager") == (
+        "padded",
+        ["data.trim_text=false", "train.norm=eager"],
+    )
+    assert mod._variant("after:") == ("after", [])
+    for bad in ("data.trim_text=false", ": x=1"):
+        with pytest.raises(SystemExit, match="give 'NAME: KEY=VALUE"):
+            mod._variant(bad)
+    parts = {"body": 0.5, "attention": 0.25, "gce_head": 0.125, "optimizer": 0.0625, "data_wait": 0.0625}
+    row = {"variant": "v", "step_s": 2.0, "tokens_per_s": 1000.0, "tflops_per_gpu": 300.0, "mfu": 0.3, **parts}
+    line = mod.comparison([row]).splitlines()[1].split()
+    assert line[:5] == ["v", "2.000", "1,000", "300.00", "30.0%"]
+    assert line[5:] == ["25.0%", "12.5%", "6.2%", "3.1%", "3.1%"]
