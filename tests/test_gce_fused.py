@@ -320,35 +320,32 @@ def test_the_torch_operators_gpu_path_traces_on_meta(sink):
 
 
 @pytest.mark.slow
-def test_the_triton_kernels_compile_for_hopper_without_spilling():
-    """Every tile configuration the autotuner would try, compiled for sm_90 at the paper's head in
-    bf16 with one and two group levels (tools/check_triton_kernels.py): no register spills, shared
-    memory within the H100's, wgmma and pipelined loads. The interpreter the other tests use checks
-    none of this. Caught here: 256-column tiles in the logit-gradient kernel (650 bytes of spills
-    per thread), 4 warps in the filtered backward, and int64 target ids (two levels spilled)."""
+@pytest.mark.parametrize("arch, levels", [(90, [1, 2]), (80, [1, 4])])
+def test_the_triton_kernels_compile_without_spilling(arch, levels):
+    """Every tile configuration the autotuner would try on an H100 (sm_90) or an A100 (sm_80),
+    compiled at the paper's head in bf16 (tools/check_triton_kernels.py): no register spills,
+    shared memory within the GPU's, its tensor-core instruction, pipelined loads. The interpreter
+    the other tests use checks none of this. Caught here: 256-column tiles in the logit-gradient
+    kernel (650 bytes of spills per thread), 4 warps in the filtered backward, int64 target ids
+    (two levels spilled), Hopper tiles on an A100 (forward spills) and at four group levels."""
     pytest.importorskip("triton")
     import json
     import subprocess
     import sys
     from pathlib import Path
 
-    from megamdm.gce.triton_kernels import DZ_TILES, LSE_TILES
+    from megamdm.gce.triton_kernels import tiles_for
 
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run(
-        [sys.executable, str(root / "tools/check_triton_kernels.py"), "--levels", "1", "2", "--json"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    cmd = [sys.executable, str(root / "tools/check_triton_kernels.py"), "--arch", str(arch), "--json", "--levels"]
+    r = subprocess.run(cmd + [str(k) for k in levels], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert r.stdout.strip(), r.stderr[-2000:]
     found = json.loads(r.stdout)
     assert r.returncode == 0, [c for c in found if c["problems"]]
     count = {}
     for c in found:
         count[c["kernel"]] = count.get(c["kernel"], 0) + 1
-    assert count == {"_lse_split_kernel": len(LSE_TILES), "_gce_dz_kernel": 2 * len(DZ_TILES), "_gce_bwd_filtered_kernel": 1}
-    assert all(c["mma"].startswith("wgmma") and c["async_loads"] > 0 for c in found)
+    dz = sum(len(tiles_for("dz", arch, k)) for k in levels)
+    assert count == {"_lse_split_kernel": len(tiles_for("lse", arch)), "_gce_dz_kernel": dz, "_gce_bwd_filtered_kernel": 1}
+    assert all(c["mma"].startswith("wgmma" if arch == 90 else "mma.sync") and c["async_loads"] > 0 for c in found)

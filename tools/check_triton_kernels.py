@@ -17,7 +17,7 @@ functions, so their shapes and dtypes are checked too.
 
 A configuration fails the check when it spills registers or needs more shared memory than the
 architecture has; a half-precision kernel must also use the architecture's tensor-core
-instruction (``mma.sync`` on sm_80, ``wgmma`` on sm_90, ``tcgen05`` on sm_100) and, from sm_90,
+instruction (``wgmma`` on sm_90, ``tcgen05`` on sm_100, ``mma.sync`` on the others) and, from sm_90,
 asynchronously pipelined loads. Timing needs the GPU itself (tools/bench_gce.py).
 """
 
@@ -46,7 +46,7 @@ from triton.runtime.jit import JITFunction
 from megamdm.gce import gce_loss, triton_kernels
 
 # Shared memory one block may use (bytes, CUDA programming guide, "technical specifications").
-SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 103: 232448, 120: 101376}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -122,7 +122,7 @@ def _examine(case: str, kernel, kwargs, arch: int, half: bool) -> Compiled:
         "mma.sync": ptx.count("mma.sync.aligned"),
     }
     used = [f"{kind} x{count}" for kind, count in kinds.items() if count]
-    expected = "tcgen05" if arch >= 100 else "wgmma" if arch >= 90 else "mma.sync"
+    expected = {90: "wgmma", 100: "tcgen05", 103: "tcgen05"}.get(arch, "mma.sync")  # sm_120 has neither
     async_loads = ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy")
     problems = []
     if spills or stack:
@@ -172,6 +172,7 @@ def offline_compilation(arch: int, sms: int, half: bool):
         return kernel
 
     def every_config(self, *args, grid=None, warmup=False, **kwargs):
+        self.nargs = dict(zip(self.arg_names, args))  # as Autotuner.run sets it for the pruning
         for config in self.prune_configs(kwargs):
             self.fn.run(*args, grid=(1,), warmup=True, **kwargs, **config.all_kwargs())
 

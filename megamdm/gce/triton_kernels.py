@@ -18,8 +18,9 @@ groups' sparse terms (a range test per row, levels of weight 0 skipped). Then
 written into the weight gradient's rows, or added into an fp32 sink (megatron's ``main_grad``)
 when one is given. Peak extra memory: the ``N x chunk`` ``dz`` buffer and the fp32 ``dH``.
 
-Tile sizes are autotuned on a GPU (configs for Hopper; key: vocabulary shard, d, and N rounded to
-a power of two, so a step's varying token count does not retune). On CPU the kernels run under
+Tile sizes are autotuned on a GPU (tile sets for Hopper/Blackwell and for Ampere-class shared
+memory; key: vocabulary shard, d, N rounded to a power of two so that a step's varying token count
+does not retune, and the group levels). On CPU the kernels run under
 ``TRITON_INTERPRET=1`` (tests, tiny shapes) with fixed tiles. The interpreter's bf16 ``tl.dot``
 is wrong, so there operands are upcast to fp32 first; on a GPU bf16/fp16 operands go to the
 tensor cores as they are and fp32 operands use IEEE precision (no TF32).
@@ -33,6 +34,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.driver import driver
 
 from .chunked import _addmm_f32_, _mm_f32, losses, on_cpu, target_stats, upstream_coefficients, weight_grad_placeholder
 from .vocab_parallel import tp_rank_and_size
@@ -55,12 +57,55 @@ def _configs(shapes):
     ]
 
 
-# Hopper tiles (BLOCK_N, BLOCK_V, BLOCK_D, warps, stages), autotuned once per key. In bf16 with up to
-# two group levels each compiles for sm_90 without spilling registers and within its shared memory
+# Tiles (BLOCK_N, BLOCK_V, BLOCK_D, warps, stages) per architecture family, autotuned once per key.
+# In bf16 each set compiles without spilling registers and within its family's shared memory
 # (tools/check_triton_kernels.py, docs/gce.md). The logit-gradient kernel holds a tile's logits,
-# softmax and dz at once: 256-column tiles spill there once a group level is on.
-LSE_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 4, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4)]
-DZ_TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4)]
+# softmax and dz at once: 256-column tiles spill there once a group level is on, and more levels
+# need tiles of 32 logits a thread.
+LSE_TILES = {
+    "hopper": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 4, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4)],
+    "ampere": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4), (64, 128, 32, 4, 4)],
+}
+DZ_TILES = {
+    "hopper": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4)],
+    "ampere": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4), (64, 128, 32, 4, 4)],
+}
+DEEP_DZ_TILES = [(64, 128, 64, 8, 4), (64, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 64, 64, 4, 4)]  # 32 logits a thread
+# The group levels a family's logit-gradient tiles (64 logits a thread) hold without spilling, per
+# architecture; more levels take the deep tiles. sm_100 and sm_120 spill 8-16 B at two levels.
+DZ_LEVELS = {80: 2, 86: 2, 89: 2, 90: 2}
+
+
+def tile_family(arch: int) -> str:
+    """``hopper`` for the GPUs with 227 KiB of shared memory per block (sm_90, sm_100, sm_103),
+    ``ampere`` for the others (sm_80: 163 KiB; sm_86, sm_89, sm_120: 99 KiB)."""
+    return "hopper" if 90 <= arch < 120 else "ampere"
+
+
+def tiles_for(kernel: str, arch: int, levels: int = 0) -> list[tuple[int, int, int, int, int]]:
+    """The tiles the autotuner tries for ``kernel`` (``lse`` or ``dz``) on ``sm_<arch>`` with
+    ``levels`` weighted group levels."""
+    if kernel == "lse":
+        return LSE_TILES[tile_family(arch)]
+    return DEEP_DZ_TILES if levels > DZ_LEVELS.get(arch, 1) else DZ_TILES[tile_family(arch)]
+
+
+def _shape(config) -> tuple[int, int, int, int, int]:
+    k = config.kwargs
+    return k["BLOCK_N"], k["BLOCK_V"], k["BLOCK_D"], config.num_warps, config.num_stages
+
+
+def _autotuned(kernel, name: str, key: list[str]):
+    """``kernel`` autotuned over every tile it has anywhere, pruned at launch to those of the GPU
+    it runs on (Triton's active target: the offline one under tools/check_triton_kernels.py)."""
+    sets = LSE_TILES.values() if name == "lse" else [*DZ_TILES.values(), DEEP_DZ_TILES]
+    every = list(dict.fromkeys(t for tiles in sets for t in tiles))
+
+    def prune(configs, _nargs, **kwargs):
+        keep = tiles_for(name, driver.active.get_current_target().arch, kwargs.get("NUM_LEVELS", 0))
+        return [c for c in configs if _shape(c) in keep]
+
+    return triton.autotune(_configs(every), key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 INTERPRET_BLOCKS = {"BLOCK_N": 32, "BLOCK_V": 64}  # few, large programs: the interpreter's cost is per program
@@ -321,8 +366,8 @@ def _gce_bwd_filtered_kernel(
             tl.atomic_add(DW + ccol[:, None] * s_dw + dd[None, :], dw, mask=cmask[:, None] & dmask[None, :])
 
 
-_lse_split_tuned = triton.autotune(_configs(LSE_TILES), key=["V", "D", "n_key"])(_lse_split_kernel)
-_gce_dz_tuned = triton.autotune(_configs(DZ_TILES), key=["VC", "D", "n_key"])(_gce_dz_kernel)
+_lse_split_tuned = _autotuned(_lse_split_kernel, "lse", key=["V", "D", "n_key"])
+_gce_dz_tuned = _autotuned(_gce_dz_kernel, "dz", key=["VC", "D", "n_key", "NUM_LEVELS"])
 
 
 @functools.lru_cache(maxsize=8)
