@@ -319,6 +319,28 @@ def test_the_torch_operators_gpu_path_traces_on_meta(sink):
     assert (w.grad.shape, w.grad.dtype) == (w.shape, torch.bfloat16)
 
 
+def test_the_filtered_backward_is_refused_where_triton_cannot_compile_it(monkeypatch):
+    """Triton 3.6 and 3.7 fail inside their compiler on the filtered backward for sm_100 (found by
+    tools/check_triton_kernels.py): there ``grad_filter`` is one line naming the fix; other
+    architectures and versions go on."""
+    from types import SimpleNamespace
+
+    from megamdm.gce import triton_kernels as tk
+
+    def target(arch, version):
+        monkeypatch.setattr(tk.triton, "__version__", version)
+        active = SimpleNamespace(get_current_target=lambda: SimpleNamespace(arch=arch))
+        monkeypatch.setattr(tk, "driver", SimpleNamespace(active=active))
+
+    for arch, version in [(100, "3.6.0"), (103, "3.7.1")]:
+        target(arch, version)
+        with pytest.raises(RuntimeError, match=f"sm_{arch} with Triton {version}: use Triton 3.8 or newer, or grad_filter 0"):
+            tk._check_filtered_backward_compiles()
+    for arch, version in [(90, "3.6.0"), (100, "3.8.0"), (100, "3.5.1"), (120, "3.6.0")]:
+        target(arch, version)
+        tk._check_filtered_backward_compiles()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch, levels", [(90, [1, 2]), (80, [1, 4])])
 def test_the_triton_kernels_compile_without_spilling(arch, levels):

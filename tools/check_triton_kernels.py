@@ -207,7 +207,11 @@ def check(n: int, v: int, d: int, dtype: str, levels: list[int], arch: int, sms:
             target = torch.zeros(n, device="meta", dtype=torch.long)
             sink = torch.empty(v, d, device="meta") if sink_too else None
             sizes, weights = [8 * 8**i for i in range(k)], [0.2] * k
-            loss = gce_loss(hidden, weight, target, sizes, weights, impl="triton", weight_grad_sink=sink, grad_filter=eps)
+            try:
+                loss = gce_loss(hidden, weight, target, sizes, weights, impl="triton", weight_grad_sink=sink, grad_filter=eps)
+            except RuntimeError as e:  # the operator refuses what this Triton cannot compile
+                print(f"{name}: refused: {e}", file=sys.stderr)
+                continue
             loss.backward()
             assert hidden.grad.shape == hidden.shape and weight.grad.shape == weight.shape
     return record.found

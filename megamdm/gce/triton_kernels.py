@@ -67,13 +67,14 @@ LSE_TILES = {
     "ampere": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4), (64, 128, 32, 4, 4)],
 }
 DZ_TILES = {
-    "hopper": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4)],
+    "hopper": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (64, 128, 64, 8, 4)],
     "ampere": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4), (64, 128, 32, 4, 4)],
 }
-DEEP_DZ_TILES = [(64, 128, 64, 8, 4), (64, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 64, 64, 4, 4)]  # 32 logits a thread
+DEEP_DZ_TILES = [(64, 128, 64, 8, 4), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)]  # 32 logits a thread
 # The group levels a family's logit-gradient tiles (64 logits a thread) hold without spilling, per
-# architecture; more levels take the deep tiles. sm_100 and sm_120 spill 8-16 B at two levels.
-DZ_LEVELS = {80: 2, 86: 2, 89: 2, 90: 2}
+# architecture; more levels take the deep tiles. At two levels sm_100 and sm_120 spill 8-16 B, and
+# sm_80/86/89 do with Triton 3.6.
+DZ_LEVELS = {90: 2}
 
 
 def tile_family(arch: int) -> str:
@@ -586,6 +587,17 @@ def _filtered_backward(
             d_weight[vs : vs + vc] = dw.to(weight.dtype)
 
 
+def _check_filtered_backward_compiles() -> None:
+    """Triton 3.6 and 3.7 stop with an MLIR error (their TMEM layout pass) when they compile the
+    filtered backward for sm_100/103; 3.5, 3.8 and 3.9 compile it (tools/check_triton_kernels.py)."""
+    arch = driver.active.get_current_target().arch
+    if 100 <= arch < 110 and triton.__version__.startswith(("3.6.", "3.7.")):
+        version = triton.__version__
+        raise RuntimeError(
+            f"gce.grad_filter does not compile for sm_{arch} with Triton {version}: use Triton 3.8 or newer, or grad_filter 0"
+        )
+
+
 def gce_triton(
     hidden,
     weight,
@@ -601,6 +613,8 @@ def gce_triton(
     """``block_v`` is the vocabulary chunk of the backward's logit-gradient buffer (default
     ``DEFAULT_CHUNK_V``); ``grad_filter > 0`` skips the gradient tiles whose softmax stays below it
     (inexact, :func:`_filtered_backward`)."""
+    if grad_filter and not _interpreting():
+        _check_filtered_backward_compiles()
     return TritonGCE.apply(
         hidden,
         weight,
