@@ -56,3 +56,26 @@ def test_gpu_check_runs_end_to_end_at_toy_sizes_on_cpu(tmp_path):
     assert report["train"]["samples_per_s"] > 0 and report["train"]["peak_mem_gb"] > 0
     assert report["sample"]["images"] == 4 and report["sample"]["steps"] == 3
     assert (tmp_path / "sample0.png").is_file() and "sampler 4 x 32 px" in r.stdout
+
+
+def test_prompt_padding_counts_each_layout_against_the_real_tokens(tmp_path):
+    """tools/bench_prompt_padding.py at the 256 px stage: the padded layout processes
+    ``text.max_len`` prompt positions per sample, the packed floor exactly the samples' own lengths
+    (uniform in 10..80, so about 45 on average) plus the image positions, and trimming lies between."""
+    import importlib.util
+    import json
+
+    from megamdm.config import load_config
+
+    spec = importlib.util.spec_from_file_location("bench_prompt_padding", ROOT / "tools/bench_prompt_padding.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--configs", "configs/pretrain_256.yaml", "--steps", "8", "--json", str(tmp_path / "r.json")]) == 0
+    (r,) = json.loads((tmp_path / "r.json").read_text())
+    cfg = load_config(ROOT / "configs/pretrain_256.yaml")
+    rows, m, b = r["rows"], r["image_positions"], r["samples_per_rank_step"]
+    assert m == 64 and rows["padded"]["positions_per_step"] == b * (cfg.text.max_len + m)
+    packed = rows[mod.PACKED]["positions_per_step"] / b - m  # mean prompt length
+    assert 35 < packed < 55
+    ratios = [rows[k]["positions_ratio"] for k in ("padded", "trimmed, drop_len 0", "trimmed, own length", mod.PACKED)]
+    assert ratios == sorted(ratios, reverse=True) and ratios[-1] < ratios[-2]

@@ -10,7 +10,8 @@ micro-conditioning; 10-80 tokens by default) and the stage's prompt dropout, the
 loader's own ``trim_text``. It prints positions and model FLOPs per step padded to
 ``text.max_len`` (``data.trim_text: false``), and trimmed with dropped prompts of ``text.max_len``
 MASKs (``text.drop_len: 0``, megamdm 0.2's), of their own length (``-1``, the 8B recipe's and
-NL-Diffusion-Image's) and of ``--drop-len`` MASKs.
+NL-Diffusion-Image's) and of ``--drop-len`` MASKs; and the floor: each sample's real tokens alone
+(dropped prompts of their own length), what packing the micro-batch into one sequence would process.
 Nothing is trained: the numbers are counts, so any machine gives the same table.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKED = "packed (the floor)"  # the real tokens alone, as THD packing would run them (not built)
 
 
 def step_micro_batches(cfg, lengths, dropped, drop_len, grid):
@@ -72,7 +74,7 @@ def measure(cfg_path: Path, steps: int, lo: int, hi: int, drop_len: int, seed: i
     g = torch.Generator().manual_seed(seed)
     layouts = [("padded", 0, False), ("trimmed, drop_len 0", 0, True), ("trimmed, own length", -1, True)]
     layouts.append((f"trimmed, drop_len {drop_len}", drop_len, True))
-    rows = {name: [0, 0.0] for name, _, _ in layouts}
+    rows = {name: [0, 0.0] for name, _, _ in layouts} | {PACKED: [0, 0.0]}
     for _ in range(steps):
         lengths = torch.randint(lo, hi + 1, (per_rank,), generator=g).clamp(max=cfg.text.max_len).tolist()
         dropped = (torch.rand(per_rank, generator=g) < cfg.diffusion.prompt_drop).tolist()
@@ -84,6 +86,9 @@ def measure(cfg_path: Path, steps: int, lo: int, hi: int, drop_len: int, seed: i
                 b, text_len = mb.corrupted.text_ids.shape
                 rows[name][0] += b * (text_len + m)
                 rows[name][1] += b * train_flops(cfg.model, text_len, *grid, 0.0)
+        for n in lengths:  # every sample its own length, dropped ones too: what packing would process
+            rows[PACKED][0] += n + m
+            rows[PACKED][1] += train_flops(cfg.model, n, *grid, 0.0)
     base = rows["padded"]
     return {
         "config": cfg_path.name,
