@@ -192,6 +192,7 @@ class DataConfig:
     reader: str = choice("auto", "tensorstore", "zarr")  # auto: tensorstore when installed
     seed: int = 1234
     trim_text: bool = True  # cut each step's prompts to its longest (multiple of 8): padding costs compute
+    group_by_length: int = 0  # >0: sort each window of this many global batches by prompt length (trimming then cuts more)
     valid_shards: list[str] = field(default_factory=list)  # held-out datasets for train.eval_interval
     valid_samples: int = 256  # the first this many validation samples (fixed order) are evaluated
     valid_mask_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # fixed t per pass
@@ -506,6 +507,7 @@ class Config:
             ("logging", "sample_interval", 0),
             ("data", "micro_batch_size", 1),
             ("data", "global_batch_size", 1),
+            ("data", "group_by_length", 0),
         ):
             v = getattr(getattr(self, section), name)
             if v < least:

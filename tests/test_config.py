@@ -126,10 +126,16 @@ def test_every_shipped_config_loads_and_validates():
 
 
 @pytest.mark.parametrize(
-    "key,value", [("checkpoint.save_interval", 0), ("logging.log_interval", 0), ("data.micro_batch_size", 0)]
+    "key,value,least",
+    [
+        ("checkpoint.save_interval", 0, 1),
+        ("logging.log_interval", 0, 1),
+        ("data.micro_batch_size", 0, 1),
+        ("data.group_by_length", -1, 0),
+    ],
 )
-def test_intervals_and_batch_sizes_are_checked_at_load(key, value):
-    with pytest.raises(ConfigError, match=f"{key}={value} must be >= 1"):
+def test_intervals_and_batch_sizes_are_checked_at_load(key, value, least):
+    with pytest.raises(ConfigError, match=f"{key}={value} must be >= {least}"):
         load_config(None, [f"{key}={value}"])
 
 

@@ -15,7 +15,7 @@ pytest.importorskip("zarr")
 
 from megamdm.config import Config, DataConfig, DiffusionConfig, ModelConfig
 from megamdm.data import dali
-from megamdm.data.loader import EpochPlan, TrainLoader, feistel_permute
+from megamdm.data.loader import EpochPlan, TrainLoader, _mix, feistel_permute
 from megamdm.data.shards import BucketBuffer, ShardError, TokenShards, consolidate, write_part
 from megamdm.data.webdataset import write_shard
 from megamdm.gce import GCEGroups
@@ -456,6 +456,53 @@ def test_resume_continues_the_same_sequence(toy_dataset):
         _loader(toy_dataset, 0, 1, dp_batch=16).load_state_dict(state)
 
 
+def test_grouping_by_length_keeps_the_epoch_and_cuts_the_padding(tmp_path):
+    """``data.group_by_length``: windows of 4 global batches sorted by prompt length and cut again.
+    The epoch holds the same samples; each batch's prompts span a band of lengths (none shorter than
+    the longest of the batch before it in the window), so trimming cuts more; two data-parallel
+    ranks still split the same global batches, and a loader resumed inside a window continues it."""
+    import dataclasses
+
+    from megamdm.config import TextConfig
+    from megamdm.data.synthetic import random_tokenizer, synthetic_shards
+
+    root = synthetic_shards(tmp_path, n=99, grid=4, tokenizer=random_tokenizer(V, 2), words=(1, 15))
+    base = loader_cfg(root)
+    base = dataclasses.replace(base, text=TextConfig(max_len=128, drop_len=-1))
+
+    def loader(group, rank=0, size=1):
+        cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, group_by_length=group))
+        return TrainLoader(cfg, GCEGroups.identity(V, [8], [0.2]), ByteTokenizer(), dp_rank=rank, dp_size=size)
+
+    def epoch(ld):
+        return [next(ld) for _ in range(ld.plan.steps_per_epoch)]
+
+    def lengths(step):
+        return torch.cat([(~m.corrupted.text_pad_mask).sum(1) for m in step])
+
+    plain, grouped = epoch(loader(0)), epoch(loader(4))
+    assert len(grouped) == 12  # 99 samples, global batches of 8
+    ids = [sorted(int(i) for s in steps for m in s for i in m.sample_ids[:, 1]) for steps in (plain, grouped)]
+    assert ids[0] == ids[1] and len(set(ids[0])) == 96
+    width = [sum(m.corrupted.text_ids.numel() for s in steps for m in s) for steps in (plain, grouped)]
+    assert width[1] < 0.9 * width[0], width  # about 0.83 here
+    ld = loader(4)
+    order = [ld.plan.order(0)[k][1] for k in range(12)]  # global batch j of each step
+    assert all(order[k] // 4 == order[k // 4 * 4] // 4 for k in range(12))  # a window's batches follow each other
+    by_batch = {j: lengths(step) for j, step in zip(order, grouped)}
+    for j in range(12):
+        if j % 4:
+            assert by_batch[j].min() >= by_batch[j - 1].max()
+    halves = [epoch(loader(4, r, 2)) for r in range(2)]
+    for k in range(12):
+        whole = torch.cat([m.sample_ids for m in grouped[k]])
+        assert torch.equal(whole, torch.cat([m.sample_ids for h in halves for m in h[k]]))
+    resumed = loader(4)
+    resumed.load_state_dict({**resumed.state_dict(), "step": 6})
+    for k in range(6, 12):
+        assert torch.equal(torch.cat([m.sample_ids for m in next(resumed)]), torch.cat([m.sample_ids for m in grouped[k]]))
+
+
 def test_feistel_is_a_bijection():
     for n in (1, 2, 7, 100, 1025):
         p = feistel_permute(np.arange(n), n, key=3)
@@ -464,6 +511,8 @@ def test_feistel_is_a_bijection():
     assert (a != b).mean() > 0.9
     plan = EpochPlan([{"8x8": 50}], 10, seed=1)
     assert plan.order(0) != plan.order(1)
+    # the order of 0.2's batches, unchanged since (a run resumes on the same sequence)
+    assert plan.order(0) == [("8x8", int(j)) for j in np.random.default_rng(_mix(1, 0)).permutation(5)]
 
 
 def test_buckets_and_crops():

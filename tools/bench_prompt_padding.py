@@ -10,8 +10,9 @@ micro-conditioning; 10-80 tokens by default) and the stage's prompt dropout, the
 loader's own ``trim_text``. It prints positions and model FLOPs per step padded to
 ``text.max_len`` (``data.trim_text: false``), and trimmed with dropped prompts of ``text.max_len``
 MASKs (``text.drop_len: 0``, megamdm 0.2's), of their own length (``-1``, the 8B recipe's and
-NL-Diffusion-Image's) and of ``--drop-len`` MASKs; and the floor: each sample's real tokens alone
-(dropped prompts of their own length), what packing the micro-batch into one sequence would process.
+NL-Diffusion-Image's) and of ``--drop-len`` MASKs; with ``data.group_by_length`` (dropped prompts
+of their own length); and the floor: each sample's real tokens alone (dropped prompts of their own
+length), what packing the micro-batch into one sequence would process.
 Nothing is trained: the numbers are counts, so any machine gives the same table.
 """
 
@@ -60,7 +61,7 @@ def data_parallel_size(cfg_path: Path, cfg) -> int:
     return max(1, nodes * gpus // (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel))
 
 
-def measure(cfg_path: Path, steps: int, lo: int, hi: int, drop_len: int, seed: int) -> dict:
+def measure(cfg_path: Path, steps: int, lo: int, hi: int, drop_len: int, seed: int, group: int = 0) -> dict:
     from megamdm.config import load_config
     from megamdm.data.loader import trim_text
     from megamdm.training.flops import train_flops
@@ -89,6 +90,20 @@ def measure(cfg_path: Path, steps: int, lo: int, hi: int, drop_len: int, seed: i
         for n in lengths:  # every sample its own length, dropped ones too: what packing would process
             rows[PACKED][0] += n + m
             rows[PACKED][1] += train_flops(cfg.model, n, *grid, 0.0)
+    if group:  # windows of `group` global batches sorted by length, cut, each batch in shuffled order
+        gb = cfg.data.global_batch_size
+        name = f"trimmed, own length, grouped by {group}"
+        rows[name] = [0, 0.0]
+        for w in range(-(-steps // group)):
+            lengths = torch.randint(lo, hi + 1, (group * gb,), generator=g).clamp(max=cfg.text.max_len).sort().values
+            for b in torch.randperm(group, generator=g)[: steps - w * group].tolist():  # batches in epoch order
+                batch = lengths[b * gb : (b + 1) * gb]
+                rank = batch[torch.randperm(gb, generator=g)[:per_rank]].tolist()  # rank 0's slice
+                micro = step_micro_batches(cfg, rank, [False] * per_rank, -1, grid)
+                for mb in trim_text(micro, seq_multiple=cfg.parallel.tensor_parallel if cfg.parallel.sequence_parallel else 1):
+                    bs, text_len = mb.corrupted.text_ids.shape
+                    rows[name][0] += bs * (text_len + m)
+                    rows[name][1] += bs * train_flops(cfg.model, text_len, *grid, 0.0)
     base = rows["padded"]
     return {
         "config": cfg_path.name,
@@ -116,16 +131,17 @@ def main(argv=None) -> int:
     ap.add_argument("--max-len", type=int, default=80)
     ap.add_argument("--drop-len", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--group-by-length", type=int, default=16, help="data.group_by_length of the grouped row (0: no row)")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args(argv)
-    results = [measure(ROOT / c, a.steps, a.min_len, a.max_len, a.drop_len, a.seed) for c in a.configs]
+    results = [measure(ROOT / c, a.steps, a.min_len, a.max_len, a.drop_len, a.seed, a.group_by_length) for c in a.configs]
     print(f"prompt lengths uniform in {a.min_len}..{a.max_len} tokens, {a.steps} steps of one rank per stage")
     print(", ".join(f"{r['config']}: {r['samples_per_rank_step']} samples per rank-step" for r in results))
-    print(f"{'stage':<22}{'layout':<24}{'positions/step':>16}{'ratio':>8}{'TFLOP/step':>12}{'ratio':>8}")
+    print(f"{'stage':<22}{'layout':<40}{'positions/step':>16}{'ratio':>8}{'TFLOP/step':>12}{'ratio':>8}")
     for r in results:
         for name, row in r["rows"].items():
             print(
-                f"{r['config']:<22}{name:<24}{row['positions_per_step']:>16,.0f}{row['positions_ratio']:>8.3f}"
+                f"{r['config']:<22}{name:<40}{row['positions_per_step']:>16,.0f}{row['positions_ratio']:>8.3f}"
                 f"{row['flops_per_step'] / 1e12:>12.1f}{row['flops_ratio']:>8.3f}"
             )
     if a.json:

@@ -5,6 +5,11 @@ The plan of an epoch is a pure function of ``(seed, epoch)``:
     indices computed per index, so no rank materialises a billion-entry permutation) and cut into
     global batches of ``global_batch_size`` (the remainder is dropped);
   * the global batches of all buckets are interleaved in a shuffled order;
+  * with ``data.group_by_length = W``, each window of W consecutive global batches of a bucket is
+    sorted by prompt length and cut again into W global batches (the samples of each batch keep
+    their shuffled order among themselves), so a step holds prompts of similar length and
+    trimming removes most of their padding; the epoch then shuffles windows, each window's
+    batches following each other in shuffled order;
   * data-parallel rank ``d`` takes the ``d``-th contiguous slice of each global batch and splits it
     into micro-batches.
 So the ranks see disjoint samples whose union is the epoch, a batch never mixes resolutions, and
@@ -20,6 +25,7 @@ training step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import warnings
@@ -83,10 +89,21 @@ class MicroBatch:
 
 
 class EpochPlan:
-    """Which samples form global batch ``k`` of epoch ``e``, over several datasets."""
+    """Which samples form global batch ``k`` of epoch ``e``, over several datasets.
+
+    ``group_by_length``: windows of that many global batches per bucket are regrouped by
+    ``prompt_length(bucket, idx, ds, local)``, the prompt lengths of those samples (0: no regrouping).
+    """
 
     def __init__(
-        self, counts: Sequence[dict[str, int]], global_batch: int, seed: int, resolutions: Sequence[str] | None = None
+        self,
+        counts: Sequence[dict[str, int]],
+        global_batch: int,
+        seed: int,
+        resolutions: Sequence[str] | None = None,
+        *,
+        group_by_length: int = 0,
+        prompt_length=None,
     ):
         self.global_batch, self.seed = global_batch, seed
         keys = sorted({r for c in counts for r in c}, key=parse_res)
@@ -102,23 +119,57 @@ class EpochPlan:
         self.steps_per_epoch = sum(self.batches_per_bucket.values())
         if self.steps_per_epoch == 0:
             raise ConfigError(f"no bucket holds a full global batch of {global_batch} samples (sizes {self.sizes})")
+        if group_by_length and prompt_length is None:
+            raise ValueError("group_by_length needs prompt_length")
+        self.group_by_length, self.prompt_length = group_by_length, prompt_length
         self._order_epoch, self._order = None, None
+        self._window_key, self._window = None, None
 
     def order(self, epoch: int) -> list[tuple[str, int]]:
+        """(bucket, global batch) of each step of ``epoch``. With ``group_by_length`` the windows are
+        shuffled and each one's batches follow each other, so a process reads a window's prompt
+        lengths once."""
         if self._order_epoch != epoch:
-            pairs = [(r, j) for r in self.buckets for j in range(self.batches_per_bucket[r])]
-            perm = np.random.default_rng(_mix(self.seed, epoch)).permutation(len(pairs))
-            self._order, self._order_epoch = [pairs[i] for i in perm], epoch
+            rng = np.random.default_rng(_mix(self.seed, epoch))
+            w = self.group_by_length or 1
+            windows = [(r, f) for r in self.buckets for f in range(0, self.batches_per_bucket[r], w)]
+            self._order = []
+            for i in rng.permutation(len(windows)):
+                r, first = windows[i]
+                self._order += [(r, first + int(j)) for j in rng.permutation(min(w, self.batches_per_bucket[r] - first))]
+            self._order_epoch = epoch
         return self._order
 
+    def _shuffled(self, epoch: int, r: str, pos: np.ndarray) -> np.ndarray:
+        return feistel_permute(pos, self.sizes[r], _mix(self.seed, epoch, zlib.crc32(r.encode())))
+
+    def _locate(self, r: str, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ds = np.searchsorted(self.cum[r], idx, side="right") - 1
+        return ds, idx - self.cum[r][ds]
+
+    def _batch(self, epoch: int, r: str, j: int, start: int, count: int) -> np.ndarray:
+        """Bucket indices of samples ``[start, start + count)`` of global batch ``j`` of bucket ``r``."""
+        gb, w = self.global_batch, self.group_by_length
+        if not w:
+            return self._shuffled(epoch, r, j * gb + np.arange(start, start + count))
+        first = j // w * w
+        if self._window_key != (epoch, r, first):  # one window's lengths are read once, for all its batches
+            last = min(first + w, self.batches_per_bucket[r])
+            idx = self._shuffled(epoch, r, np.arange(first * gb, last * gb))
+            lengths = np.asarray(self.prompt_length(r, idx, *self._locate(r, idx)))
+            self._window = idx, np.argsort(lengths, kind="stable")  # ties keep the shuffled order
+            self._window_key = (epoch, r, first)
+        idx, by_length = self._window
+        members = np.sort(by_length[(j - first) * gb : (j - first + 1) * gb])  # back in shuffled order
+        return idx[members[start : start + count]]
+
     def samples(self, step: int, start: int, count: int):
-        """(epoch, bucket, positions) of samples ``[start, start + count)`` of global step ``step``."""
+        """(epoch, bucket, indices, dataset of each, index within it) of samples ``[start, start +
+        count)`` of global step ``step``."""
         epoch, k = divmod(step, self.steps_per_epoch)
         r, j = self.order(epoch)[k]
-        pos = j * self.global_batch + np.arange(start, start + count)
-        idx = feistel_permute(pos, self.sizes[r], _mix(self.seed, epoch, zlib.crc32(r.encode())))
-        ds = np.searchsorted(self.cum[r], idx, side="right") - 1
-        return epoch, r, idx, ds, idx - self.cum[r][ds]
+        idx = self._batch(epoch, r, j, start, count)
+        return (epoch, r, idx, *self._locate(r, idx))
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -157,21 +208,23 @@ class StepBatches(torch.utils.data.Dataset):
         return trim_text(micro, seq_multiple=self.seq_multiple) if self.cfg.data.trim_text else micro
 
 
-def make_micro_batch(
-    datasets, cfg: Config, groups: GCEGroups, text_tokenizer, res: str, ds, idx, local, seeds, *, mask_ratio=None
-) -> MicroBatch:
-    """Read samples ``local`` (of datasets ``ds``, bucket ``res``), build their prompts and corrupt
-    each with its own seed (at a fixed ``mask_ratio`` and without prompt dropout when given)."""
-    fields = ("tokens", "captions", "orig_size", "crop", "score")
+PROMPT_FIELDS = ("captions", "orig_size", "crop", "score")
+
+
+def _read(datasets, res: str, ds, local, fields) -> list[list]:
+    """``fields`` of samples ``local`` of datasets ``ds`` in bucket ``res``, in the samples' order."""
     parts = {f: [] for f in fields}
     for d in np.unique(ds):
         sel = np.nonzero(ds == d)[0]
         got = datasets[d].read(res, local[sel], fields)
         for f in fields:
             parts[f].append((sel, got[f]))
-    tokens, captions, orig, crop, score = (_scatter(parts[f], len(idx)) for f in fields)
+    return [_scatter(parts[f], len(ds)) for f in fields]
+
+
+def _prompts(cfg: Config, captions, orig, crop, score) -> list[str]:
     t = cfg.text
-    texts = [
+    return [
         format_prompt(
             c,
             width=int(o[0]),
@@ -183,6 +236,24 @@ def make_micro_batch(
         )
         for c, o, cr, s in zip(captions, orig, crop, score)
     ]
+
+
+def prompt_lengths(datasets, cfg: Config, text_tokenizer, res: str, idx, ds, local) -> np.ndarray:
+    """Tokens in each sample's prompt, as training builds it (at most ``text.max_len``)."""
+    texts = _prompts(cfg, *_read(datasets, res, ds, local, PROMPT_FIELDS))
+    tail = template_tail(text_tokenizer, cfg.text.template, cfg.model.text_after_image)
+    _ids, pad, _cut = tokenize_prompts(text_tokenizer, texts, cfg.text.max_len, tail.kept)
+    return (~pad).sum(1).numpy()
+
+
+def make_micro_batch(
+    datasets, cfg: Config, groups: GCEGroups, text_tokenizer, res: str, ds, idx, local, seeds, *, mask_ratio=None
+) -> MicroBatch:
+    """Read samples ``local`` (of datasets ``ds``, bucket ``res``), build their prompts and corrupt
+    each with its own seed (at a fixed ``mask_ratio`` and without prompt dropout when given)."""
+    tokens, *prompt_fields = _read(datasets, res, ds, local, ("tokens", *PROMPT_FIELDS))
+    texts = _prompts(cfg, *prompt_fields)
+    t = cfg.text
     tail = template_tail(text_tokenizer, t.template, cfg.model.text_after_image)
     ids, pad, cut = tokenize_prompts(text_tokenizer, texts, t.max_len, tail.kept)
     img = groups.to_model(torch.from_numpy(np.stack(tokens).astype(np.int64)))
@@ -279,7 +350,14 @@ class TrainLoader:
                     "expected parts are missing",
                     stacklevel=2,
                 )
-        self.plan = EpochPlan([s.counts for s in self.datasets], d.global_batch_size, d.seed, d.resolutions or None)
+        self.plan = EpochPlan(
+            [s.counts for s in self.datasets],
+            d.global_batch_size,
+            d.seed,
+            d.resolutions or None,
+            group_by_length=d.group_by_length,
+            prompt_length=functools.partial(prompt_lengths, self.datasets, cfg, text_tokenizer),
+        )
         self.steps = StepBatches(
             self.datasets,
             self.plan,
