@@ -497,6 +497,8 @@ def test_grouping_by_length_keeps_the_epoch_and_cuts_the_padding(tmp_path):
     for k in range(12):
         whole = torch.cat([m.sample_ids for m in grouped[k]])
         assert torch.equal(whole, torch.cat([m.sample_ids for h in halves for m in h[k]]))
+    with pytest.raises(ValueError, match="data.group_by_length=0, but this run was saved with 4: the rest of the epoch"):
+        loader(0).load_state_dict(loader(4).state_dict())
     resumed = loader(4)
     resumed.load_state_dict({**resumed.state_dict(), "step": 6})
     for k in range(6, 12):

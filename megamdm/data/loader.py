@@ -380,6 +380,7 @@ class TrainLoader:
             "seed": self.plan.seed,
             "global_batch": self.plan.global_batch,
             "sizes": dict(self.plan.sizes),
+            "group_by_length": self.plan.group_by_length,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -387,6 +388,12 @@ class TrainLoader:
             raise ConfigError(
                 f"data-loader state does not fit this data: saved global batch {state['global_batch']} "
                 f"and bucket sizes {state['sizes']}, now {self.plan.global_batch} and {self.plan.sizes}"
+            )
+        saved = state.get("group_by_length", 0)  # states from before the setting had none
+        if saved != self.plan.group_by_length:
+            raise ConfigError(
+                f"data.group_by_length={self.plan.group_by_length}, but this run was saved with {saved}: the rest of "
+                "the epoch would repeat and skip samples; set it back (or start a new run with checkpoint.init_from)"
             )
         self.step = int(state["step"])
         self._it = None
