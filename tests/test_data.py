@@ -499,6 +499,10 @@ def test_grouping_by_length_keeps_the_epoch_and_cuts_the_padding(tmp_path):
         assert torch.equal(whole, torch.cat([m.sample_ids for h in halves for m in h[k]]))
     with pytest.raises(ValueError, match="data.group_by_length=0, but this run was saved with 4: the rest of the epoch"):
         loader(0).load_state_dict(loader(4).state_dict())
+    old = {k: v for k, v in loader(0).state_dict().items() if k != "group_by_length"}  # saved before the setting
+    loader(0).load_state_dict(old)
+    with pytest.raises(ValueError, match="data.group_by_length=4, but this run was saved with 0"):
+        loader(4).load_state_dict(old)
     resumed = loader(4)
     resumed.load_state_dict({**resumed.state_dict(), "step": 6})
     for k in range(6, 12):
