@@ -76,17 +76,19 @@ def measure(cfg_path: Path, steps: int, lo: int, hi: int, drop_len: int, seed: i
     layouts = [("padded", 0, False), ("trimmed, drop_len 0", 0, True), ("trimmed, own length", -1, True)]
     layouts.append((f"trimmed, drop_len {drop_len}", drop_len, True))
     rows = {name: [0, 0.0] for name, _, _ in layouts} | {PACKED: [0, 0.0]}
+    seq_multiple = cfg.parallel.tensor_parallel if cfg.parallel.sequence_parallel else 1
+
+    def count(name, micro, trim=True):  # positions and FLOPs of one rank-step's micro-batches
+        for mb in trim_text(micro, seq_multiple=seq_multiple) if trim else micro:
+            b, text_len = mb.corrupted.text_ids.shape
+            rows[name][0] += b * (text_len + m)
+            rows[name][1] += b * train_flops(cfg.model, text_len, *grid, 0.0)
+
     for _ in range(steps):
         lengths = torch.randint(lo, hi + 1, (per_rank,), generator=g).clamp(max=cfg.text.max_len).tolist()
         dropped = (torch.rand(per_rank, generator=g) < cfg.diffusion.prompt_drop).tolist()
         for name, dl, trim in layouts:
-            micro = step_micro_batches(cfg, lengths, dropped, dl, grid)
-            if trim:
-                micro = trim_text(micro, seq_multiple=cfg.parallel.tensor_parallel if cfg.parallel.sequence_parallel else 1)
-            for mb in micro:
-                b, text_len = mb.corrupted.text_ids.shape
-                rows[name][0] += b * (text_len + m)
-                rows[name][1] += b * train_flops(cfg.model, text_len, *grid, 0.0)
+            count(name, step_micro_batches(cfg, lengths, dropped, dl, grid), trim)
         for n in lengths:  # every sample its own length, dropped ones too: what packing would process
             rows[PACKED][0] += n + m
             rows[PACKED][1] += train_flops(cfg.model, n, *grid, 0.0)
@@ -99,11 +101,7 @@ def measure(cfg_path: Path, steps: int, lo: int, hi: int, drop_len: int, seed: i
             for b in torch.randperm(group, generator=g)[: steps - w * group].tolist():  # batches in epoch order
                 batch = lengths[b * gb : (b + 1) * gb]
                 rank = batch[torch.randperm(gb, generator=g)[:per_rank]].tolist()  # rank 0's slice
-                micro = step_micro_batches(cfg, rank, [False] * per_rank, -1, grid)
-                for mb in trim_text(micro, seq_multiple=cfg.parallel.tensor_parallel if cfg.parallel.sequence_parallel else 1):
-                    bs, text_len = mb.corrupted.text_ids.shape
-                    rows[name][0] += bs * (text_len + m)
-                    rows[name][1] += bs * train_flops(cfg.model, text_len, *grid, 0.0)
+                count(name, step_micro_batches(cfg, rank, [False] * per_rank, -1, grid))
     base = rows["padded"]
     return {
         "config": cfg_path.name,
