@@ -9,9 +9,9 @@ An unknown key or a value of the wrong type is a :class:`ConfigError` naming the
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,59 +20,54 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import MegamdmError
+from .options import as_overrides, bad_choices, choice, given, setting, show
+from .sampling.settings import SampleConfig
 
 
 class ConfigError(MegamdmError):
     """A config file or override is invalid. The message names the key and its source."""
 
 
-def choice(default: str, *allowed: str) -> Any:
-    """A string field that must be one of ``allowed``: checked for every section at load time."""
-    return field(default=default, metadata={"choices": (default, *allowed)})
-
-
-def choices(cls: type, name: str) -> tuple[str, ...]:
-    """The allowed values of a :func:`choice` field."""
-    return next(f.metadata["choices"] for f in dataclasses.fields(cls) if f.name == name)
-
-
 def _check_choices(section: Any, prefix: str) -> None:
-    for f in dataclasses.fields(section):
-        allowed = f.metadata.get("choices")
-        value = getattr(section, f.name)
-        if allowed and value not in allowed:
-            raise ConfigError(f"{prefix}.{f.name}={value!r} is not one of {', '.join(allowed)}")
+    for name, value, allowed in bad_choices(section):
+        raise ConfigError(f"{prefix}.{name}={value!r} is not one of {', '.join(show(a) for a in allowed)}")
 
 
 @dataclass
 class ModelConfig:
-    num_layers: int = 4
-    hidden_size: int = 256
-    num_attention_heads: int = 4
-    num_query_groups: int = 2  # key/value heads (GQA)
-    head_dim: int = 64
-    ffn_hidden_size: int = 768
-    image_vocab_size: int = 1024  # V; the MASK id is V
-    text_vocab_size: int = 384  # rows of the text embedding (>= the text tokenizer's vocabulary)
-    rope_theta: float = 10000.0
-    rope_2d: bool = False  # 2-D (row, column) RoPE for image positions instead of 1-D
-    rope_scaling: str = "none"  # none | yarn (NL-Diffusion-Image and Ministral-3: factor 16 over 16384 positions)
-    rope_factor: float = 1.0  # yarn: how much longer than original_max_positions the context may be
-    rope_original_max_positions: int = 0  # yarn: the pretraining context its frequencies were fitted to
-    rope_beta_fast: float = 32.0  # yarn: frequencies turning more often than this over it are kept
-    rope_beta_slow: float = 1.0  # yarn: frequencies turning less often are divided by rope_factor
-    # where images sit: 0 right after each prompt's real tokens (per-sample positions, so padding and
-    # trimming move nothing); n > 0 every image at position n (checkpoints before 0.2: n = their text.max_len)
-    fixed_image_start: int = 0
-    text_after_image: int = 0  # the last n prompt tokens follow the image (NL-Diffusion-Image's template)
-    norm_eps: float = 1e-5
-    # RMSNorm of each image embedding before the 2x2 merge, and of the hidden states before the unmerge
-    # (NL-Diffusion-Image's down-/up-sampler norms, eps 1e-6); off for megamdm-trained models
-    merge_norm: bool = False
-    unmerge_norm: bool = False
-    merge_norm_eps: float = 1e-6
-    init_std: float = 0.02
-    vocab_pad_multiple: int = 128  # embedding tables are padded to this, so any TP size divides them
+    """The network: sizes, vocabularies, positions (docs/design.md §1.1)."""
+
+    num_layers: int = setting(4, "transformer blocks")
+    hidden_size: int = setting(256, "model width d")
+    num_attention_heads: int = setting(4, "query heads")
+    num_query_groups: int = setting(2, "key/value heads (GQA)")
+    head_dim: int = setting(64, "width of one head")
+    ffn_hidden_size: int = setting(768, "SwiGLU inner width")
+    image_vocab_size: int = setting(1024, "V, the image tokenizer's codes; the MASK id is V")
+    text_vocab_size: int = setting(384, "rows of the text embedding (>= the text tokenizer's vocabulary)")
+    rope_theta: float = setting(10000.0, "RoPE base")
+    rope_2d: bool = setting(False, "2-D (row, column) RoPE for image positions instead of 1-D")
+    rope_scaling: str = choice(
+        "none", "yarn", help="yarn: NL-Diffusion-Image's and Ministral-3's (factor 16 over 16384 positions)"
+    )
+    rope_factor: float = setting(1.0, "yarn: how much longer than rope_original_max_positions the context may be")
+    rope_original_max_positions: int = setting(0, "yarn: the pretraining context its frequencies were fitted to")
+    rope_beta_fast: float = setting(32.0, "yarn: frequencies turning more often than this over it are kept")
+    rope_beta_slow: float = setting(1.0, "yarn: frequencies turning less often are divided by rope_factor")
+    fixed_image_start: int = setting(
+        0,
+        "where images sit: 0 right after each prompt's real tokens (per-sample positions, so padding and trimming "
+        "move nothing); n > 0 every image at position n (checkpoints before 0.2: n = their text.max_len)",
+    )
+    text_after_image: int = setting(0, "the last n prompt tokens follow the image (NL-Diffusion-Image's template)")
+    norm_eps: float = setting(1e-5, "RMSNorm epsilon of the blocks")
+    merge_norm: bool = setting(
+        False, "RMSNorm of each image embedding before the 2x2 merge (NL-Diffusion-Image's downsampler norm)"
+    )
+    unmerge_norm: bool = setting(False, "RMSNorm of the hidden states before the unmerge (NL-Diffusion-Image's upsampler norm)")
+    merge_norm_eps: float = setting(1e-6, "epsilon of the merge and unmerge norms")
+    init_std: float = setting(0.02, "standard deviation of the initial weights")
+    vocab_pad_multiple: int = setting(128, "embedding tables are padded to this, so any TP size divides them")
 
     @property
     def image_mask_id(self) -> int:
@@ -83,13 +78,12 @@ class ModelConfig:
         return _round_up(self.image_vocab_size + 1, self.vocab_pad_multiple)
 
     def validate(self) -> None:
+        _check_choices(self, "model")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"model.num_query_groups={self.num_query_groups}"
             )
-        if self.rope_scaling not in ("none", "yarn"):
-            raise ConfigError(f"model.rope_scaling={self.rope_scaling!r} is not one of none, yarn")
         if self.rope_scaling == "yarn" and (self.rope_factor < 1.0 or self.rope_original_max_positions < 1):
             raise ConfigError(
                 f"model.rope_scaling=yarn needs rope_factor >= 1 and rope_original_max_positions >= 1, got "
@@ -115,15 +109,19 @@ class ModelConfig:
 
 @dataclass
 class TextConfig:
-    tokenizer: str = "byte"  # "byte" (built in) or a local Hugging Face tokenizer directory
-    max_len: int = 64  # L_text: prompts are padded / truncated to this many tokens
-    micro_conditioning: bool = True  # append "| size WxH | crop T,L | score S" to the caption
-    default_score: float = 6.5
-    mask_token: str | None = None  # HF tokenizers: the token used as the text MASK
-    # the dropped / unconditional prompt: this many MASK tokens, then padding; 0: max_len of them (megamdm
-    # 0.2's, which keeps every step with a dropped prompt at max_len positions); -1: the prompt's own length
-    drop_len: int = 0
-    template: str = choice("megamdm", "nld")  # nld: NL-Diffusion-Image's ChatML conversation (needs drop_len -1)
+    """The prompt: tokenizer, length, template (megamdm/text.py)."""
+
+    tokenizer: str = setting("byte", '"byte" (built in) or a local Hugging Face tokenizer directory')
+    max_len: int = setting(64, "L_text: prompts are padded / truncated to this many tokens")
+    micro_conditioning: bool = setting(True, 'append "| size WxH | crop T,L | score S" to the caption')
+    default_score: float = setting(6.5, "the aesthetic score micro-conditioning states at sampling time")
+    mask_token: str | None = setting(None, "Hugging Face tokenizers: the token used as the text MASK")
+    drop_len: int = setting(
+        0,
+        "the dropped / unconditional prompt: this many MASK tokens, then padding; 0: max_len of them (megamdm "
+        "0.2's); -1: the prompt's own length",
+    )
+    template: str = choice("megamdm", "nld", help="nld: NL-Diffusion-Image's ChatML conversation (needs drop_len -1)")
 
     def validate(self) -> None:
         if self.template == "nld" and self.drop_len != -1:
@@ -139,18 +137,22 @@ class TextConfig:
 
 @dataclass
 class ImageTokenizerConfig:
-    kind: str = choice("kmeans", "diffusers", "emu3")  # emu3: NL-Diffusion-Image's Emu3.5 / IBQ VQGAN
-    path: str | None = None
+    """The image tokenizer (megamdm/vq/)."""
+
+    kind: str = choice("kmeans", "diffusers", "emu3", help="emu3: NL-Diffusion-Image's Emu3.5 / IBQ VQGAN")
+    path: str | None = setting(None, "its directory")
 
 
 @dataclass
 class GCEConfig:
-    groups_file: str | None = None  # built by tools/build_gce_groups.py; None: identity order
-    group_sizes: list[int] = field(default_factory=lambda: [8])
-    group_weights: list[float] = field(default_factory=lambda: [0.2])
-    impl: str = choice("torch", "naive", "triton")
-    z_loss_weight: float = 0.0
-    grad_filter: float = 0.0  # triton: skip gradient tiles whose softmax stays below this (inexact; CCE uses 2**-12)
+    """Grouped Cross-Entropy (docs/gce.md)."""
+
+    groups_file: str | None = setting(None, "built by megamdm-build-gce-groups; null: identity order")
+    group_sizes: list[int] = setting([8], "group size of each level")
+    group_weights: list[float] = setting([0.2], "lambda of each level")
+    impl: str = choice("torch", "naive", "triton", help="the operator: chunked PyTorch, materialised logits, Triton")
+    z_loss_weight: float = setting(0.0, "weight of the z-loss (lse squared)")
+    grad_filter: float = setting(0.0, "triton: skip gradient tiles whose softmax stays below this (inexact; CCE uses 2**-12)")
 
     def validate(self) -> None:
         if not 0.0 <= self.grad_filter < 1.0:
@@ -165,14 +167,16 @@ class GCEConfig:
 
 @dataclass
 class DiffusionConfig:
-    t_schedule: str = choice("uniform", "cosine", "logit_normal")
-    logit_normal_mean: float = 0.0
-    logit_normal_std: float = 1.0
-    eps: float = 1e-3
-    prompt_drop: float = 0.1
-    flip_ratio: float = 0.2
-    flip_mode: str = choice("uniform", "group")
-    edit_loss_weight: float = 0.2
+    """The training corruption (docs/design.md §1.2)."""
+
+    t_schedule: str = choice("uniform", "cosine", "logit_normal", help="how the mask ratio t is drawn")
+    logit_normal_mean: float = setting(0.0, "logit_normal: mean of the normal")
+    logit_normal_std: float = setting(1.0, "logit_normal: standard deviation of the normal")
+    eps: float = setting(1e-3, "the mask ratio is (1 - eps) t + eps")
+    prompt_drop: float = setting(0.1, "probability that a sample's prompt is dropped (the unconditional branch)")
+    flip_ratio: float = setting(0.2, "share of the visible tokens flipped to another token (teaches editing)")
+    flip_mode: str = choice("uniform", "group", help="a flip's new token: any, or a neighbour in its level-0 GCE group")
+    edit_loss_weight: float = setting(0.2, "loss weight of the flipped tokens")
 
     def validate(self) -> None:
         for name in ("prompt_drop", "flip_ratio", "eps"):
@@ -183,48 +187,67 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    shards: list[str] = field(default_factory=list)  # zarr token-shard datasets
-    resolutions: list[str] = field(default_factory=list)  # buckets to train on, e.g. ["256x256"]; empty: all
-    micro_batch_size: int = 8
-    global_batch_size: int = 64
-    num_workers: int = 2  # background processes building batches (spawned: tensorstore forbids fork)
-    prefetch: int = 4  # batches in flight per worker
-    reader: str = choice("auto", "tensorstore", "zarr")  # auto: tensorstore when installed
-    seed: int = 1234
-    trim_text: bool = True  # cut each step's prompts to its longest (multiple of 8): padding costs compute
-    group_by_length: int = 0  # >0: sort each window of this many global batches by prompt length (trimming then cuts more)
-    valid_shards: list[str] = field(default_factory=list)  # held-out datasets for train.eval_interval
-    valid_samples: int = 256  # the first this many validation samples (fixed order) are evaluated
-    valid_mask_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # fixed t per pass
+    """Token shards and batches (docs/data.md)."""
+
+    shards: list[str] = setting([], "zarr token-shard datasets")
+    resolutions: list[str] = setting([], 'buckets to train on, e.g. ["256x256"]; empty: all')
+    micro_batch_size: int = setting(8, "samples per rank and forward pass")
+    global_batch_size: int = setting(64, "samples per optimizer step, over every rank")
+    num_workers: int = setting(2, "background processes building batches (spawned: tensorstore forbids fork)")
+    prefetch: int = setting(4, "batches in flight per worker")
+    reader: str = choice("auto", "tensorstore", "zarr", help="auto: tensorstore when installed")
+    seed: int = setting(1234, "seed of the epoch order and of every sample's corruption")
+    trim_text: bool = setting(True, "cut each step's prompts to its longest (multiple of 8): padding costs compute")
+    group_by_length: int = setting(
+        0, ">0: sort each window of this many global batches by prompt length (trimming then cuts more)"
+    )
+    valid_shards: list[str] = setting([], "held-out datasets for train.eval_interval")
+    valid_samples: int = setting(256, "the first this many validation samples (fixed order) are evaluated")
+    valid_mask_ratios: list[float] = setting([0.25, 0.5, 0.75, 1.0], "the fixed mask ratio of each validation pass")
 
 
 @dataclass
 class TrainConfig:
     """What is trained, on what, for how long."""
 
-    device: str = choice("auto", "cuda", "cpu")
-    transformer_impl: str = choice("auto", "transformer_engine", "local")
-    # the local spec's core attention: sdpa (PyTorch's fused kernels) or megatron's unfused one; auto: sdpa on CUDA
-    attention: str = choice("auto", "sdpa", "local")
-    # the local spec's RMSNorm: compiled (one fused kernel each way) or eager; auto: compiled on CUDA
-    norm: str = choice("auto", "compiled", "eager")
-    # auto: bf16 on GPUs; on CPUs whichever of bf16 / fp32 the CPU multiplies faster (measured at start-up)
-    precision: str = choice("auto", "bf16", "fp32", "fp8")
-    # tensorwise (current scaling): Megatron-Bridge's H100 default; mxfp8 needs Blackwell (training.fp8)
-    fp8_recipe: str = choice("tensorwise", "delayed", "blockwise", "mxfp8")
-    fp8_param_gather: bool = False  # keep parameters in FP8 and all-gather them so (halves the gather)
-    fp8_first_last_bf16: bool = False  # the first and last transformer layer in bf16 (not with delayed)
-    recompute: str | None = None  # None | full | selective
-    steps: int = 1000
-    seed: int = 1234
-    exit_after_steps: int = 0  # stop (with a checkpoint) after this many steps in this process; 0: off
-    ema_decay: float = 0.0  # EMA of the fp32 master weights (e.g. 0.999); 0: off
-    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) at update n
-    eval_interval: int = 0  # validation loss every this many steps (and at the end); 0: off
+    device: str = choice("auto", "cuda", "cpu", help="auto: cuda when available")
+    transformer_impl: str = choice(
+        "auto", "transformer_engine", "local", help="megatron's layer spec; auto: Transformer Engine on GPUs where it imports"
+    )
+    attention: str = choice(
+        "auto",
+        "sdpa",
+        "local",
+        help="the local spec's core attention: PyTorch's fused kernels or megatron's; auto: sdpa on CUDA",
+    )
+    norm: str = choice(
+        "auto", "compiled", "eager", help="the local spec's RMSNorm: one fused kernel each way or eager; auto: compiled on CUDA"
+    )
+    precision: str = choice(
+        "auto",
+        "bf16",
+        "fp32",
+        "fp8",
+        help="auto: bf16 on GPUs; on CPUs whichever of bf16 / fp32 the CPU multiplies faster (measured at start-up)",
+    )
+    fp8_recipe: str = choice(
+        "tensorwise",
+        "delayed",
+        "blockwise",
+        "mxfp8",
+        help="tensorwise (current scaling): Megatron-Bridge's H100 default; mxfp8 needs Blackwell (training/fp8.py)",
+    )
+    fp8_param_gather: bool = setting(False, "keep parameters in FP8 and all-gather them so (halves the gather)")
+    fp8_first_last_bf16: bool = setting(False, "the first and last transformer layer in bf16 (not with delayed)")
+    recompute: str | None = choice(None, "full", "selective", help="activation recomputation; null: none")
+    steps: int = setting(1000, "optimizer steps of the run")
+    seed: int = setting(1234, "seed of the weights' initialisation and the model's random streams")
+    exit_after_steps: int = setting(0, "stop (with a checkpoint) after this many steps in this process; 0: off")
+    ema_decay: float = setting(0.0, "EMA of the weights after each step (e.g. 0.999); 0: off")
+    ema_warmup: bool = setting(True, "EMA decay min(ema_decay, (1 + n) / (10 + n)) at update n")
+    eval_interval: int = setting(0, "held-out loss every this many steps (and at the end); 0: off")
 
     def validate(self) -> None:
-        if self.recompute not in (None, "full", "selective"):
-            raise ConfigError(f"train.recompute={self.recompute!r} is not one of null, full, selective")
         if not (self.ema_decay == 0.0 or 0.0 < self.ema_decay < 1.0):
             raise ConfigError(f"train.ema_decay={self.ema_decay} must be in (0, 1), or 0 for no EMA")
         if self.eval_interval < 0:
@@ -238,31 +261,35 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    sequence_parallel: bool = False
-    use_distributed_optimizer: bool = True
-    # overlap the data-parallel gradient reduce-scatter with backward / the parameter all-gather with the
-    # next forward (distributed optimizer); null: on with CUDA, off on CPU
-    overlap_grad_reduce: bool | None = None
-    overlap_param_gather: bool | None = None
-    grad_reduce_dtype: str = choice("fp32", "bf16")  # bf16 halves the reduction's bytes (Megatron-Bridge's default)
+    """How the model and the batch are split over the ranks."""
+
+    tensor_parallel: int = setting(1, "tensor-parallel size")
+    pipeline_parallel: int = setting(1, "pipeline-parallel size")
+    sequence_parallel: bool = setting(False, "split the sequence over the tensor-parallel ranks outside attention")
+    use_distributed_optimizer: bool = setting(True, "shard the optimizer state over the data-parallel ranks")
+    overlap_grad_reduce: bool | None = setting(
+        None, "overlap the data-parallel gradient reduce-scatter with backward; null: on with CUDA, off on CPU"
+    )
+    overlap_param_gather: bool | None = setting(
+        None, "overlap the parameter all-gather with the next forward; null: on with CUDA, off on CPU"
+    )
+    grad_reduce_dtype: str = choice("fp32", "bf16", help="bf16 halves the reduction's bytes (Megatron-Bridge's default)")
 
 
 @dataclass
 class OptimConfig:
-    """Adam and its LR schedule (megatron-core's OptimizerParamScheduler)."""
+    """Adam and its learning-rate schedule."""
 
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_steps: int = 100
-    lr_decay_style: str = choice("cosine", "linear", "constant", "inverse-square-root", "WSD")
-    lr_wsd_decay_fraction: float = 0.2  # WSD: the last fraction of the steps anneals to min_lr
-    lr_wsd_decay_style: str = choice("linear", "cosine", "exponential", "minus_sqrt")  # the WSD anneal
-    weight_decay: float = 0.05
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    clip_grad: float = 1.0
+    lr: float = setting(3e-4, "peak learning rate")
+    min_lr: float = setting(3e-5, "learning rate at the end of the decay")
+    warmup_steps: int = setting(100, "linear warm-up steps")
+    lr_decay_style: str = choice("cosine", "linear", "constant", "inverse-square-root", "WSD", help="the decay after warm-up")
+    lr_wsd_decay_fraction: float = setting(0.2, "WSD: the last fraction of the steps anneals to min_lr")
+    lr_wsd_decay_style: str = choice("linear", "cosine", "exponential", "minus_sqrt", help="WSD: the anneal")
+    weight_decay: float = setting(0.05, "AdamW weight decay")
+    adam_beta1: float = setting(0.9, "Adam beta1")
+    adam_beta2: float = setting(0.95, "Adam beta2")
+    clip_grad: float = setting(1.0, "clip the global gradient norm to this")
 
     def validate(self) -> None:
         if not 0.0 < self.lr_wsd_decay_fraction <= 1.0:
@@ -271,27 +298,35 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
-    save_dir: str | None = None
-    save_interval: int = 1000
-    keep_last: int = 3
-    async_save: bool = False
-    resume: str = "auto"  # auto | none | <path to an iter_NNNNNNN directory>
-    init_from: str | None = None  # model weights to start from: a single-GPU-format dir or a torch_dist checkpoint
-    # optimizer state loadable at any TP/PP: dp = never (resumes at any DP), final = the run's last save, always
-    reshardable: str = choice("dp", "final", "always")
-    resume_changed_model: bool = False  # resume although the model / tokenizer settings differ from the checkpoint's
+    """Where and how often the run is saved, and where it starts from."""
+
+    save_dir: str | None = setting(None, "the run's folder: checkpoints (and fine-tuning's export)")
+    save_interval: int = setting(1000, "save every this many steps (and at the end)")
+    keep_last: int = setting(3, "keep this many checkpoints; 0: all")
+    async_save: bool = setting(False, "write checkpoints in the background")
+    resume: str = setting("auto", "auto: the save_dir's latest; none; or an iter_NNNNNNN / run directory")
+    init_from: str | None = setting(None, "model weights to start from: a single-GPU-format dir or a torch_dist checkpoint")
+    reshardable: str = choice(
+        "dp",
+        "final",
+        "always",
+        help="optimizer state loadable at any TP/PP: dp = never (resumes at any DP), final = the run's last save, always",
+    )
+    resume_changed_model: bool = setting(False, "resume although the model / tokenizer settings differ from the checkpoint's")
 
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 10
-    sample_interval: int = 0  # 0: off
-    sample_prompts: list[str] = field(default_factory=list)
-    peak_tflops: float = 0.0  # per device; 0: detect (H100/H200 bf16 989, fp8 1979)
-    wandb_mode: str = choice("disabled", "online", "offline")
-    wandb_project: str = "megamdm"
-    wandb_name: str | None = None
-    wandb_dir: str | None = None
+    """The log line, Weights & Biases and sample images during training."""
+
+    log_interval: int = setting(10, "a log line every this many steps")
+    sample_interval: int = setting(0, "sample images of sample_prompts every this many steps; 0: off")
+    sample_prompts: list[str] = setting([], "the prompts of those images")
+    peak_tflops: float = setting(0.0, "per device, for MFU; 0: detect (H100/H200 bf16 989, fp8 1979)")
+    wandb_mode: str = choice("disabled", "online", "offline", help="offline: a run directory to `wandb sync` later")
+    wandb_project: str = setting("megamdm", "W&B project")
+    wandb_name: str | None = setting(None, "W&B run name")
+    wandb_dir: str | None = setting(None, "W&B directory (default: the run's folder)")
 
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -299,180 +334,60 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class FinetuneConfig:
-    """DeepSpeed fine-tuning of a single-GPU-format checkpoint (``megamdm-finetune``)."""
+    """DeepSpeed fine-tuning of a single-GPU-format checkpoint (``megamdm-finetune``); steps, learning
+    rate, precision, EMA, checkpoints and logging are the ``train``, ``optim``, ``checkpoint`` and
+    ``logging`` sections pretraining uses (with fine-tuning's defaults, ``megamdm.finetune.DEFAULTS``)."""
 
-    deepspeed_config: str = "configs/deepspeed/zero2.json"
-    out: str = "finetune_out"  # DeepSpeed checkpoints and the exported single-GPU checkpoint
-    steps: int = 1000
-    lr: float = 1e-5
-    min_lr: float = 1e-6
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
-    precision: str = choice("bf16", "fp32")
-    save_interval: int = 500
-    log_interval: int = 10
-    offload_optimizer: bool = False
-    gradient_checkpointing: bool = False  # recompute each block's activations in backward
-    lora_rank: int = 0  # 0: full fine-tuning
-    lora_alpha: float = 16.0
-    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    export: bool = True
-    seed: int = 1234
-    ema_decay: float = 0.0  # EMA of the trainable weights (exported instead of the last step's); 0: off
-    ema_warmup: bool = True
+    deepspeed_config: str = setting("configs/deepspeed/zero2.json", "DeepSpeed JSON: ZeRO stage, buckets")
+    offload_optimizer: bool = setting(False, "keep the optimizer state in CPU memory")
+    gradient_checkpointing: bool = setting(
+        False, "recompute each block's activations in backward: memory for ~30% more compute"
+    )
+    lora_rank: int = setting(0, "LoRA rank of the targeted projections; 0: full fine-tuning")
+    lora_alpha: float = setting(16.0, "LoRA alpha: the adapters' update is scaled by alpha / rank")
+    lora_targets: list[str] = setting(LORA_TARGETS, "the projections LoRA adapts")
+    export: bool = setting(True, "write the result (LoRA merged) in the single-GPU format to SAVE_DIR/single")
 
 
 @dataclass
 class PreprocessConfig:
     """Image shards -> token shards (``megamdm-preprocess``)."""
 
-    resolution: int = 256
-    aspect_buckets: bool = False
-    crop: str = choice("center", "random")
-    batch_size: int = 64
-    device: str = choice("cpu", "cuda")  # cuda: DALI mixed decoding, tokenizer on the GPU
-    device_id: int | None = None
-    num_threads: int = 2
+    resolution: int = setting(256, "image side in pixels (the area of every aspect bucket)")
+    aspect_buckets: bool = setting(False, "aspect-ratio buckets of about the same area instead of squares")
+    crop: str = choice("center", "random", help="where a resized image is cropped to its bucket")
+    batch_size: int = setting(64, "images decoded and tokenized at a time")
+    device: str = choice(
+        "auto", "cpu", "cuda", help="cuda: DALI mixed decoding, tokenizer on the GPU; auto: cuda when available"
+    )
+    device_id: int | None = setting(None, "the GPU (default: LOCAL_RANK)")
+    num_threads: int = setting(2, "DALI decoding threads")
 
     def __post_init__(self) -> None:
         _check_choices(self, "preprocess")
 
 
-# keys that lived under ``train:`` before megamdm 0.2: every field of these sections
-MOVED_FROM_TRAIN = {
-    f.name: section
-    for section, cls in (
-        ("parallel", ParallelConfig),
-        ("optim", OptimConfig),
-        ("checkpoint", CheckpointConfig),
-        ("logging", LoggingConfig),
-    )
-    for f in dataclasses.fields(cls)
+# Keys that moved between sections: (old section, key) -> (new section, key). A config a user writes
+# with an old key is refused with the new name; a config a checkpoint saved is migrated.
+MOVED_KEYS = {
+    # megamdm 0.2 split ``train:``: every field of these sections lived there
+    **{
+        ("train", f.name): (section, f.name)
+        for section, cls in (
+            ("parallel", ParallelConfig),
+            ("optim", OptimConfig),
+            ("checkpoint", CheckpointConfig),
+            ("logging", LoggingConfig),
+        )
+        for f in dataclasses.fields(cls)
+    },
+    # megamdm 0.3: fine-tuning shares the pretraining sections instead of repeating their fields
+    **{("finetune", k): ("optim", k) for k in ("lr", "min_lr", "warmup_steps", "weight_decay", "clip_grad")},
+    **{("finetune", k): ("train", k) for k in ("steps", "precision", "seed", "ema_decay", "ema_warmup")},
+    ("finetune", "save_interval"): ("checkpoint", "save_interval"),
+    ("finetune", "log_interval"): ("logging", "log_interval"),
+    ("finetune", "out"): ("checkpoint", "save_dir"),
 }
-
-
-@dataclass
-class SampleSettings:
-    """What one sampling call needs (docs/design.md §1.3); :class:`SampleConfig` adds canvas and seed."""
-
-    steps: int = 20
-    cfg: float = 5.0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    schedule: str = choice("shift", "cosine")
-    shift: float = 3.0
-    policy: str = choice("gumbel", "maskgit", "stratified")
-    gumbel_temperature: float = 1.0
-    edit_threshold: float = 0.0  # <= 0 disables token editing
-    cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide steps with lo <= k/steps < hi
-    # NL-Diffusion-Image's released sampler differs in these three (docs/sampling.md):
-    filter_order: str = choice("temperature_first", "filter_first")  # filter_first: top-k/top-p, then temperature
-    # raw: a token's probability under the untempered, unfiltered softmax; untempered: under the filtered one
-    confidence: str = choice("sampled", "raw", "untempered")
-    final_prediction: bool = False  # with editing: after the last step every position takes that step's prediction
-    schedule_counts: str = choice("megamdm", "nld")  # nld: fp32, truncated, each step >= 1, excess back from the last
-    maskgit_draw: str = choice("confidence", "softmax")  # softmax: maskgit draws by softmax(confidence / gumbel_temperature)
-    # the Gumbel / maskgit temperature over the steps: falls from gumbel_temperature to min_gumbel_temperature times it
-    gumbel_temperature_schedule: str = choice("constant", "linear", "cosine", "shift", "exp")
-    min_gumbel_temperature: float = 0.01
-    stratified_order: str = choice("halton", "pmj")  # pmj: the release's progressive multi-jittered order (seed 42)
-    cfg_interval_rule: str = choice("megamdm", "nld")  # nld: guided at 1-based steps int(lo n) <= k <= int(hi n)
-
-    def validate(self) -> SampleSettings:
-        """ValueError naming the setting and what is allowed (sampler calls pass settings directly)."""
-        for name in (f.name for f in dataclasses.fields(SampleSettings) if "choices" in f.metadata):
-            allowed = choices(SampleSettings, name)
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; allowed: {', '.join(allowed)}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        lo_hi = list(self.cfg_interval)
-        if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] <= 1:
-            raise ValueError(f"cfg_interval must be two fractions 0 <= lo <= hi <= 1 of the steps, got {lo_hi}")
-        return self
-
-    def guided(self, step: int) -> bool:
-        """Whether step ``step`` (0-based) runs classifier-free guidance."""
-        lo, hi = self.cfg_interval
-        if self.cfg_interval_rule == "nld":
-            return self.cfg > 0 and int(lo * self.steps) <= step + 1 <= int(hi * self.steps)
-        return self.cfg != 0 and lo <= step / self.steps < hi
-
-    def gumbel_temperature_at(self, step: int) -> float:
-        """The Gumbel / maskgit-draw temperature of step ``step`` (0-based): ``gumbel_temperature`` times
-        a factor that falls from 1 to ``min_gumbel_temperature`` over the steps (NL-Diffusion-Image's
-        dynamic temperature), or 1 throughout (``constant``)."""
-        kind, lo = self.gumbel_temperature_schedule, self.min_gumbel_temperature
-        if kind == "constant":
-            return self.gumbel_temperature
-        t = step / (self.steps - 1) if self.steps > 1 else 0.0  # linspace(0, 1, steps)
-        x = 1.0 - t
-        if kind == "linear":
-            f = x
-        elif kind == "cosine":
-            f = math.cos(math.pi * t / 2)
-        elif kind == "shift":
-            f = self.shift * x / (1 + (self.shift - 1) * x)
-        else:  # exp
-            f = min(max((1 - math.exp(-5 * x)) / (1 - math.exp(-5)), 1e-4), 1.0)
-        return self.gumbel_temperature * (f * (1 - lo) + lo)
-
-    @property
-    def editing(self) -> bool:
-        return self.edit_threshold > 0
-
-    def settings(self) -> SampleSettings:
-        """Just the sampling-call fields (a :class:`SampleConfig` without canvas and seed)."""
-        return SampleSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SampleSettings)})
-
-
-# Named sets of sampler settings; a preset sets every field it names, the rest keep their defaults.
-SAMPLE_PRESETS = {
-    # NL-Diffusion-Image's released sampler (docs/sampling.md "Presets"); editing stays off unless asked for
-    "nld": dict(
-        steps=20,
-        cfg=5.0,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        schedule="shift",
-        shift=3.0,
-        policy="gumbel",
-        gumbel_temperature=1.0,
-        edit_threshold=0.0,
-        cfg_interval=[0.0, 1.0],
-        filter_order="filter_first",
-        final_prediction=True,
-        schedule_counts="nld",
-        maskgit_draw="softmax",
-        confidence="untempered",
-        stratified_order="pmj",
-        cfg_interval_rule="nld",
-        gumbel_temperature_schedule="constant",  # the release's dynamic_temperature is off by default
-    ),
-}
-
-
-def preset_settings(name: str) -> dict:
-    """The settings of a sampler preset (:data:`SAMPLE_PRESETS`)."""
-    if name not in SAMPLE_PRESETS:
-        raise ValueError(f"unknown sampler preset {name!r}; allowed: {', '.join(SAMPLE_PRESETS)}")
-    return {k: list(v) if isinstance(v, list) else v for k, v in SAMPLE_PRESETS[name].items()}
-
-
-@dataclass
-class SampleConfig(SampleSettings):
-    height: int = 256
-    width: int = 256
-    seed: int = 0
 
 
 @dataclass
@@ -550,23 +465,29 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
 
 
 def _moved_keys(layer: DictConfig, source: str, migrate: bool) -> DictConfig:
-    """Keys of the pre-0.2 ``train:`` section: moved to their sections (``migrate``, for configs that
-    older checkpoints saved) or refused with the new name (anything a user writes today)."""
-    train = layer.get("train") if isinstance(layer, DictConfig) else None
-    if not isinstance(train, DictConfig):
+    """Keys of :data:`MOVED_KEYS`: moved to their new place (``migrate``, for configs that older
+    checkpoints saved) or refused with the new name (anything a user writes today)."""
+    if not isinstance(layer, DictConfig):
         return layer
-    moved = [k for k in list(train.keys()) if k in MOVED_FROM_TRAIN]
+    moved = [
+        (old, key)
+        for old in sorted({old for old, _ in MOVED_KEYS})
+        if isinstance(layer.get(old), DictConfig)
+        for key in list(layer[old].keys())
+        if (old, key) in MOVED_KEYS
+    ]
     if moved and not migrate:
-        k = moved[0]
+        old, key = moved[0]
+        new = ".".join(MOVED_KEYS[old, key])
+        more = [m for m in moved[1:] if m[0] == old]
         raise ConfigError(
-            f"{source}: train.{k} is now {MOVED_FROM_TRAIN[k]}.{k}"
-            + (f" (and {len(moved) - 1} more train.* keys moved likewise)" if len(moved) > 1 else "")
+            f"{source}: {old}.{key} is now {new}" + (f" (and {len(more)} more {old}.* keys moved likewise)" if more else "")
         )
-    for k in moved:
-        section = MOVED_FROM_TRAIN[k]
+    for old, key in moved:
+        section, name = MOVED_KEYS[old, key]
         if section not in layer:
             layer[section] = {}
-        layer[section][k] = train.pop(k)
+        layer[section][name] = layer[old].pop(key)
     return layer
 
 
@@ -591,10 +512,19 @@ def _merge_checked(schema: Any, layer: DictConfig, source: str) -> Any:
         raise ConfigError(f"{source}: {key}: {msg}") from None
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, *, migrate: bool = False) -> Config:
-    """Load a :class:`Config` from a YAML file (or the defaults) plus dotted overrides. ``migrate``
-    accepts the layout of configs saved by megamdm < 0.2 (``train.lr`` for ``optim.lr``, ...)."""
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    *,
+    migrate: bool = False,
+    defaults: dict[str, Any] | None = None,
+) -> Config:
+    """Load a :class:`Config` from a YAML file (or the defaults) plus dotted overrides. ``defaults``
+    (``{"optim.lr": 1e-5, ...}``): a command's own defaults, under the file and the overrides.
+    ``migrate`` accepts the layouts of configs saved by older megamdm versions (:data:`MOVED_KEYS`)."""
     cfg = OmegaConf.structured(Config)
+    if defaults:
+        cfg = _merge_checked(cfg, _dotted(defaults), "the command's defaults")
     if path is not None:
         layer = _moved_keys(_read_yaml(Path(path)), str(path), migrate)
         cfg = _merge_checked(cfg, legacy_positions(layer) if migrate else layer, str(path))
@@ -606,6 +536,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         cfg = _merge_checked(cfg, _moved_keys(layer, "command line", False), "command line")
     obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     return obj.validate()
+
+
+def _dotted(values: dict[str, Any]) -> DictConfig:
+    """``{"optim.lr": 1e-5}`` as a config layer."""
+    layer = OmegaConf.create({})
+    for key, value in values.items():
+        OmegaConf.update(layer, key, value, force_add=True)
+    return layer
 
 
 def load_config_text(text: str, source: str = "a checkpoint's config") -> Config:
@@ -645,11 +583,17 @@ def add_config_args(parser) -> None:
     )
 
 
-def parse_config_args(parser, argv=None) -> tuple[Any, Config]:
-    """Parse a command line with the config arguments; a bad config prints one line and exits 2."""
+def parse_config_args(
+    parser, argv=None, *, defaults: dict[str, Any] | None = None, flag_sections: Sequence[tuple[type, str]] = ()
+) -> tuple[Any, Config]:
+    """Parse a command line with the config arguments; a bad config prints one line and exits 2.
+    ``flag_sections``: ``(section class, section name)`` whose flags (:func:`megamdm.options.add_flags`)
+    the user gave override the file and ``--set``; ``defaults`` are the command's own (see :func:`load_config`)."""
     args = parser.parse_args(argv)
+    flags = [o for cls, section in flag_sections for o in as_overrides(given(args, cls, section=section), section)]
     try:
-        return args, load_config(args.config, list(args.overrides) + list(args.overrides_positional))
+        overrides = list(args.overrides) + list(args.overrides_positional) + flags
+        return args, load_config(args.config, overrides, defaults=defaults)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

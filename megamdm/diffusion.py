@@ -1,4 +1,4 @@
-"""Masked-diffusion corruption for training and the unmask-count schedules for sampling.
+"""Masked-diffusion corruption for training (the sampler's unmask counts: ``sampling/schedules.py``).
 
 Training (docs/design.md §1.2), per sample:
   * draw ``t`` from a schedule, ``p = (1 - eps) t + eps``, mask exactly ``max(1, round(p N))`` tokens;
@@ -163,61 +163,3 @@ def corrupt_batch(
         is_flipped=torch.stack(cols[5]),
         mask_ratio=torch.tensor(cols[6], dtype=torch.float32),
     )
-
-
-def unmask_counts(
-    num_tokens: int, steps: int, schedule: str = "shift", shift: float = 3.0, counts_rule: str = "megamdm"
-) -> list[int]:
-    """How many masked tokens to commit at each of ``steps`` steps; the counts sum to ``num_tokens``.
-
-    ``shift``: ``sigma(t) = s t / (1 + (s - 1) t)`` on ``t = linspace(0, 1, steps + 1)``; the counts are
-    the differences of ``floor(sigma N)``, reversed, so few tokens are committed early and many late.
-    ``cosine``: the fraction still masked after step k is ``cos(pi/2 k/steps)``.
-    ``counts_rule`` (``schedule_counts``): ``megamdm`` computes in float64, and when ``steps <= num_tokens``
-    moves one token from the largest step into every empty one; ``nld`` is NL-Diffusion-Image's rule for
-    ``shift``: float32, truncated, at most ``num_tokens`` steps (the rest commit nothing), every count
-    raised to at least 1 and the excess taken back one token at a time from the last step towards the
-    first, skipping steps at 1."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if num_tokens < 0:
-        raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-    if schedule == "shift" and shift <= 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
-    if counts_rule == "nld" and schedule == "shift":
-        return _nld_shift_counts(num_tokens, steps, shift)
-    ts = [k / steps for k in range(steps + 1)]
-    if schedule == "shift":
-        cum = [math.floor(shift * t / (1 + (shift - 1) * t) * num_tokens + 1e-9) for t in ts]
-        counts = [cum[i + 1] - cum[i] for i in range(steps)][::-1]
-    elif schedule == "cosine":
-        done = [num_tokens - math.floor(num_tokens * math.cos(math.pi / 2 * t) + 1e-9) for t in ts]
-        done[-1] = num_tokens
-        counts = [done[i + 1] - done[i] for i in range(steps)]
-    else:
-        raise ValueError(f"unknown unmask schedule {schedule!r}; allowed: shift, cosine")
-    if steps <= num_tokens:  # move one token from the largest step into every empty one
-        for i in range(steps):
-            if counts[i] == 0:
-                j = max(range(steps), key=lambda m: counts[m])
-                counts[j] -= 1
-                counts[i] += 1
-    assert sum(counts) == num_tokens
-    return counts
-
-
-def _nld_shift_counts(num_tokens: int, steps: int, shift: float) -> list[int]:
-    n = min(steps, num_tokens)
-    if n == 0:
-        return [0] * steps
-    t = torch.linspace(0, 1, n + 1, dtype=torch.float32)
-    sigma = shift * t / (1.0 + (shift - 1.0) * t)
-    cum = (sigma * num_tokens).to(torch.int64)
-    rising = (cum[1:] - cum[:-1]).clamp(min=1).tolist()  # in the order of sigma: the last step first
-    excess, j = sum(rising) - num_tokens, 0
-    while excess > 0:
-        if rising[j % n] > 1:
-            rising[j % n] -= 1
-            excess -= 1
-        j += 1
-    return rising[::-1] + [0] * (steps - n)

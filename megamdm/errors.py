@@ -7,3 +7,11 @@ library users catch it (or one of its subclasses: ``ConfigError``, ``CheckpointE
 
 class MegamdmError(ValueError):
     """Bad input to megamdm: a config, a checkpoint, a dataset or a conversion that does not fit."""
+
+
+class ConversionError(MegamdmError):
+    """The inputs of a checkpoint conversion do not fit together, or a checkpoint read for one is damaged."""
+
+
+class CheckpointError(MegamdmError):
+    """A single-GPU-format directory (or a safetensors file in it) is missing, incomplete or inconsistent."""

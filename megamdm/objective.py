@@ -81,6 +81,10 @@ def loss_parts(stats: GCEStats, flipped: torch.Tensor, spec: LossSpec) -> LossPa
 # order, as one float vector (``pack_sums`` / ``unpack_sums``); METRICS turns them into means.
 METRIC_SUMS = ("ce_sum", "group_sum", "n_masked", "edit_sum", "n_flipped")
 STEP_SUMS = ("loss_sum", "n_tokens", *METRIC_SUMS)
+# what a trainer adds of the batch itself (training/metrics.py): captions cut at text.max_len, real
+# prompt tokens, model FLOPs of the real positions; reduced in one vector with the step sums
+BATCH_SUMS = ("prompts_cut", "prompt_tokens", "body_flops")
+LOGGED_SUMS = (*STEP_SUMS, *BATCH_SUMS)
 
 
 def pack_metric_sums(parts: LossParts) -> torch.Tensor:

@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .compat.quiet import library_notices_hidden
 from .config import add_config_args, parse_config_args
+from .errors import MegamdmError
+from .training.parallel import teardown
 
 
 def main(argv=None) -> int:
@@ -17,9 +20,6 @@ def main(argv=None) -> int:
     )
     add_config_args(ap)
     _, cfg = parse_config_args(ap, argv)
-    from .compat.quiet import library_notices_hidden
-    from .errors import MegamdmError
-    from .training.parallel import teardown
     from .training.trainer import pretrain
 
     with library_notices_hidden():

@@ -45,7 +45,7 @@ def test_from_single_in_process_leaves_the_process_as_it_found_it(tmp_path):
     """convert.from_single enters megatron-on-CPU, a process group and a writer queue for the call only."""
     pytest.importorskip("megatron.core")
     from megamdm.convert import from_single
-    from megamdm.run_layout import latest_iteration
+    from megamdm.formats.run_layout import latest_iteration
 
     single = make_tiny_checkpoint(tmp_path / "single")
     before = _process_state()

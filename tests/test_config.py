@@ -140,14 +140,13 @@ def test_intervals_and_batch_sizes_are_checked_at_load(key, value, least):
 
 
 def test_a_broken_latest_tracker_is_one_clear_error(tmp_path):
-    from megamdm.convert import ConversionError, resolve_iteration_dir
-    from megamdm.run_layout import TRACKER, RunLayoutError, latest_iteration
+    from megamdm.formats.run_layout import TRACKER, RunLayoutError, latest_iteration, resolve_iteration_dir
 
     (tmp_path / TRACKER).write_text("garbage\n")
     with pytest.raises(RunLayoutError, match="holds 'garbage', not an iteration number"):
         latest_iteration(tmp_path)
     (tmp_path / TRACKER).write_text("12\n")
-    with pytest.raises(ConversionError, match="names iteration 12, but iter_0000012 is not a complete checkpoint"):
+    with pytest.raises(RunLayoutError, match="names iteration 12, but iter_0000012 is not a complete checkpoint"):
         resolve_iteration_dir(tmp_path)
     (tmp_path / "iter_0000012").mkdir()
     (tmp_path / "iter_0000012" / ".metadata").write_bytes(b"")

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from megamdm.config import DiffusionConfig
-from megamdm.diffusion import corrupt_batch, num_masked, unmask_counts
+from megamdm.diffusion import corrupt_batch, num_masked
+from megamdm.sampling.schedules import unmask_counts
 
 V, MASK_TEXT = 64, 257
 

@@ -124,7 +124,8 @@ def test_ema_resumes_at_other_layouts_and_converts_to_single(toy_dataset, tmp_pa
     and at TP 2; to-single writes it with --weights ema, the last weights with raw."""
     from safetensors.torch import load_file
 
-    from megamdm.convert import ConversionError, to_single
+    from megamdm.convert import to_single
+    from megamdm.errors import ConversionError
 
     run = tmp_path / "run"
     common = {"train.ema_decay": 0.9, "checkpoint.save_dir": run, "checkpoint.reshardable": "always"}

@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO fine-tuning of the single-GPU format on CPU/gloo, 2 ranks."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,15 +11,11 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from megamdm.config import (
-    Config,
-    DataConfig,
-    DiffusionConfig,
-    FinetuneConfig,
-)
+from megamdm.config import Config, DataConfig, DiffusionConfig
 from megamdm.data.loader import TrainLoader
+from megamdm.finetune import finetune, finetune_config
+from megamdm.formats.single import load_single
 from megamdm.objective import LossSpec, loss_parts, select_supervised
-from megamdm.pretrained import load_single
 
 from .support.distributed import run_distributed
 
@@ -44,7 +41,22 @@ def zero3_partitioning_everything(tmp_path) -> str:
     return str(path)
 
 
-def options(out, **kw) -> FinetuneConfig:
+# the settings these tests vary, by the name of their flag, and where each lives in the config
+KEYS = {
+    "out": "checkpoint.save_dir",
+    "steps": "train.steps",
+    "precision": "train.precision",
+    "ema_decay": "train.ema_decay",
+    "lr": "optim.lr",
+    "min_lr": "optim.min_lr",
+    "warmup_steps": "optim.warmup_steps",
+    "save_interval": "checkpoint.save_interval",
+    "log_interval": "logging.log_interval",
+}
+
+
+def options(toy_dataset, out, **kw) -> Config:
+    """The fine-tuning config of these tests (fine-tuning's defaults, the toy data, four fp32 steps)."""
     base = dict(
         out=str(out),
         steps=4,
@@ -57,15 +69,19 @@ def options(out, **kw) -> FinetuneConfig:
         deepspeed_config=str(ROOT / "configs/deepspeed/zero2.json"),
     )
     base.update(kw)
-    return FinetuneConfig(**base)
+    overrides = [f"{KEYS.get(k, 'finetune.' + k)}={json.dumps(v)}" for k, v in base.items()]
+    cfg = finetune_config(overrides=overrides)
+    data = config(toy_dataset)
+    cfg.data, cfg.diffusion = data.data, data.diffusion
+    return cfg
 
 
 @pytest.fixture(scope="module")
 def base_ckpt(toy_dataset):
     # the toy dataset was tokenised with its own k-means tokenizer: build the checkpoint around it
+    from megamdm.formats.single import save_single
     from megamdm.gce import GCEGroups
     from megamdm.models.standalone import MDMTransformer
-    from megamdm.pretrained import save_single
     from megamdm.text import ByteTokenizer
     from megamdm.vq import KMeansPatchTokenizer
 
@@ -84,10 +100,8 @@ def base_ckpt(toy_dataset):
     )
 
 
-def _finetune(ckpt, cfg, opts):
-    from megamdm.finetune import finetune
-
-    return finetune(ckpt, cfg, opts)
+def _finetune(ckpt, cfg):
+    return finetune(ckpt, cfg)
 
 
 def fixed_batch_loss(ckpt, cfg) -> float:
@@ -140,12 +154,18 @@ def plain_losses(ckpt, cfg, steps, lr, lr_fn):
 
 @pytest.mark.parametrize("stage,recompute", [(2, True), (3, False), (3, True)])
 def test_zero_matches_the_plain_run_and_learns(toy_dataset, base_ckpt, tmp_path, stage, recompute):
-    cfg = config(toy_dataset)
     ds = zero3_partitioning_everything(tmp_path) if stage == 3 else str(ROOT / "configs/deepspeed/zero2.json")
-    opts = options(
-        tmp_path / "ft", deepspeed_config=ds, steps=8, lr=1e-2, min_lr=1e-3, save_interval=100, gradient_checkpointing=recompute
+    cfg = options(
+        toy_dataset,
+        tmp_path / "ft",
+        deepspeed_config=ds,
+        steps=8,
+        lr=1e-2,
+        min_lr=1e-3,
+        save_interval=100,
+        gradient_checkpointing=recompute,
     )
-    res = run_distributed(_finetune, 2, base_ckpt, cfg, opts)
+    res = run_distributed(_finetune, 2, base_ckpt, cfg)
     losses = res[0]["losses"]
     assert res[1]["losses"] == losses
 
@@ -195,10 +215,9 @@ def test_resumed_run_continues_the_same_trajectory(toy_dataset, base_ckpt, tmp_p
     """Losses and the EMA (saved per rank beside DeepSpeed's files) follow the uninterrupted run."""
     from safetensors.torch import load_file
 
-    cfg = config(toy_dataset)
-    straight = run_distributed(_finetune, 2, base_ckpt, cfg, options(tmp_path / "a", ema_decay=0.8))[0]["losses"]
-    run_distributed(_finetune, 2, base_ckpt, cfg, options(tmp_path / "b", steps=2, export=False, ema_decay=0.8))
-    resumed = run_distributed(_finetune, 2, base_ckpt, cfg, options(tmp_path / "b", ema_decay=0.8))[0]["losses"]
+    straight = run_distributed(_finetune, 2, base_ckpt, options(toy_dataset, tmp_path / "a", ema_decay=0.8))[0]["losses"]
+    run_distributed(_finetune, 2, base_ckpt, options(toy_dataset, tmp_path / "b", steps=2, export=False, ema_decay=0.8))
+    resumed = run_distributed(_finetune, 2, base_ckpt, options(toy_dataset, tmp_path / "b", ema_decay=0.8))[0]["losses"]
     assert len(resumed) == 4
     for a, b in zip(resumed, straight):
         assert abs(a - b) / b < 1e-6, (resumed, straight)
@@ -218,9 +237,7 @@ def test_ema_is_sharded_over_the_ranks_and_exported(toy_dataset, base_ckpt, tmp_
 
     ds = zero3_partitioning_everything(tmp_path) if stage == 3 else str(ROOT / "configs/deepspeed/zero2.json")
     out = tmp_path / "ema"
-    run_distributed(
-        _finetune, 2, base_ckpt, config(toy_dataset), options(out, save_interval=1, ema_decay=0.8, deepspeed_config=ds)
-    )
+    run_distributed(_finetune, 2, base_ckpt, options(toy_dataset, out, save_interval=1, ema_decay=0.8, deepspeed_config=ds))
     ref = {k: v.float() for k, v in load_file(base_ckpt / "model.safetensors").items()}
     for k in range(1, 5):
         w = get_fp32_state_dict_from_zero_checkpoint(str(out / "deepspeed"), tag=f"step_{k:07d}")
@@ -238,9 +255,9 @@ def test_ema_is_sharded_over_the_ranks_and_exported(toy_dataset, base_ckpt, tmp_
 
 def test_lora_trains_adapters_only_and_exports_merged(toy_dataset, base_ckpt, tmp_path):
     pytest.importorskip("peft")
-    cfg = config(toy_dataset)
     # ZeRO-3 + recompute + frozen base weights: the combination DeepSpeed issue #4332 breaks
-    opts = options(
+    cfg = options(
+        toy_dataset,
         tmp_path / "lora",
         lora_rank=4,
         lora_alpha=8.0,
@@ -249,7 +266,7 @@ def test_lora_trains_adapters_only_and_exports_merged(toy_dataset, base_ckpt, tm
         gradient_checkpointing=True,
         deepspeed_config=zero3_partitioning_everything(tmp_path),
     )
-    res = run_distributed(_finetune, 2, base_ckpt, cfg, opts)
+    res = run_distributed(_finetune, 2, base_ckpt, cfg)
     export = res[0]["export"]
     before, after = load_single(base_ckpt).model.state_dict(), load_single(export).model.state_dict()
     assert set(before) == set(after)  # merged: plain single-GPU weights, no adapter tensors
@@ -263,3 +280,46 @@ def test_lora_trains_adapters_only_and_exports_merged(toy_dataset, base_ckpt, tm
     merged = apply_lora_adapter(load_single(base_ckpt).model.float(), adapter).state_dict()
     for k in changed:
         assert torch.allclose(merged[k], after[k].float(), atol=1e-6), k
+
+
+def test_the_command_fine_tunes_in_one_process_from_its_flags(toy_dataset, base_ckpt, tmp_path):
+    """megamdm-finetune as a user runs it: flags for the shared settings, the log line of pretraining,
+    checkpoint.keep_last honoured, the export written."""
+    out = tmp_path / "cli"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/finetune.py"),
+            "--checkpoint",
+            str(base_ckpt),
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--precision",
+            "fp32",
+            "--lr",
+            "1e-3",
+            "--warmup-steps",
+            "1",
+            "--save-interval",
+            "1",
+            "--keep-last",
+            "1",
+            "--log-interval",
+            "1",
+            f"data.shards=[{toy_dataset / 'ds.zarr'}]",
+            "data.micro_batch_size=2",
+            "data.global_batch_size=4",
+            "data.num_workers=0",
+            "data.reader=zarr",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MASTER_PORT": "29531"},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    steps = [line for line in r.stdout.splitlines() if "samples_per_s" in line and "tokens_per_s" in line]
+    assert len(steps) == 3 and "step      3/3 | loss" in steps[-1], r.stdout
+    assert sorted(p.name for p in (out / "deepspeed").glob("step_*")) == ["step_0000003"]
+    assert (out / "single" / "model.safetensors").is_file()

@@ -9,18 +9,17 @@ import torch
 pytest.importorskip("megatron.core")
 
 from megamdm.config import Config, DiffusionConfig, ParallelConfig, TrainConfig
-from megamdm.convert import (
-    TorchDistReader,
+from megamdm.convert import from_single, to_single
+from megamdm.diffusion import corrupt_batch
+from megamdm.formats.single import load_single
+from megamdm.formats.torch_dist import TorchDistReader
+from megamdm.models.mcore.state_dict_adapter import (
     expected_standalone_shapes,
-    from_single,
     mcore_to_standalone,
     qkv_interleave,
     qkv_split,
-    to_single,
 )
-from megamdm.diffusion import corrupt_batch
 from megamdm.objective import LossSpec, loss_parts, select_supervised
-from megamdm.pretrained import load_single
 from megamdm.text import ByteTokenizer, tokenize_prompts
 
 from .support.checkpoints import make_tiny_checkpoint
@@ -287,7 +286,7 @@ def test_key_mapping_of_te_and_local_names(tiny_model_cfg):
 
 def test_converters_refuse_mismatched_inputs(checkpoints, tmp_path):
     from megamdm.config import load_config
-    from megamdm.convert import ConversionError
+    from megamdm.errors import ConversionError
 
     it = checkpoints / "dist" / "iter_0000000"
     cfg = load_config(it / "config.yaml")
@@ -302,7 +301,7 @@ def test_converters_refuse_mismatched_inputs(checkpoints, tmp_path):
 def test_a_damaged_dist_checkpoint_is_one_conversion_error(checkpoints, tmp_path):
     import shutil
 
-    from megamdm.convert import ConversionError
+    from megamdm.errors import ConversionError
 
     run = tmp_path / "run"
     shutil.copytree(checkpoints / "dist", run)
@@ -412,12 +411,10 @@ def _sample_worker(ckpt, tp, pp, settings):
     """The in-training sampler at (TP, PP) on the distributed checkpoint: the token grid on every rank."""
     from unittest import mock
 
-    from megamdm import sampling
     from megamdm.compat.megatron_cpu import megatron_on_cpu
     from megamdm.models.mcore.model import MDMModel, build_model
-    from megamdm.training import parallel
+    from megamdm.training import parallel, samples
     from megamdm.training.checkpoint import load_model_weights
-    from megamdm.training.samples import sample_token_grid
 
     with megatron_on_cpu():
         parallel.init_model_parallel(tp, pp)
@@ -442,8 +439,8 @@ def _sample_worker(ckpt, tp, pp, settings):
             return real(self, x)
 
         # 5 positions per chunk (at this vocabulary the default chunk would hold a whole image)
-        with mock.patch.object(sampling, "chunk_rows", lambda v, d: 5), mock.patch.object(MDMModel, "logits", logits):
-            tokens = sample_token_grid(
+        with mock.patch.object(samples, "chunk_rows", lambda v, d: 5), mock.patch.object(MDMModel, "logits", logits):
+            tokens = samples.sample_token_grid(
                 model, cfg, single.text_tokenizer, prompts, device="cpu", grid=(8, 8), size=(32, 32), seed=5
             )
         return tokens, rows
@@ -453,7 +450,7 @@ def _sample_worker(ckpt, tp, pp, settings):
 def test_in_training_sampler_draws_the_standalone_samplers_tokens(checkpoints, tp, pp):
     """Same prompts, settings and seeds: the distributed sampler (guidance on the head input, logits
     per chunk and TP shard, sampling on the last stage) gives the standalone sampler's tokens on every rank."""
-    from megamdm.sampling import MDMSampler
+    from megamdm.sampling.pipeline import MDMSampler
 
     settings = dict(steps=4, cfg=3.0, edit_threshold=0.3, temperature=1.0)
     s = MDMSampler.from_pretrained(checkpoints / "single", device="cpu", dtype="fp32")

@@ -13,9 +13,9 @@ pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from megamdm.convert import ConversionError  # noqa: E402
-from megamdm.convert_nld import from_nld  # noqa: E402
-from megamdm.pretrained import load_single  # noqa: E402
+from megamdm.convert import from_nld  # noqa: E402
+from megamdm.errors import ConversionError  # noqa: E402
+from megamdm.formats.single import load_single  # noqa: E402
 from megamdm.text import format_prompt, masked_prompt, template_tail, tokenize_prompts  # noqa: E402
 
 from .test_vq import _TamingVQGAN  # noqa: E402
@@ -304,9 +304,10 @@ def test_converted_release_fine_tunes_and_samples(release, tmp_path):
     pytest.importorskip("deepspeed")
     import numpy as np
 
-    from megamdm.config import Config, DataConfig, FinetuneConfig
+    from megamdm.config import DataConfig
     from megamdm.data.shards import BucketBuffer, consolidate, write_part
-    from megamdm.sampling import MDMSampler
+    from megamdm.finetune import finetune_config
+    from megamdm.sampling.pipeline import MDMSampler
     from megamdm.vq import codebook_hash
 
     from .support.distributed import run_distributed
@@ -326,18 +327,20 @@ def test_converted_release_fine_tunes_and_samples(release, tmp_path):
     # zarr-python: tensorstore's threads do not survive the fork of the test ranks
     data = DataConfig(shards=[str(tmp_path / "mine.zarr")], micro_batch_size=2, global_batch_size=4, num_workers=0)
     data.reader = "zarr"
-    cfg = Config(data=data)
-    opts = FinetuneConfig(
-        out=str(tmp_path / "ft"),
-        steps=2,
-        lr=1e-3,
-        warmup_steps=0,
-        precision="fp32",
-        save_interval=100,
-        log_interval=1,
-        deepspeed_config=str(ROOT / "configs/deepspeed/zero2.json"),
+    cfg = finetune_config(
+        overrides=[
+            f"checkpoint.save_dir={tmp_path / 'ft'}",
+            "train.steps=2",
+            "optim.lr=1e-3",
+            "optim.warmup_steps=0",
+            "train.precision=fp32",
+            "checkpoint.save_interval=100",
+            "logging.log_interval=1",
+            f"finetune.deepspeed_config={ROOT / 'configs/deepspeed/zero2.json'}",
+        ]
     )
-    res = run_distributed(_finetune, 2, out, cfg, opts)
+    cfg.data = data
+    res = run_distributed(_finetune, 2, out, cfg)
     export = res[0]["export"]
     assert len(res[0]["losses"]) == 2 and np.isfinite(res[0]["losses"]).all()
     tuned = load_single(export)

@@ -9,7 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from megamdm.sampling import MDMSampler, SampleSettings, cfg_combine, filter_logits, sample_tokens, stratified_order
+from megamdm.sampling.draw import filter_logits
+from megamdm.sampling.loop import cfg_combine, sample_tokens
+from megamdm.sampling.pipeline import MDMSampler
+from megamdm.sampling.schedules import stratified_order
+from megamdm.sampling.settings import SampleSettings
 
 from .support.checkpoints import make_tiny_checkpoint
 from .support.device_reads import DeviceReads
@@ -89,7 +93,7 @@ def test_exact_unmask_counts_per_step(policy):
         [torch.Generator().manual_seed(i) for i in range(2)],
         on_step=lambda k, x: seen.append(int((x[0] == MASK).sum())),
     )
-    from megamdm.diffusion import unmask_counts
+    from megamdm.sampling.schedules import unmask_counts
 
     counts = unmask_counts(64, 5, "shift", 3.0)
     assert seen == [64 - sum(counts[: k + 1]) for k in range(5)]
@@ -249,12 +253,14 @@ def test_cli_geneval_and_dpg_layouts(ckpt, tmp_path):
     "args,message",
     [
         (["--checkpoint", "/nonexistent"], "checkpoint directory not found"),
-        (["--policy", "greedy"], "unknown policy 'greedy'"),
+        (["--policy", "greedy"], "argument --policy: invalid choice: 'greedy' (choose from 'gumbel', 'maskgit', 'stratified')"),
         (["--steps", "0"], "steps must be >= 1"),
         (["--height", "36"], "not allowed: height and width must be positive multiples of 2*f = 8"),
         (["--cfg-interval", "0.5,1.5"], "cfg_interval must be two fractions 0 <= lo <= hi <= 1"),
-        (["--cfg-interval", "0.5"], "--cfg-interval takes 2 comma-separated numbers"),
-        (["--outpaint", "8,0,0,0"], "--mask and --outpaint need --init-image"),
+        (["--cfg-interval", "0.5"], "cfg_interval must be two fractions 0 <= lo <= hi <= 1 of the steps, got [0.5]"),
+        (["--cfg-interval", "0.5,x"], "argument --cfg-interval: takes comma-separated float values, got '0.5,x'"),
+        (["--outpaint", "8,0,0,0"], "--outpaint and --mask need --init-image"),
+        (["--seed", "1.5"], "argument --seed: invalid int value: '1.5'"),
     ],
 )
 def test_cli_bad_input(ckpt, tmp_path, args, message):
@@ -340,7 +346,7 @@ def test_chunked_prediction_equals_the_straightforward_one_for_the_same_draws(th
     without). The hidden states are one-hot rows through a logits table, so both see bit-identical
     logits. ``release``: the filters before the temperature, and confidences from the untempered
     softmax, unfiltered (``raw``) or filtered (``untempered``, the release's)."""
-    from megamdm.sampling import _candidates, _predict
+    from megamdm.sampling.draw import candidates, predict
 
     n, vocab = 64, 40
     g = torch.Generator().manual_seed(11)
@@ -351,8 +357,8 @@ def test_chunked_prediction_equals_the_straightforward_one_for_the_same_draws(th
         st.filter_order, st.confidence = "filter_first", release
     x0 = torch.full((n + 1,), -1, dtype=torch.long)
     conf = torch.zeros(n + 1)
-    cand = _candidates(masked, None, st, int(masked.sum()))
-    _predict(torch.eye(n), lambda r: r @ table, masked, cand, st, torch.Generator().manual_seed(5), 7, x0, conf)
+    cand = candidates(masked, None, st, int(masked.sum()))
+    predict(torch.eye(n), lambda r: r @ table, masked, cand, st, torch.Generator().manual_seed(5), 7, x0, conf)
 
     if release:
         kept = filter_logits(table, 1.0, top_k, top_p)
@@ -503,7 +509,6 @@ def test_a_cut_prompt_is_counted_once_per_prompt(ckpt):
 def test_final_prediction_leaves_the_last_steps_prediction_everywhere():
     """NL-Diffusion-Image's sampler ends with ``x = x0``: with editing on, every position takes the last
     step's prediction. A stub model predicts another table at every step (argmax draws)."""
-    from megamdm.sampling import sample_tokens
 
     h, w, vocab, steps = 4, 4, 10, 4
     tables = torch.randn(steps, h * w, vocab, generator=torch.Generator().manual_seed(3)) * 4
@@ -552,7 +557,7 @@ def test_maskgit_draws_positions_in_proportion_to_what_it_says(draw):
     """``maskgit_draw``: ``confidence`` draws positions in proportion to their confidence, ``softmax`` (the
     released sampler's mask_git) to softmax(confidence / gumbel_temperature). Argmax tokens use no random
     draw, so the generator's first draw is the choice of positions: redone here by hand."""
-    from megamdm.diffusion import unmask_counts
+    from megamdm.sampling.schedules import unmask_counts
 
     conf = 0.2 + 0.8 * torch.rand(16, generator=torch.Generator().manual_seed(4))
     stub = Stub([torch.arange(16) % V], [conf])
@@ -575,7 +580,7 @@ def test_maskgit_draws_positions_in_proportion_to_what_it_says(draw):
 
 def test_gumbel_temperature_schedule_cfg_interval_rule_and_pmj_order():
     """The release's dynamic Gumbel temperature, its guidance interval and its stratified order."""
-    from megamdm.sampling import pmj_order
+    from megamdm.sampling.schedules import pmj_order
 
     st = SampleSettings(steps=3, gumbel_temperature=2.0, min_gumbel_temperature=0.1)
     assert [st.gumbel_temperature_at(k) for k in range(3)] == [2.0, 2.0, 2.0]  # constant: the default
@@ -601,7 +606,7 @@ def test_gumbel_temperature_schedule_cfg_interval_rule_and_pmj_order():
 
 
 def test_the_nld_preset_sets_the_released_samplers_rules(ckpt):
-    from megamdm.config import SAMPLE_PRESETS
+    from megamdm.sampling.settings import SAMPLE_PRESETS
 
     plain = MDMSampler.from_pretrained(ckpt, device="cpu", dtype="fp32")
     nld = MDMSampler.from_pretrained(ckpt, device="cpu", dtype="fp32", preset="nld")

@@ -6,10 +6,11 @@ import torch
 
 from megamdm.config import Config, DiffusionConfig
 from megamdm.diffusion import corrupt_batch
+from megamdm.errors import CheckpointError
+from megamdm.formats.single import load_single, save_single
 from megamdm.gce import GCEGroups
 from megamdm.models.standalone import MDMTransformer
 from megamdm.objective import LossSpec, loss_parts, select_supervised
-from megamdm.pretrained import CheckpointError, load_single, save_single
 from megamdm.text import ByteTokenizer, tokenize_prompts
 from megamdm.vq import KMeansPatchTokenizer
 

@@ -203,8 +203,8 @@ def test_wandb_offline_writes_a_run_directory(toy_dataset, tmp_path):
 def test_init_from_single_gpu_checkpoint(toy_dataset, tmp_path):
     """Starting from a single-GPU checkpoint at TP=2: the first loss equals the standalone model's."""
     from megamdm.data.loader import TrainLoader
+    from megamdm.formats.single import load_single
     from megamdm.objective import LossSpec, loss_parts, select_supervised
-    from megamdm.pretrained import load_single
 
     from .support.checkpoints import make_tiny_checkpoint
 

@@ -24,11 +24,11 @@ import torch
 
 from megamdm.config import load_config
 from megamdm.data.synthetic import random_tokenizer
+from megamdm.formats.single import Pretrained
 from megamdm.gce import GCEGroups
 from megamdm.memory import peak_rss_bytes, reset_peak_rss
 from megamdm.models.standalone import MDMTransformer
-from megamdm.pretrained import Pretrained
-from megamdm.sampling import MDMSampler
+from megamdm.sampling.pipeline import MDMSampler
 from megamdm.text import load_text_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

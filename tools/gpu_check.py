@@ -48,10 +48,9 @@ def gpu_tests(out: Path) -> dict:
 def train_and_sample(args, work: Path) -> dict:
     from megamdm.config import load_config
     from megamdm.data.synthetic import synthetic_overrides
-    from megamdm.objective import unpack_sums
-    from megamdm.training.flops import head_flops
+    from megamdm.training.metrics import MetricsWindow, peak_memory_gb
     from megamdm.training.samples import sample_images
-    from megamdm.training.trainer import MetricsWindow, Trainer, peak_memory_gb
+    from megamdm.training.trainer import Trainer
 
     if args.smoke:
         base, grid, vocab, f = ROOT / "configs/model/tiny.yaml", 8, 1024, 4
@@ -91,9 +90,7 @@ def train_and_sample(args, work: Path) -> dict:
                 window = MetricsWindow()
             r = t.train_step()
             if window is not None:
-                s = unpack_sums(r.sums)
-                gbs = t.cfg.data.global_batch_size
-                window.add(r, gbs, r.body_flops + head_flops(t.cfg.model, s["n_tokens"]))
+                window.add(r, t.cfg.data.global_batch_size, r.flops(t.cfg.model))
         if t.device == "cuda":
             torch.cuda.synchronize()
         res["train"] = window.summary(world=t.world, peak=t.peak)

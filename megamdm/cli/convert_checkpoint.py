@@ -19,20 +19,24 @@ import argparse
 import sys
 import time
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+from megamdm.config import load_config
+from megamdm.convert import from_hf, from_nld, from_single, to_single
+from megamdm.convert.megatron import WEIGHTS
+from megamdm.errors import MegamdmError
+from megamdm.gce import GCEGroups
+from megamdm.options import DTYPES, ArgumentParser, torch_dtype
+from megamdm.vq import load_image_tokenizer, tokenizer_kind
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("to-single", help="torch_dist -> single-GPU format")
     a.add_argument("--checkpoint", required=True, help="run directory or iter_NNNNNNN directory")
     a.add_argument("--out", required=True)
     a.add_argument("--config", help="training config (default: the config.yaml saved with the checkpoint)")
     a.add_argument("--dtype", choices=DTYPES, help="cast weights (default: as stored)")
-    a.add_argument(
-        "--weights", choices=["auto", "ema", "raw"], default="auto", help="EMA or last-step weights (auto: EMA when saved)"
-    )
+    a.add_argument("--weights", choices=WEIGHTS, default="auto", help="EMA or last-step weights (auto: EMA when saved)")
     a.add_argument("--overwrite", action="store_true")
     b = sub.add_parser("from-single", help="single-GPU format -> model-only torch_dist")
     b.add_argument("--single", required=True)
@@ -54,14 +58,7 @@ def main(argv=None) -> int:
     n.add_argument("--dtype", choices=DTYPES)
     n.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
-
-    import torch
-
-    from megamdm.config import ConfigError, load_config
-    from megamdm.convert import ConversionError, from_hf, from_single, to_single
-    from megamdm.pretrained import CheckpointError
-
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    dtype = torch_dtype(args.dtype) if args.dtype else None
     t0 = time.time()
     try:
         if args.cmd == "to-single":
@@ -70,15 +67,9 @@ def main(argv=None) -> int:
         elif args.cmd == "from-single":
             out = from_single(args.single, args.out, dtype=dtype)
         elif args.cmd == "from-nld":
-            from megamdm.convert_nld import from_nld
-            from megamdm.gce import GCEGroups
-
             groups = GCEGroups.load(args.gce_groups) if args.gce_groups else None
             out = from_nld(args.nld, args.out, groups=groups, dtype=dtype, overwrite=args.overwrite)
         else:
-            from megamdm.gce import GCEGroups
-            from megamdm.vq import load_image_tokenizer, tokenizer_kind
-
             tok = load_image_tokenizer(tokenizer_kind(args.image_tokenizer), args.image_tokenizer)
             groups = GCEGroups.load(args.gce_groups)
             cfg = load_config(args.config) if args.config else None
@@ -94,7 +85,7 @@ def main(argv=None) -> int:
                 dtype=dtype,
                 overwrite=args.overwrite,
             )
-    except (ConversionError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (MegamdmError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{args.cmd}: wrote {out} in {time.time() - t0:.1f}s")

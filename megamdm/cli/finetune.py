@@ -2,65 +2,77 @@
 """Fine-tune a single-GPU-format checkpoint on token shards with DeepSpeed ZeRO.
 
     deepspeed --num_gpus 8 tools/finetune.py --checkpoint release/ --out ft/ \\
-        --deepspeed configs/deepspeed/zero2.json data.shards=[data/mine.zarr] data.global_batch_size=256
+        --deepspeed-config configs/deepspeed/zero2.json data.shards=[data/mine.zarr] data.global_batch_size=256
     torchrun --nproc-per-node 8 tools/finetune.py --checkpoint release/ --out ft/ --lora-rank 16 ...
     megamdm-finetune ...                         # one process
 
 The data, diffusion and GCE sections come from --config / key=value overrides (as for training);
-the model, text and tokenizers come from the checkpoint. The result, LoRA merged, is written to
-OUT/single in the single-GPU format (with LoRA, the adapters alone also go to OUT/lora_adapter.safetensors);
-DeepSpeed checkpoints go to OUT/deepspeed and a rerun resumes.
+the model, text and tokenizers come from the checkpoint. Steps, learning rate, precision, EMA,
+checkpoints and logging are the train / optim / checkpoint / logging sections pretraining uses, with
+fine-tuning's defaults (megamdm.finetune.DEFAULTS); every flag below is one of those settings. The
+result, LoRA merged, is written to OUT/single in the single-GPU format (with LoRA, the adapters alone
+also go to OUT/lora_adapter.safetensors); DeepSpeed checkpoints go to OUT/deepspeed and a rerun resumes.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import os
 import sys
+
+from megamdm.config import (
+    CheckpointConfig,
+    FinetuneConfig,
+    LoggingConfig,
+    OptimConfig,
+    TrainConfig,
+    add_config_args,
+    parse_config_args,
+)
+from megamdm.errors import MegamdmError
+from megamdm.finetune import DEFAULTS, finetune
+from megamdm.options import ArgumentParser, add_flags
+
+# the settings of the shared sections that fine-tuning reads, as flags (the rest: --set section.key=value)
+SHARED = (
+    (TrainConfig, "train", ("steps", "precision", "seed", "ema_decay", "ema_warmup")),
+    (OptimConfig, "optim", ("lr", "min_lr", "warmup_steps", "weight_decay", "clip_grad", "adam_beta1", "adam_beta2")),
+    (CheckpointConfig, "checkpoint", ("save_interval", "keep_last", "resume")),
+    (LoggingConfig, "logging", ("log_interval", "wandb_mode", "wandb_project", "wandb_name")),
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="single-GPU-format directory to start from")
+    ap.add_argument(
+        "--out", dest="checkpoint.save_dir", default=argparse.SUPPRESS, help="checkpoint.save_dir: checkpoints and the export"
+    )
+    add_flags(ap.add_argument_group("fine-tuning (finetune.*)"), FinetuneConfig, section="finetune")
+    for cls, section, names in SHARED:
+        group = ap.add_argument_group(f"shared with pretraining ({section}.*; fine-tuning's defaults shown)")
+        own = {k.split(".", 1)[1]: v for k, v in DEFAULTS.items() if k.startswith(section + ".")}
+        add_flags(group, cls, section=section, names=names, defaults=own)
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    add_config_args(ap)
+    return ap
+
+
+def parse(argv=None):
+    """The command line and the config it gives: fine-tuning's defaults, the file, --set, then the flags."""
+    sections = [(FinetuneConfig, "finetune"), (CheckpointConfig, "checkpoint")] + [(c, s) for c, s, _ in SHARED]
+    return parse_config_args(parser(), argv, defaults=DEFAULTS, flag_sections=list(dict.fromkeys(sections)))
 
 
 def main(argv=None) -> int:
-    from megamdm.config import FinetuneConfig, add_config_args, parse_config_args
-    from megamdm.finetune import finetune
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="single-GPU-format directory to start from")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--deepspeed", dest="deepspeed_config", help="DeepSpeed JSON (ZeRO stage, buckets)")
-    for flag, kind in (
-        ("--steps", int),
-        ("--lr", float),
-        ("--min-lr", float),
-        ("--warmup-steps", int),
-        ("--weight-decay", float),
-        ("--lora-rank", int),
-        ("--lora-alpha", float),
-        ("--save-interval", int),
-        ("--log-interval", int),
-        ("--ema-decay", float),
-    ):
-        ap.add_argument(flag, type=kind)
-    ap.add_argument("--precision", choices=["bf16", "fp32"])
-    ap.add_argument("--offload-optimizer", action="store_true", default=None, help="keep optimizer state in CPU memory")
-    ap.add_argument(
-        "--gradient-checkpointing",
-        action="store_true",
-        default=None,
-        help="recompute each block's activations in backward: memory for ~30%% more compute",
-    )
-    ap.add_argument("--no-export", dest="export", action="store_false", default=None)
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    add_config_args(ap)
-    args, cfg = parse_config_args(ap, argv)
+    args, cfg = parse(argv)
     if args.local_rank is not None:
-        import os
-
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    # flags override the config's finetune section (defaults: megamdm.config.FinetuneConfig)
-    for f in dataclasses.fields(FinetuneConfig):
-        if getattr(args, f.name, None) is not None:
-            setattr(cfg.finetune, f.name, getattr(args, f.name))
-    finetune(args.checkpoint, cfg)
+    try:
+        finetune(args.checkpoint, cfg)
+    except MegamdmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

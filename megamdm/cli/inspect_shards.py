@@ -9,6 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
+import torch
+
+from megamdm.data.shards import ShardError, TokenShards
+from megamdm.sampling.grid import image_grid
+from megamdm.vq import load_image_tokenizer, tensor_to_pil, tokenizer_kind
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -18,11 +25,6 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-
-    import numpy as np
-    import torch
-
-    from megamdm.data.shards import ShardError, TokenShards
 
     try:
         ds = TokenShards(args.dataset)
@@ -52,8 +54,6 @@ def main(argv=None) -> int:
         if not args.tokenizer:
             print("error: --preview needs --tokenizer", file=sys.stderr)
             return 2
-        from megamdm.grid import image_grid
-        from megamdm.vq import load_image_tokenizer, tensor_to_pil, tokenizer_kind
 
         tok = load_image_tokenizer(tokenizer_kind(args.tokenizer), args.tokenizer)
         imgs = tensor_to_pil(tok.decode(torch.from_numpy(ds.tokens(rk, idx).astype(np.int64))))

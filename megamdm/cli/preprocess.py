@@ -23,17 +23,21 @@ import os
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+from megamdm.config import PreprocessConfig
+from megamdm.data.preprocess import env_rank, finalize, plan_parts, rank_slice, run
+from megamdm.data.shards import ShardError
+from megamdm.options import ArgumentParser, add_flags, given
+from megamdm.vq import check_image_size, load_image_tokenizer, tokenizer_kind
+
+
+def parser() -> ArgumentParser:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="*", default=[], help="tar files or glob patterns")
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokenizer", required=True, help="image tokenizer directory")
-    ap.add_argument("--resolution", type=int, default=256)
-    ap.add_argument("--aspect-buckets", action="store_true", help="aspect-ratio buckets of about the same area")
-    ap.add_argument("--crop", choices=["center", "random"], default="center")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_flags(ap.add_argument_group("preprocessing settings"), PreprocessConfig)
     ap.add_argument("--workers", type=int, default=1, help="local worker processes")
     ap.add_argument("--rank", type=int, default=None)
     ap.add_argument("--world", type=int, default=None)
@@ -45,14 +49,11 @@ def main(argv=None) -> int:
         help="into an existing dataset: add these options' bucket sizes (e.g. another --resolution) beside its own",
     )
     ap.add_argument("--quiet", action="store_true")
-    args = ap.parse_args(argv)
+    return ap
 
-    import torch
 
-    from megamdm.config import PreprocessConfig
-    from megamdm.data.preprocess import env_rank, finalize, plan_parts, rank_slice, run
-    from megamdm.data.shards import ShardError
-
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     out, tok = Path(args.out), Path(args.tokenizer)
     try:
         if out.exists() and not out.is_dir():
@@ -76,24 +77,14 @@ def main(argv=None) -> int:
                 f"error: no input tar files{' (not found: ' + ', '.join(missing[:3]) + ')' if missing else ''}", file=sys.stderr
             )
             return 2
-        from megamdm.vq import check_image_size, load_image_tokenizer, tokenizer_kind
-
+        opts = PreprocessConfig(**given(args, PreprocessConfig))
         if not tok.is_dir():
             raise FileNotFoundError(f"image tokenizer folder not found: {tok}")
         tokenizer = load_image_tokenizer(tokenizer_kind(tok), tok)
-        check_image_size(args.resolution, args.resolution, tokenizer.downsample)
+        check_image_size(opts.resolution, opts.resolution, tokenizer.downsample)
         rank, world = env_rank()
         rank = args.rank if args.rank is not None else rank
         world = args.world if args.world is not None else world
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        opts = PreprocessConfig(
-            resolution=args.resolution,
-            aspect_buckets=args.aspect_buckets,
-            crop=args.crop,
-            batch_size=args.batch_size,
-            device=device,
-            device_id=int(os.environ.get("LOCAL_RANK", 0)) if device == "cuda" else None,
-        )
         mine = rank_slice([Path(t) for t in tars], rank, world)
         plan = plan_parts(out, mine, tokenizer, opts, add_buckets=args.add_buckets)
         stats = run(plan, out, tok, opts, workers=args.workers, progress=not args.quiet)
@@ -101,8 +92,6 @@ def main(argv=None) -> int:
             stats["parts_already_done"] = len(mine) - len(plan)
         print(f"rank {rank}/{world}: {json.dumps(stats)}")
         if world > 1 and "MASTER_ADDR" in os.environ:
-            import torch.distributed as dist
-
             dist.init_process_group("gloo")
             dist.barrier()
             if rank == 0:

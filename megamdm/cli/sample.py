@@ -9,7 +9,7 @@
     megamdm-sample --checkpoint ckpt/ --prompt "a wide beach" --init-image in.png --outpaint 128,0,128,0 --out wide/
     megamdm-sample --checkpoint release/ --prompt "a corgi on a beach" --preset nld --out samples/  # NVIDIA's sampler
 
-Output layouts (megamdm/sample_outputs.py, also for MDMSampler users):
+Output layouts (megamdm/sampling/outputs.py, also for MDMSampler users):
   plain     OUT/NNNNN_JJ.png
   GenEval   OUT/NNNNN/metadata.jsonl (that prompt's JSON object) + OUT/NNNNN/samples/JJJJ.png
   DPG-Bench OUT/<id>.png, a 2x2 grid of 4 samples (the folder holds nothing else)
@@ -20,6 +20,7 @@ a GenEval folder appears under its final name only when complete, so a rerun ski
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,14 +29,17 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from megamdm.config import SAMPLE_PRESETS
-from megamdm.pretrained import CheckpointError
-from megamdm.sample_outputs import SampleWriter, load_prompts
-from megamdm.sampling import POLICIES, SCHEDULES, MDMSampler
+from megamdm.errors import MegamdmError
+from megamdm.options import ArgumentParser, add_flags, given
+from megamdm.sampling.outputs import SampleWriter, load_prompts
+from megamdm.sampling.pipeline import MDMSampler
+from megamdm.sampling.settings import SAMPLE_PRESETS, SampleConfig, SampleSettings
+
+CANVAS = ("height", "width", "seed")  # SampleConfig's fields beyond the settings of one call
 
 
-def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> ArgumentParser:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="single-GPU-format directory")
     src = ap.add_argument_group("prompts (one source)")
     src.add_argument("--prompt", action="append", default=[], help="repeatable")
@@ -43,65 +47,67 @@ def parse_args(argv):
     src.add_argument("--geneval-metadata", help="GenEval evaluation_metadata.jsonl")
     src.add_argument("--dpg-prompts", help="DPG-Bench prompts directory of <id>.txt files")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--height", type=int)
-    ap.add_argument("--width", type=int)
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--cfg", type=float)
-    ap.add_argument("--temperature", type=float)
-    ap.add_argument("--top-k", type=int)
-    ap.add_argument("--top-p", type=float)
-    ap.add_argument("--schedule", help=f"{' | '.join(SCHEDULES)}")
-    ap.add_argument("--shift", type=float)
-    ap.add_argument("--policy", help=f"{' | '.join(POLICIES)}")
-    ap.add_argument("--gumbel-temperature", type=float)
-    ap.add_argument("--edit-threshold", type=float, help="<= 0 disables token editing")
-    ap.add_argument("--cfg-interval", help="LO,HI: guidance only at steps k with LO <= k/steps < HI (default 0,1)")
+    settings = ap.add_argument_group(
+        "sampler settings (default: the checkpoint's sample settings in its config.json, or --preset's)"
+    )
+    add_flags(settings, SampleConfig, names=CANVAS, with_defaults=False)
+    add_flags(settings, SampleSettings, with_defaults=False)
+    settings.add_argument(
+        "--preset", choices=list(SAMPLE_PRESETS), help="start from a named sampler instead of the checkpoint's settings"
+    )
     ap.add_argument("--negative-prompt", help="the unconditional branch of guidance (default: the masked prompt)")
-    ap.add_argument("--filter-order", help="temperature_first | filter_first (top-k/top-p before the temperature)")
-    ap.add_argument("--confidence", help="sampled | raw (untempered, unfiltered probabilities)")
-    ap.add_argument(
-        "--final-prediction", action="store_true", default=None, help="with editing: end with the last step's prediction"
-    )
-    ap.add_argument("--schedule-counts", help="megamdm | nld (NL-Diffusion-Image's rounding of the shift schedule)")
-    ap.add_argument("--maskgit-draw", help="confidence | softmax (maskgit draws by softmax(confidence / gumbel temperature))")
-    ap.add_argument("--gumbel-temperature-schedule", help="constant | linear | cosine | shift | exp (falls over the steps)")
-    ap.add_argument("--min-gumbel-temperature", type=float, help="where the schedule ends, times --gumbel-temperature")
-    ap.add_argument("--stratified-order", help="halton | pmj (the release's progressive multi-jittered order)")
-    ap.add_argument("--cfg-interval-rule", help="megamdm | nld (guided at 1-based steps int(lo n)..int(hi n))")
-    ap.add_argument(
-        "--preset", help=f"start from a named sampler ({' | '.join(SAMPLE_PRESETS)}) instead of the checkpoint's settings"
-    )
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--num-images-per-prompt", type=int)
+    ap.add_argument("--num-images-per-prompt", type=int, help="default: 1 (4 for --dpg-prompts, a 2x2 grid)")
     ap.add_argument("--batch-size", type=int, help="images per forward pass (default: as many as fit in memory)")
     ap.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     ap.add_argument("--dtype", default="auto", help="bf16 | fp16 | fp32 (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--init-image", help="inpainting / masked editing: the starting image")
     ap.add_argument("--mask", help="with --init-image: white pixels are regenerated")
-    ap.add_argument("--outpaint", help="with --init-image: LEFT,TOP,RIGHT,BOTTOM pixels to extend the canvas by")
+    ap.add_argument("--outpaint", type=_margins, help="with --init-image: LEFT,TOP,RIGHT,BOTTOM pixels to extend the canvas by")
     ap.add_argument(
         "--edit-border", type=int, default=2, help="with --init-image: tokens around the new region editing may revise"
     )
     ap.add_argument("--overwrite", action="store_true", help="redo finished samples made with other prompts or settings")
     ap.add_argument("--quiet", action="store_true")
-    return ap.parse_args(argv)
+    return ap
 
 
-def parse_floats(text: str | None, flag: str, count: int) -> list[float] | None:
-    if text is None:
-        return None
+def _margins(text: str) -> list[int]:
     try:
-        values = [float(v) for v in text.split(",")]
+        return [int(v) for v in text.split(",")]
     except ValueError:
-        values = []
-    if len(values) != count:
-        raise ValueError(f"{flag} takes {count} comma-separated numbers, got {text!r}")
-    return values
+        raise argparse.ArgumentTypeError(f"takes comma-separated pixel counts, got {text!r}") from None
+
+
+def as_flags(message: str) -> str:
+    """A sampler error in this command's words: the call's `argument` becomes its --argument."""
+    return re.sub(r"`(\w+)`", lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
+def _inputs(args, sampler: MDMSampler, n_per: int, seed: int):
+    """The start image, mask and margins, checked by the sampler, and the canvas they give."""
+    init_image = mask = None
+    if args.init_image:
+        init_image = Image.open(args.init_image).convert("RGB")
+    if args.mask:
+        mask = Image.open(args.mask)
+    height, width = sampler.check_inputs(
+        ["-"],
+        height=getattr(args, "height", None),
+        width=getattr(args, "width", None),
+        num_images_per_prompt=n_per,
+        seeds=[seed],
+        batch_size=args.batch_size,
+        negative_prompt=args.negative_prompt,
+        init_image=init_image,
+        mask=mask,
+        outpaint=args.outpaint,
+    )
+    return init_image, mask, height, width
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         jobs, layout = load_prompts(
             prompts=args.prompt, prompts_file=args.prompts, geneval_metadata=args.geneval_metadata, dpg_prompts=args.dpg_prompts
@@ -113,72 +119,21 @@ def main(argv=None) -> int:
         sampler = MDMSampler.from_pretrained(
             args.checkpoint, device=device, dtype=dtype, compile=args.compile, preset=args.preset
         )
-        settings = sampler.default_settings(
-            steps=args.steps,
-            cfg=args.cfg,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            schedule=args.schedule,
-            shift=args.shift,
-            policy=args.policy,
-            gumbel_temperature=args.gumbel_temperature,
-            edit_threshold=args.edit_threshold,
-            cfg_interval=parse_floats(args.cfg_interval, "--cfg-interval", 2),
-            filter_order=args.filter_order,
-            confidence=args.confidence,
-            final_prediction=args.final_prediction,
-            schedule_counts=args.schedule_counts,
-            maskgit_draw=args.maskgit_draw,
-            gumbel_temperature_schedule=args.gumbel_temperature_schedule,
-            min_gumbel_temperature=args.min_gumbel_temperature,
-            stratified_order=args.stratified_order,
-            cfg_interval_rule=args.cfg_interval_rule,
-        )
-        init_image = mask = outpaint = None
-        if args.init_image:
-            init_image = Image.open(args.init_image).convert("RGB")
-            if args.outpaint:
-                if args.mask:
-                    raise ValueError("give --mask (inpainting) or --outpaint (extend the canvas), not both")
-                outpaint = [int(v) for v in parse_floats(args.outpaint, "--outpaint", 4)]
-                _, _, (height, width) = sampler.prepare_outpainting(init_image, outpaint)  # validates now
-            else:
-                if not args.mask:
-                    raise ValueError("--init-image needs --mask (white = regenerate) or --outpaint")
-                mask = Image.open(args.mask)
-                height, width = init_image.size[1], init_image.size[0]
-                sampler.grid_for(height, width)
-                sampler.prepare_inpainting(init_image, mask, height, width)  # validates sizes now
-        elif args.mask or args.outpaint:
-            raise ValueError("--mask and --outpaint need --init-image")
-        else:
-            height = args.height or sampler.cfg.sample.height
-            width = args.width or sampler.cfg.sample.width
-            sampler.grid_for(height, width)
-        fields = {f: getattr(settings, f) for f in settings.__dataclass_fields__}
-        recorded = {
-            **fields,
-            "height": height,
-            "width": width,
-            "dtype": str(sampler.dtype).replace("torch.", ""),
-            "checkpoint": args.checkpoint,
-        }
+        settings = sampler.default_settings(**given(args, SampleSettings))
+        seed = getattr(args, "seed", sampler.cfg.sample.seed)  # a seed not given is the checkpoint's
+        init_image, mask, height, width = _inputs(args, sampler, n_per, seed)
+        recorded = {**sampler.record(settings, height, width), "checkpoint": args.checkpoint}
         if args.negative_prompt is not None:
             recorded["negative_prompt"] = args.negative_prompt
-        if outpaint is not None:
-            recorded["outpaint"] = outpaint
+        if args.outpaint is not None:
+            recorded["outpaint"] = args.outpaint
         pending = {
             key
-            for key, _, _ in writer.pending(
-                jobs, lambda k: {**recorded, "seed": args.seed + k * n_per}, overwrite=args.overwrite
-            )
+            for key, _, _ in writer.pending(jobs, lambda k: {**recorded, "seed": seed + k * n_per}, overwrite=args.overwrite)
         }
-        if args.batch_size is not None and args.batch_size < 1:
-            raise ValueError(f"--batch-size {args.batch_size} is not allowed: give 1 or more, or leave it out to fit memory")
         batch_size = args.batch_size or sampler.auto_batch_size(height, width, settings, len(pending) * n_per)
-    except (ValueError, CheckpointError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MegamdmError, ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {as_flags(str(e))}", file=sys.stderr)
         return 2
 
     out = Path(args.out)
@@ -199,15 +154,15 @@ def main(argv=None) -> int:
             height=height,
             width=width,
             num_images_per_prompt=n_per,
-            seeds=[args.seed + k * n_per for k, _, _, _ in batch],
+            seeds=[seed + k * n_per for k, _, _, _ in batch],
             batch_size=batch_size,
             negative_prompt=args.negative_prompt,
             init_image=init_image,
             mask=mask,
-            outpaint=outpaint,
+            outpaint=args.outpaint,
             edit_border=args.edit_border,
             progress=False,
-            **fields,
+            **settings.recorded(),
         )
         prompts_cut += res.prompts_cut
         for e in res.edits_per_step:
@@ -216,7 +171,7 @@ def main(argv=None) -> int:
         for b, (k, key, prompt, meta) in enumerate(batch):
             imgs = res.images[b * n_per : (b + 1) * n_per]
             st = {x: v for x, v in res.settings.items() if x not in ("seeds", "negative_prompts")}
-            st["seed"] = args.seed + k * n_per
+            st["seed"] = seed + k * n_per
             if args.negative_prompt is not None:
                 st["negative_prompt"] = args.negative_prompt
             writer.write(key, prompt, meta, imgs, st)

@@ -7,7 +7,13 @@ input shards, a rerun skips parts already complete, and a final step consolidate
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
+import hashlib
+import multiprocessing as mp
 import os
+import queue as queue_lib
+import signal
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -15,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..config import PreprocessConfig
 from ..vq import codebook_hash, load_image_tokenizer, tokenizer_kind
 from . import dali
-from .shards import BucketBuffer, consolidate, part_attrs, res_key, write_part
+from .shards import BucketBuffer, ShardError, consolidate, part_attrs, res_key, write_part
 
 
 def _stem(tar: Path) -> str:
@@ -29,8 +36,6 @@ def _stem(tar: Path) -> str:
 def part_name(tar: Path) -> str:
     """The tar's name and a hash of its absolute path: img2dataset names every folder's shards
     ``00000.tar``, ``00001.tar``..., so the name alone would merge different inputs."""
-    import hashlib
-
     return f"{_stem(tar)}-{hashlib.sha1(str(tar.resolve()).encode()).hexdigest()[:10]}"
 
 
@@ -74,8 +79,6 @@ def plan_parts(
     a tar whose part was made from other contents or, unless ``add_buckets``, with other options;
     ``add_buckets`` writes a second part of the tar at bucket sizes the dataset does not hold yet.
     The plan is recorded in ``.tmp/planned/`` so that consolidation expects these parts."""
-    from .shards import ShardError
-
     existing = part_attrs(out)
     want_hash = codebook_hash(tokenizer.codebook())
     for name, attrs in existing.items():
@@ -207,15 +210,21 @@ def preprocess_shard(tar: Path, name: str, out: Path, tokenizer, opts: Preproces
 def die_with_parent(parent: int) -> None:
     """Have the kernel kill this process when its parent dies (Linux ``PR_SET_PDEATHSIG``), so a
     killed preprocessing run leaves no worker writing; elsewhere, exit if the parent is already gone."""
-    import ctypes
-    import signal
-
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
     if os.getppid() != parent:  # it died before the call took effect
         os._exit(1)
+
+
+def resolve_device(opts: PreprocessConfig) -> PreprocessConfig:
+    """``device: auto`` as this machine's (cuda when available), and the GPU of this rank (LOCAL_RANK)."""
+    device = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device_id = opts.device_id
+    if device == "cuda" and device_id is None:
+        device_id = int(os.environ.get("LOCAL_RANK", 0))
+    return dataclasses.replace(opts, device=device, device_id=device_id if device == "cuda" else None)
 
 
 def _worker(args):
@@ -236,11 +245,7 @@ def run(
 ) -> dict:
     """Write the parts of ``plan`` (tar -> part name, from :func:`plan_parts`) with ``workers`` local
     processes; returns summed counts."""
-    import multiprocessing as mp
-    import queue as queue_lib
-
-    from tqdm.auto import tqdm
-
+    opts = resolve_device(opts)
     out.mkdir(parents=True, exist_ok=True)
     tars = sorted((Path(t), name) for t, name in plan.items())
     ctx = mp.get_context("fork")

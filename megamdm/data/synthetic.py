@@ -10,14 +10,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megamdm.data.shards import BucketBuffer, consolidate, write_part
+from megamdm.vq import KMeansPatchTokenizer
+from megamdm.vq.base import codebook_hash
+
 WORDS = "a the red blue small large dog cat tree house on under near with two three old new bright dark city river".split()
 
 
 def random_tokenizer(vocab: int, patch: int, path: Path | None = None, seed: int = 0):
     """A k-means patch tokenizer with ``vocab`` random codes over ``patch x patch`` pixels, saved at
     ``path`` when one is given."""
-    from megamdm.vq import KMeansPatchTokenizer
-
     g = torch.Generator().manual_seed(seed)
     tok = KMeansPatchTokenizer(torch.rand(vocab, 3 * patch * patch, generator=g), patch)
     if path is not None:
@@ -28,9 +30,6 @@ def random_tokenizer(vocab: int, patch: int, path: Path | None = None, seed: int
 def synthetic_shards(root: Path, *, n: int, grid: int, tokenizer, words: tuple[int, int] = (8, 60), seed: int = 0) -> Path:
     """A consolidated zarr token dataset at ``root/ds.zarr``: ``n`` random ``grid x grid`` samples, each
     prompt ``words`` random words long (uniform; 8-60 words are about 10-80 tokens)."""
-    from megamdm.data.shards import BucketBuffer, consolidate, write_part
-    from megamdm.vq.base import codebook_hash
-
     g = np.random.default_rng(seed)
     b = BucketBuffer()
     px = grid * tokenizer.downsample

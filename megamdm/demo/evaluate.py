@@ -16,12 +16,12 @@ import json
 import sys
 from pathlib import Path
 
+from PIL import Image
+
+from megamdm.demo import shapesworld as shapes
+
 
 def main(argv=None) -> int:
-    from PIL import Image
-
-    from megamdm.demo import shapesworld as shapes
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("images", nargs="?", help="a folder of PNGs with a 'prompt' text chunk")
     ap.add_argument("--ground-truth", type=int, default=0, help="score this many generated scenes instead")

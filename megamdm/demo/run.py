@@ -27,6 +27,16 @@ import sys
 import time
 from pathlib import Path
 
+from PIL import Image
+from tqdm.auto import tqdm
+
+from megamdm.compat.cpu_precision import resolve_cpu_precision
+from megamdm.config import load_config
+from megamdm.demo import shapesworld as shapes
+from megamdm.gce import build_groups
+from megamdm.sampling.grid import image_grid
+from megamdm.vq import KMeansPatchTokenizer, codebook_hash, pil_to_tensor
+
 # everything a demo writes under --out; a fresh run replaces them (a stale run/ would be resumed),
 # but only in a directory the demo marked as its own
 OUTPUTS = (
@@ -100,14 +110,6 @@ def main(argv=None) -> int:
     if not 0.0 <= args.two_prob <= 1.0:
         ap.error(f"--two-prob {args.two_prob} must be in [0, 1]")
 
-    from tqdm.auto import tqdm
-
-    from megamdm.config import load_config
-    from megamdm.demo import shapesworld as shapes
-    from megamdm.gce import build_groups
-    from megamdm.grid import image_grid
-    from megamdm.vq import KMeansPatchTokenizer, codebook_hash, pil_to_tensor
-
     cfg = load_config(args.config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +129,6 @@ def main(argv=None) -> int:
                 shutil.rmtree(p)
             else:
                 p.unlink()
-    from megamdm.compat.cpu_precision import resolve_cpu_precision
 
     precision, probe = resolve_cpu_precision(cfg.train.precision)
     print(f"training precision: {precision}" + (f" ({probe.describe()})" if probe else " (as configured)"))
@@ -285,7 +286,6 @@ def main(argv=None) -> int:
         )
         scores[mode] = json.loads(r.stdout)
     (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
-    from PIL import Image
 
     show = singles[:4] + doubles[:8]
     panels = []

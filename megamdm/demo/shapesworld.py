@@ -14,12 +14,18 @@ count, colours, shapes and the relation. A prompt counts only if all of it is ri
 from __future__ import annotations
 
 import io
+import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from ..data.webdataset import write_shard
 
 SIZE = 64
 COLORS = {
@@ -149,9 +155,6 @@ def write_shards(
     out_dir, seed: int, n: int, per_shard: int = 1000, two_prob: float = 0.6, exclude: frozenset = frozenset(), progress=None
 ) -> list:
     """ShapesWorld as img2dataset-layout webdataset shards (PNG + caption + json)."""
-    from pathlib import Path
-
-    from ..data.webdataset import write_shard
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -185,8 +188,6 @@ def grouping_features(codebook, ink_weight: float = 8.0):
     groups built on them would reward the wrong colour. Appending each code's mean ink colour
     (its non-white pixels; white for background codes), scaled by ``ink_weight``, keeps groups
     colour-pure."""
-    import torch
-
     cb = codebook.detach().float()
     pix = cb.reshape(cb.shape[0], 3, -1)  # [V, 3, f*f]
     ink = (pix.sum(1) < 2.9).float().unsqueeze(1)  # [V, 1, f*f]: pixels visibly off white
@@ -306,10 +307,6 @@ WORDS = ["a", "left", "right", "of", "above", "below", *COLORS, *SHAPES]
 def write_text_tokenizer(directory) -> None:
     """A word-level Hugging Face tokenizer for ShapesWorld captions, built locally (no download):
     captions become at most 9 tokens instead of 42 bytes, which the CPU demo's budget needs."""
-    import json
-    from pathlib import Path
-
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {w: i for i, w in enumerate(["<pad>", "<mask>", "<unk>", *WORDS])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

@@ -25,6 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megamdm.config import ModelConfig
+from megamdm.data.shards import TokenShards, parse_res
+from megamdm.demo import shapesworld as shapes
+from megamdm.diffusion import corrupt_batch
+from megamdm.formats.single import load_single
+from megamdm.models.standalone import MDMTransformer
+from megamdm.objective import LossSpec, loss_parts, select_supervised
+from megamdm.sampling.pipeline import MDMSampler
+from megamdm.text import format_prompt, tokenize_prompts
+
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,9 +67,6 @@ def parse_args(argv):
 
 def load_demo(directory: Path, groups, text_tokenizer, max_len: int):
     """Every sample of the demo's token shards: model-order image ids, prompt ids and padding."""
-    from megamdm.data.shards import TokenShards, parse_res
-    from megamdm.text import format_prompt, tokenize_prompts
-
     shards = TokenShards(directory / "data" / "shapes.zarr")
     rk = shards.resolutions[0]
     h, w = parse_res(rk)
@@ -72,13 +79,6 @@ def load_demo(directory: Path, groups, text_tokenizer, max_len: int):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from megamdm.config import ModelConfig
-    from megamdm.demo import shapesworld as shapes
-    from megamdm.diffusion import corrupt_batch
-    from megamdm.models.standalone import MDMTransformer
-    from megamdm.objective import LossSpec, loss_parts, select_supervised
-    from megamdm.pretrained import load_single
-    from megamdm.sampling import MDMSampler
 
     demo, dev = Path(a.demo), a.device
     pre = load_single(demo / "release")  # the demo's config, GCE groups and tokenizers

@@ -14,7 +14,9 @@ from typing import NamedTuple
 
 import torch
 
+from .chunked import gce_chunked
 from .groups import GCEGroups, build_groups, check_group_sizes
+from .naive import gce_naive
 
 IMPLS = ("naive", "torch", "triton")
 REDUCTIONS = ("mean", "sum", "none")
@@ -104,12 +106,8 @@ def gce_loss(
         raise ValueError(f"target ids must be in [0, {v_total}) (ignore others with ignore_mask)")
 
     if impl == "naive":
-        from .naive import gce_naive
-
         per, lse, ce, grp = gce_naive(hidden, weight, target, group_sizes, group_weights, w)
     elif impl == "torch":
-        from .chunked import gce_chunked
-
         per, lse, ce, grp = gce_chunked(
             hidden, weight, target, group_sizes, group_weights, w, tp_group if tp else None, block_v, block_n, weight_grad_sink
         )

@@ -24,23 +24,8 @@ import torch.utils.checkpoint
 
 from ..config import ModelConfig
 from ..gce import GCEStats, gce_loss
+from .layers import RMSNorm, check_grid, merge_2x2, unmerge_2x2
 from .rope import apply_rope, model_rope
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama's RMSNorm: normalise in fp32, cast back, then scale."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -122,24 +107,6 @@ class GCEHead(nn.Module):
             return_stats=True,
             grad_filter=grad_filter,
         )
-
-
-def merge_2x2(x: torch.Tensor) -> torch.Tensor:
-    """``[B, h, w, d]`` -> ``[B, (h/2)(w/2), 4d]``: each 2x2 block, row-major, concatenated."""
-    b, h, w, d = x.shape
-    return x.view(b, h // 2, 2, w // 2, 2, d).permute(0, 1, 3, 2, 4, 5).reshape(b, (h // 2) * (w // 2), 4 * d)
-
-
-def unmerge_2x2(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Inverse layout of :func:`merge_2x2`: ``[B, (h/2)(w/2), 4d]`` -> ``[B, h, w, d]``."""
-    b, _, d4 = x.shape
-    d = d4 // 4
-    return x.view(b, h // 2, w // 2, 2, 2, d).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, d)
-
-
-def check_grid(h: int, w: int) -> None:
-    if h < 2 or w < 2 or h % 2 or w % 2:
-        raise ValueError(f"image token grid {h}x{w} must have even sides for the 2x2 merge")
 
 
 class MDMTransformer(nn.Module):

@@ -1,24 +1,40 @@
 """Distributed checkpoints (megatron-core ``dist_checkpointing``, ``torch_dist``) of the training state.
 
 The run directory's layout (``iter_NNNNNNN/`` folders, the atomic ``latest`` tracker) is
-:mod:`megamdm.run_layout`'s; the writer needs an active :func:`megamdm.compat.dist_ckpt.writer_queue`
+:mod:`megamdm.formats.run_layout`'s; the writer needs an active :func:`megamdm.compat.dist_ckpt.writer_queue`
 (the trainer holds one for the whole run).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import random
+import shutil
 from pathlib import Path
 
-from ..run_layout import finalize_tracker, iteration_dir
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.core import CheckpointingException
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException
+
+from ..config import load_config_text
+from ..errors import CheckpointError
+from ..formats.run_layout import finalize_tracker, iteration_dir
+from .optim import init_torch_adam_state, uses_torch_adam
 
 
 def load_model_weights(model, checkpoint_dir) -> None:
     """Load only the model weights of a torch_dist checkpoint into an (unwrapped) model at this
     process's TP/PP layout. ``_extra_state`` (TE's FP8 metadata) may be absent: it is then left
     fresh, as after a conversion from the single-GPU format."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
     sd = model.sharded_state_dict()
     state, missing, _ = dist_checkpointing.load(sd, str(checkpoint_dir), strict=StrictHandling.RETURN_ALL)
     real_missing = sorted(k for k in missing if "_extra_state" not in k)
@@ -35,12 +51,6 @@ def load_model_weights(model, checkpoint_dir) -> None:
 
 # ---- full training state -------------------------------------------------------------------------
 def _rng_state(device: str) -> dict:
-    import random
-
-    import numpy as np
-    import torch
-    from megatron.core import tensor_parallel
-
     return {
         "random": random.getstate(),
         "numpy": np.random.get_state(),
@@ -51,12 +61,6 @@ def _rng_state(device: str) -> dict:
 
 
 def _set_rng_state(state: dict, device: str) -> None:
-    import random
-
-    import numpy as np
-    import torch
-    from megatron.core import tensor_parallel
-
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -66,8 +70,6 @@ def _set_rng_state(state: dict, device: str) -> None:
 
 
 def _layout() -> dict:
-    from megatron.core import parallel_state as ps
-
     return {
         "tp": ps.get_tensor_model_parallel_world_size(),
         "pp": ps.get_pipeline_model_parallel_world_size(),
@@ -76,9 +78,6 @@ def _layout() -> dict:
 
 
 def _rng_object(device: str):
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     lay = _layout()
     return ShardedObject(
         "rng_state",
@@ -98,9 +97,6 @@ IDENTITY_KEYS = ("text.tokenizer", "text.mask_token", "gce.groups_file", "gce.gr
 
 def identity_changes(saved_yaml: str, cfg) -> list[str]:
     """``key: saved -> now`` for each model or tokenizer setting that differs from the checkpoint's."""
-    import dataclasses
-
-    from ..config import load_config_text
 
     saved = load_config_text(saved_yaml)
     flat = {}
@@ -129,10 +125,6 @@ def optim_metadata(sharding: str) -> dict:
 
 def _read_checkpoint(read, it_dir):
     """``read()``, with a missing, cut or damaged file of ``it_dir`` as one CheckpointError."""
-    from megatron.core.dist_checkpointing.core import CheckpointingException
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from ..pretrained import CheckpointError
 
     try:
         return read()
@@ -157,26 +149,18 @@ class Checkpointer:
     (``keep_last``) happen only once a save is complete on every rank."""
 
     def __init__(self, run_dir, *, keep_last: int = 3, async_save: bool = False, device: str = "cpu", reshardable: str = "dp"):
-        import torch.distributed as dist
-
         self.run_dir = Path(run_dir)
         self.keep_last, self.device, self.reshardable = keep_last, device, reshardable
         self.rank = dist.get_rank()
         self.queue = None
         self._strategies: dict[str, object] = {}
         if async_save:
-            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
             self.queue = AsyncCallsQueue()
 
     def _strategy(self, sharding: str):
         """The fully parallel save strategy over the DP group, one per format (it caches the
         distribution of the writes, which depends on the state dict's structure)."""
         if sharding not in self._strategies:
-            from megatron.core import parallel_state as ps
-            from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-            from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
-
             self._strategies[sharding] = FullyParallelSaveStrategyWrapper(
                 get_default_save_sharded_strategy(),
                 ps.get_data_parallel_group(with_context_parallel=True),
@@ -204,10 +188,6 @@ class Checkpointer:
         """Save (or schedule, with ``async_save``) ``iteration``; returns the optimizer format written.
         ``ema``: a :class:`~megamdm.training.ema.ShardedEMA`, saved beside the weights; ``valid``: the
         latest validation metrics, kept in the checkpoint's common state."""
-        import shutil
-
-        import torch.distributed as dist
-        from megatron.core import dist_checkpointing
 
         self.maybe_finalize(blocking=True)  # one save in flight at a time
         it_dir = iteration_dir(self.run_dir, iteration)
@@ -262,8 +242,6 @@ class Checkpointer:
             self.queue.close()
 
     def _prune(self, newest: int) -> None:
-        import shutil
-
         if self.keep_last <= 0:
             return
         its = sorted(int(p.name[5:]) for p in self.run_dir.glob("iter_*") if p.name[5:].isdigit())
@@ -275,9 +253,6 @@ class Checkpointer:
         """Restore a full training state; returns the iteration to continue from and the common state
         (``ema_updates``, ``valid``...). With ``config``, a checkpoint of another model (or tokenizers)
         is refused unless ``allow_changed_model``. The EMA is :meth:`ShardedEMA.load`'s to restore."""
-        from megatron.core import dist_checkpointing
-
-        from .optim import init_torch_adam_state, uses_torch_adam
 
         it_dir = Path(it_dir)
         common = _read_checkpoint(lambda: dist_checkpointing.load_common_state_dict(str(it_dir)), it_dir)
@@ -286,8 +261,6 @@ class Checkpointer:
         if config is not None and not allow_changed_model and common.get("config"):
             changes = identity_changes(common["config"], config)
             if changes:
-                from ..pretrained import CheckpointError
-
                 raise CheckpointError(
                     f"{it_dir} is a checkpoint of another model ({'; '.join(changes[:4])}); resume with its settings, "
                     "start from its weights with checkpoint.init_from, or set checkpoint.resume_changed_model=true"
@@ -296,8 +269,6 @@ class Checkpointer:
         saved, now = common.get("layout", {}), _layout()
         same_model_layout = (saved.get("tp"), saved.get("pp")) == (now["tp"], now["pp"])
         if sharding != RESHARDABLE_FORMAT and not same_model_layout:
-            from ..pretrained import CheckpointError
-
             raise CheckpointError(
                 f"{it_dir}: its optimizer state is {sharding} (saved at TP {saved.get('tp')} PP {saved.get('pp')}), "
                 f"so it resumes only at TP {saved.get('tp')} PP {saved.get('pp')} (any DP), not at TP {now['tp']} "

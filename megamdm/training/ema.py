@@ -7,7 +7,7 @@ holds the whole optimizer state.
 
 In a checkpoint each piece of a parameter that megatron stores as one box of a global tensor
 (``key``, offset, shape; a TP shard, a layer of a stacked key, one half of a SwiGLU ``fc1``) is a
-1-D tensor of its own, ``ema:<key>:<offset>:<shape>`` (:func:`megamdm.convert.ema_key`), whose
+1-D tensor of its own, ``ema:<key>:<offset>:<shape>`` (:func:`megamdm.formats.torch_dist.ema_key`), whose
 ranges the DP ranks write without communication. Loading reassembles each rank's range from the
 saved boxes that overlap it, so a checkpoint resumes at any TP/PP/DP layout and ``to-single``
 rebuilds the global tensors from the same boxes.
@@ -19,6 +19,8 @@ import contextlib
 from dataclasses import dataclass, replace
 
 import torch
+
+from ..formats.torch_dist import TorchDistReader, ema_key, load_ema_region
 
 
 @dataclass
@@ -156,8 +158,6 @@ class ShardedEMA:
         ranges; replicated pieces are written by their main replica)."""
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-        from ..convert import ema_key
-
         out = {}
         for s in self.slots:
             for pc in s.pieces:
@@ -177,8 +177,6 @@ class ShardedEMA:
     @torch.no_grad()
     def load(self, it_dir, updates: int) -> None:
         """Fill this rank's ranges from checkpoint ``it_dir`` (saved at this or any other layout)."""
-        from ..convert import TorchDistReader, load_ema_region
-
         reader = TorchDistReader(it_dir)
         for s in self.slots:
             for pc in s.pieces:

@@ -12,15 +12,19 @@ optimizer it is given (not on the class); with TE/apex nothing is touched.
 from __future__ import annotations
 
 import contextlib
+import types
 
 import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, distrib_optimizer, get_megatron_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from ..models.mcore.model import with_precision
 
 
 def wrap_model(model, tcfg, par, device: str):
     """Float16Module (bf16/fp8) + megatron DDP, wired into the config as the schedules expect."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-
-    from ..models.mcore.model import with_precision
 
     model = with_precision(model)
     overlap = par.overlap_grad_reduce if par.overlap_grad_reduce is not None else device == "cuda"
@@ -62,8 +66,6 @@ def params_in_sync(ddp):
 
 
 def build_optimizer(ddp, tcfg, optim, par, steps: int):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
     ocfg = OptimizerConfig(
         optimizer="adam",
         lr=optim.lr,
@@ -83,8 +85,6 @@ def build_optimizer(ddp, tcfg, optim, par, steps: int):
 
 def build_scheduler(opt, optim, steps: int):
     """megatron-core's ``OptimizerParamScheduler``: linear warmup, then ``optim.lr_decay_style`` over ``steps``."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     return OptimizerParamScheduler(
         opt,
         init_lr=0.0,
@@ -108,8 +108,6 @@ def wsd_decay_steps(optim, steps: int) -> int:
 
 
 def uses_torch_adam() -> bool:
-    from megatron.core.optimizer import distrib_optimizer
-
     return not distrib_optimizer.HAVE_APEX_OR_TE
 
 
@@ -118,9 +116,6 @@ def fix_torch_adam_fallback(optimizer) -> None:
     (the class is left as it is)."""
     if not uses_torch_adam():
         return
-    import types
-
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     def set_states(self, model_param, tensors):
         group_index, group_order = self.model_param_group_index_map[model_param]

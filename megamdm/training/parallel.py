@@ -1,4 +1,5 @@
-"""Process groups and RNG: NCCL on GPUs, gloo on CPU; launched by torchrun or by srun (one task per GPU)."""
+"""Process groups, RNG and the precision every rank agrees on: NCCL on GPUs, gloo on CPU; launched by torchrun
+or by srun (one task per GPU). Pretraining and fine-tuning set up their processes here."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import os
 
 import torch
 import torch.distributed as dist
+
+from ..compat.cpu_precision import probe as probe_cpu
+from ..compat.megatron_cpu import seed_rng_tracker
 
 
 def resolve_device(device: str) -> str:
@@ -46,6 +50,21 @@ def init_distributed(device: str, timeout_minutes: int = 30) -> tuple[int, int, 
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
+def resolve_precision(precision: str, device: str) -> tuple[str, str]:
+    """``auto`` -> bf16 on GPUs, and on CPUs the dtype every rank's probe found faster (any rank that
+    found fp32 faster makes it fp32 for all). Returns (precision, how it was chosen)."""
+    if precision != "auto":
+        return precision, "as configured"
+    if device == "cuda":
+        return "bf16", "auto on a GPU"
+    probe = probe_cpu()
+    local = probe.fast_dtype
+    vote = torch.tensor([1.0 if local == "bf16" else 0.0])
+    dist.all_reduce(vote, op=dist.ReduceOp.MIN)
+    chosen = "bf16" if vote.item() > 0 else "fp32"
+    return chosen, f"auto: {probe.describe()}" + ("" if chosen == local else f"; another rank chose {chosen}")
+
+
 def init_model_parallel(tensor_parallel: int, pipeline_parallel: int) -> None:
     from megatron.core import parallel_state as ps
 
@@ -64,8 +83,6 @@ def seed_model_parallel(seed: int, device: str) -> None:
         torch.manual_seed(seed)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
-        from ..compat.megatron_cpu import seed_rng_tracker
-
         seed_rng_tracker(seed)
 
 

@@ -1,6 +1,6 @@
 """Periodic sample images of fixed prompts during training, through the distributed model.
 
-The sampling loop is :func:`megamdm.sampling.sample_tokens`, the standalone sampler's. Each step
+The sampling loop is :func:`megamdm.sampling.loop.sample_tokens`, the standalone sampler's. Each step
 runs one forward-only pass of the pipeline (cond and uncond in one micro-batch); the last stage
 applies guidance to the head input and samples, with logits computed a chunk of positions at a time
 (each TP rank computes its vocabulary shard, gathered per chunk), then sends the integer token grid
@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from ..sampling.draw import chunk_rows
+from ..sampling.loop import cfg_combine, sample_tokens
+from ..text import format_prompt, masked_prompt, template_tail, tokenize_prompts
+from ..vq import tensor_to_pil
 
 
 def _stage_hidden(model, ids, pad, x):
     """One forward-only pass of the pipeline; the image hidden states ``[b, h, w, d]`` on the last
     stage, ``None`` elsewhere."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     b, h, w = x.shape
 
     def step(it, mdl):
@@ -47,8 +51,6 @@ def sample_images(
     model, cfg, groups, text_tokenizer, image_tokenizer, prompts, *, device: str, grid: tuple[int, int], seed: int = 0
 ):
     """Images (PIL) of ``prompts`` with the checkpoint's sampling settings; identical on every rank."""
-    from ..vq import tensor_to_pil
-
     f = image_tokenizer.downsample
     x = sample_token_grid(
         model, cfg, text_tokenizer, prompts, device=device, grid=grid, size=(grid[0] * f, grid[1] * f), seed=seed
@@ -62,12 +64,8 @@ def sample_token_grid(
     model, cfg, text_tokenizer, prompts, *, device: str, grid: tuple[int, int], size: tuple[int, int], seed: int = 0
 ) -> torch.Tensor:
     """Model-order tokens ``[b, h, w]`` of ``prompts`` (image ``i`` drawn with seed ``seed + i``, as
-    :class:`~megamdm.sampling.MDMSampler` does) on every rank; ``size`` is the (height, width) in
+    :class:`~megamdm.sampling.pipeline.MDMSampler` does) on every rank; ``size`` is the (height, width) in
     pixels that the prompts' micro-conditioning states. ``model``: megatron's wrappers or the bare model."""
-    from megatron.core import parallel_state as ps
-
-    from ..sampling import cfg_combine, chunk_rows, sample_tokens
-    from ..text import format_prompt, masked_prompt, template_tail, tokenize_prompts
 
     settings = cfg.sample.settings()
     texts = [

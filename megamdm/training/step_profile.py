@@ -20,9 +20,6 @@ from collections.abc import Iterator
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from ..objective import unpack_sums
-from .flops import head_flops
-
 ATTENTION_TAG = "megamdm::core_attention"
 OPTIMIZER_TAG = "megamdm::optimizer"
 GCE_NAMES = ("ChunkedGCE", "TritonGCE", "_gce_")
@@ -105,8 +102,7 @@ def profile_steps(trainer, steps: int = 2) -> dict:
                 torch.cuda.synchronize()
             wall += time.perf_counter() - t
             wait += r.wait_s
-            s = unpack_sums(r.sums)
-            flops += r.body_flops + head_flops(cfg.model, s["n_tokens"])
+            flops += r.flops(cfg.model)
             samples += cfg.data.global_batch_size
             image_tokens += cfg.data.global_batch_size * r.grid[0] * r.grid[1]
             prompt_tokens += r.prompt_tokens

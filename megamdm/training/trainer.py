@@ -23,24 +23,34 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from ..compat.dist_ckpt import writer_queue
+from ..compat.megatron_cpu import megatron_on_cpu
 from ..config import Config, to_yaml
+from ..data.loader import TrainLoader, ValidSet
+from ..formats.run_layout import RunLayoutError, iteration_dir, latest_iteration, resolve_iteration_dir
 from ..gce import GCEGroups
-from ..objective import STEP_SUMS, LossSpec, pack_step_sums, reduce_metrics, unpack_sums
-from ..run_layout import iteration_dir, latest_iteration
+from ..models.mcore.model import build_model
+from ..models.mcore.spec import te_available
+from ..objective import LOGGED_SUMS, STEP_SUMS, LossSpec, pack_step_sums, reduce_metrics, unpack_sums
+from ..sampling.grid import image_grid
 from ..text import load_text_tokenizer
 from ..vq import codebook_hash, load_image_tokenizer
 from . import parallel
 from .checkpoint import Checkpointer, load_model_weights
-from .flops import body_flops, head_flops, peak_tflops
+from .ema import ShardedEMA
+from .flops import peak_tflops
 from .fp8 import check_fp8_recipe
 from .logging import RunLogger
+from .metrics import MetricsWindow, StepResult, batch_sums
 from .optim import build_optimizer, params_in_sync, wrap_model
+from .samples import sample_images
 
 
 class StopSignal:
@@ -67,8 +77,6 @@ class StopSignal:
 
 def resolve_transformer_impl(impl: str, device: str) -> bool:
     """True for the Transformer Engine spec."""
-    from ..models.mcore.spec import te_available
-
     if impl == "local":
         return False
     if impl == "transformer_engine":
@@ -76,23 +84,6 @@ def resolve_transformer_impl(impl: str, device: str) -> bool:
             raise RuntimeError("train.transformer_impl=transformer_engine but Transformer Engine does not import")
         return True
     return device == "cuda" and te_available()
-
-
-def resolve_precision(precision: str, device: str) -> tuple[str, str]:
-    """``auto`` -> bf16 on GPUs, and on CPUs the dtype every rank's probe found faster (any rank that
-    found fp32 faster makes it fp32 for all). Returns (precision, how it was chosen)."""
-    if precision != "auto":
-        return precision, "as configured"
-    if device == "cuda":
-        return "bf16", "auto on a GPU"
-    from ..compat.cpu_precision import probe as probe_cpu
-
-    probe = probe_cpu()
-    local = probe.fast_dtype
-    vote = torch.tensor([1.0 if local == "bf16" else 0.0])
-    dist.all_reduce(vote, op=dist.ReduceOp.MIN)
-    chosen = "bf16" if vote.item() > 0 else "fp32"
-    return chosen, f"auto: {probe.describe()}" + ("" if chosen == local else f"; another rank chose {chosen}")
 
 
 def cpu_note() -> str:
@@ -103,20 +94,18 @@ def cpu_note() -> str:
 
 
 def _resume_dir(cfg: Config, run_dir: Path | None) -> Path | None:
+    """The checkpoint ``checkpoint.resume`` names: ``auto`` the run's latest (None: a fresh run), ``none``
+    None, or a run or ``iter_NNNNNNN`` directory."""
     r = cfg.checkpoint.resume
-    if r == "none":
+    if r == "none" or (r == "auto" and run_dir is None):
         return None
     if r == "auto":
-        if run_dir is None:
-            return None
         it = latest_iteration(run_dir)
         return iteration_dir(run_dir, it) if it is not None else None
-    p = Path(r)
-    if (p / "latest_checkpointed_iteration.txt").is_file():
-        return iteration_dir(p, latest_iteration(p))
-    if not (p / ".metadata").is_file():
-        raise FileNotFoundError(f"checkpoint.resume={r}: not a checkpoint (run directory or iter_NNNNNNN)")
-    return p
+    try:
+        return resolve_iteration_dir(r)
+    except RunLayoutError as e:
+        raise RunLayoutError(f"checkpoint.resume={r}: {e}") from None
 
 
 def _init_dir(init_from: str, run_dir: Path | None, rank: int) -> Path:
@@ -134,74 +123,7 @@ def _init_dir(init_from: str, run_dir: Path | None, rank: int) -> Path:
             )
         dist.barrier()
         return iteration_dir(out, latest_iteration(out))
-    if (p / "latest_checkpointed_iteration.txt").is_file():
-        return iteration_dir(p, latest_iteration(p))
-    return p
-
-
-@dataclass
-class StepResult:
-    sums: torch.Tensor  # STEP_SUMS of the global batch (float64, on the CPU, every rank)
-    finite: bool  # False: the step was skipped
-    grad_norm: float | None
-    grid: tuple[int, int]  # the token grid of this step's batch
-    wait_s: float  # time spent waiting for the batch
-    prompts_cut: int = 0  # captions of the global batch longer than text.max_len
-    prompt_tokens: int = 0  # real (unpadded) prompt tokens of the global batch
-    body_flops: float = 0.0  # model FLOPs of the global batch's real positions, the head aside
-
-
-@dataclass
-class MetricsWindow:
-    """What one logging interval accumulates; :meth:`summary` turns it into the logged numbers."""
-
-    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(len(STEP_SUMS), dtype=torch.float64))
-    steps: int = 0
-    samples: int = 0
-    tokens: int = 0
-    flops: float = 0.0
-    wait_s: float = 0.0
-    prompts_cut: int = 0
-    grad_norm: float | None = None
-    t0: float = field(default_factory=time.perf_counter)
-
-    def add(self, r: StepResult, samples: int, flops: float) -> None:
-        if r.finite:
-            self.sums += r.sums
-        self.steps += 1
-        self.samples += samples
-        self.tokens += samples * r.grid[0] * r.grid[1]
-        self.flops += flops
-        self.wait_s += r.wait_s
-        self.prompts_cut += r.prompts_cut
-        self.grad_norm = r.grad_norm if r.grad_norm is not None else self.grad_norm
-
-    def summary(self, *, world: int, peak: float) -> dict:
-        dt = time.perf_counter() - self.t0
-        s = unpack_sums(self.sums)
-        tflops = self.flops / dt / world / 1e12
-        return {
-            "loss": s["loss_sum"] / max(s["n_tokens"], 1),
-            **reduce_metrics(s),
-            "grad_norm": self.grad_norm,
-            "samples_per_s": self.samples / dt,
-            "tokens_per_s": self.tokens / dt,
-            "tflops_per_gpu": tflops,
-            "mfu": tflops / peak if peak else None,
-            "data_wait_ms": 1e3 * self.wait_s / max(self.steps, 1),
-            "step_time_s": dt / max(self.steps, 1),
-            "peak_mem_gb": peak_memory_gb(),
-            "prompts_cut": self.prompts_cut or None,
-        }
-
-
-def peak_memory_gb() -> float:
-    """This rank's peak memory so far: CUDA's allocator peak on GPUs, the process's peak RSS on CPU."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**30
-    from ..memory import peak_rss_bytes
-
-    return peak_rss_bytes() / 2**30
+    return resolve_iteration_dir(p)
 
 
 class Trainer:
@@ -224,31 +146,44 @@ class Trainer:
         self._stack.close()
 
     def _setup(self) -> None:
-        from megatron.core import parallel_state as ps
+        self._setup_runtime()
+        self._setup_data()
+        self._setup_model()
+        self._restore()
+        self._setup_ema()
+        cfg = self.cfg
+        self.valid = None
+        if cfg.train.eval_interval:  # data.valid_shards is there: Config.validate checked it
+            self.valid = ValidSet(cfg, self.groups, self.text_tok, **self.data_args)
+        self.last_valid: dict = {}
+        if self.ckpt is not None:
+            self._stack.callback(self.ckpt.close)
+        dev_name = torch.cuda.get_device_name() if self.device == "cuda" else "cpu"
+        self.peak = peak_tflops(dev_name, cfg.train.precision, cfg.logging.peak_tflops)
+        self.skipped = 0
 
-        from ..compat.dist_ckpt import writer_queue
-        from ..data.loader import TrainLoader
-        from ..models.mcore.model import build_model
-
-        cfg, t, par, ck = self.cfg, self.cfg.train, self.cfg.parallel, self.cfg.checkpoint
-        self.device = device = parallel.resolve_device(t.device)
+    def _setup_runtime(self) -> None:
+        """Device, process groups, RNG, precision and layer spec; the logger."""
+        cfg, train = self.cfg, self.cfg.train
+        self.device = device = parallel.resolve_device(train.device)
         if device == "cpu":
-            from ..compat.megatron_cpu import megatron_on_cpu
-
             self._stack.enter_context(megatron_on_cpu())
         self.rank, self.world, _ = parallel.init_distributed(device)
-        parallel.init_model_parallel(par.tensor_parallel, par.pipeline_parallel)
-        parallel.seed_model_parallel(t.seed, device)
-        t.precision, precision_note = resolve_precision(t.precision, device)
-        self.use_te = use_te = resolve_transformer_impl(t.transformer_impl, device)
-        if t.precision == "fp8" and not use_te:
+        parallel.init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
+        parallel.seed_model_parallel(train.seed, device)
+        train.precision, self.precision_note = parallel.resolve_precision(train.precision, device)
+        self.use_te = resolve_transformer_impl(train.transformer_impl, device)
+        if train.precision == "fp8" and not self.use_te:
             raise ValueError("train.precision=fp8 needs the Transformer Engine spec (a GPU with TE installed)")
-        if t.precision == "fp8":
-            check_fp8_recipe(t.fp8_recipe, torch.cuda.get_device_capability(), torch.cuda.get_device_name())
-        self.run_dir = Path(ck.save_dir) if ck.save_dir else None
-        self.log = RunLogger(cfg, active=self.rank == self.world - 1, run_dir=self.run_dir, total_steps=t.steps)
+        if train.precision == "fp8":
+            check_fp8_recipe(train.fp8_recipe, torch.cuda.get_device_capability(), torch.cuda.get_device_name())
+        self.run_dir = Path(cfg.checkpoint.save_dir) if cfg.checkpoint.save_dir else None
+        self.log = RunLogger(cfg, active=self.rank == self.world - 1, run_dir=self.run_dir, total_steps=train.steps)
         self._stack.callback(self.log.finish)
 
+    def _setup_data(self) -> None:
+        """GCE groups, tokenizers and this rank's share of every global batch."""
+        cfg, parallel_cfg = self.cfg, self.cfg.parallel
         self.groups = (
             GCEGroups.load(cfg.gce.groups_file).with_weights(cfg.gce.group_weights)
             if cfg.gce.groups_file
@@ -258,31 +193,41 @@ class Trainer:
         self.image_tok = (
             load_image_tokenizer(cfg.image_tokenizer.kind, cfg.image_tokenizer.path) if cfg.image_tokenizer.path else None
         )
-        data_args = dict(
+        self.data_args = dict(
             dp_rank=ps.get_data_parallel_rank(),
             dp_size=ps.get_data_parallel_world_size(),
             codebook_hash=codebook_hash(self.image_tok.codebook()) if self.image_tok else None,
-            seq_multiple=par.tensor_parallel if par.sequence_parallel else 1,
+            seq_multiple=parallel_cfg.tensor_parallel if parallel_cfg.sequence_parallel else 1,
         )
-        self.loader = TrainLoader(cfg, self.groups, self.text_tok, **data_args)
+        self.loader = TrainLoader(cfg, self.groups, self.text_tok, **self.data_args)
 
-        self.model = build_model(cfg, LossSpec.from_config(cfg.gce, self.groups), device=device, use_te=use_te)
-        self.ddp = wrap_model(self.model, self.model.config, par, device)
-        self.optimizer, self.scheduler = build_optimizer(self.ddp, self.model.config, cfg.optim, par, t.steps)
+    def _setup_model(self) -> None:
+        """This rank's model stage, megatron's DDP wrapper, the optimizer and its schedule."""
+        cfg, parallel_cfg, train = self.cfg, self.cfg.parallel, self.cfg.train
+        self.model = build_model(cfg, LossSpec.from_config(cfg.gce, self.groups), device=self.device, use_te=self.use_te)
+        self.ddp = wrap_model(self.model, self.model.config, parallel_cfg, self.device)
+        self.optimizer, self.scheduler = build_optimizer(self.ddp, self.model.config, cfg.optim, parallel_cfg, train.steps)
         self.state_module = self.ddp.module  # Float16Module or MDMModel: the sharded state dict owner
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log.info(
-            f"megamdm: {self.world} ranks (TP {par.tensor_parallel}, PP {par.pipeline_parallel}, "
-            f"DP {ps.get_data_parallel_world_size()}), {device}, "
-            f"{'Transformer Engine' if use_te else 'local'} layers, {t.precision} ({precision_note}), "
+            f"megamdm: {self.world} ranks (TP {parallel_cfg.tensor_parallel}, PP {parallel_cfg.pipeline_parallel}, "
+            f"DP {ps.get_data_parallel_world_size()}), {self.device}, "
+            f"{'Transformer Engine' if self.use_te else 'local'} layers, {train.precision} ({self.precision_note}), "
             f"{n_params / 1e6:.1f}M parameters on this rank, {self.loader.plan.steps_per_epoch} steps/epoch, "
             f"{cpu_note()}"
         )
 
+    def _restore(self) -> None:
+        """The checkpointer, and the state to start from: a resumed run, ``init_from`` weights, or none."""
+        cfg, ckpt = self.cfg, self.cfg.checkpoint
         self._stack.enter_context(writer_queue())
         self.ckpt = (
             Checkpointer(
-                self.run_dir, keep_last=ck.keep_last, async_save=ck.async_save, device=device, reshardable=ck.reshardable
+                self.run_dir,
+                keep_last=ckpt.keep_last,
+                async_save=ckpt.async_save,
+                device=self.device,
+                reshardable=ckpt.reshardable,
             )
             if self.run_dir
             else None
@@ -290,50 +235,44 @@ class Trainer:
         self.config_yaml = to_yaml(cfg)
         self.step = 0
         self.resumed = False
-        resume = _resume_dir(cfg, self.run_dir)
-        common: dict = {}
-        if resume is not None:
+        self.resume_dir = _resume_dir(cfg, self.run_dir)
+        self.common: dict = {}
+        if self.resume_dir is not None:
             if self.ckpt is None:
-                self.ckpt = Checkpointer(resume.parent, keep_last=ck.keep_last, device=device, reshardable=ck.reshardable)
-            self.step, common = self.ckpt.load(
-                resume,
+                self.ckpt = Checkpointer(
+                    self.resume_dir.parent, keep_last=ckpt.keep_last, device=self.device, reshardable=ckpt.reshardable
+                )
+            self.step, self.common = self.ckpt.load(
+                self.resume_dir,
                 self.state_module,
                 self.optimizer,
                 self.scheduler,
                 self.loader,
                 config=cfg,
-                allow_changed_model=ck.resume_changed_model,
+                allow_changed_model=ckpt.resume_changed_model,
             )
             self.resumed = True
-            self.log.info(f"resumed from {resume} at step {self.step}")
-        elif ck.init_from:
-            load_model_weights(self.model, _init_dir(ck.init_from, self.run_dir, self.rank))
+            self.log.info(f"resumed from {self.resume_dir} at step {self.step}")
+        elif ckpt.init_from:
+            load_model_weights(self.model, _init_dir(ckpt.init_from, self.run_dir, self.rank))
             self.optimizer.reload_model_params()
-            self.log.info(f"initialised the model from {ck.init_from}")
+            self.log.info(f"initialised the model from {ckpt.init_from}")
+
+    def _setup_ema(self) -> None:
+        """The EMA of the weights (``train.ema_decay``), from the weights training starts from."""
+        train = self.cfg.train
         self.ema = None
-        if t.ema_decay:  # starts from the weights training starts from
-            from .ema import ShardedEMA
-
-            self.ema = ShardedEMA(self.state_module, self.optimizer, t.ema_decay, warmup=t.ema_warmup)
-            if self.resumed and common.get("ema_updates") is not None:
-                self.ema.load(resume, common["ema_updates"])
-            elif self.resumed:
-                self.log.info(f"{resume} has no EMA: it starts from the resumed weights")
-            self.log.info(
-                f"EMA decay {t.ema_decay}{' with warm-up' if t.ema_warmup else ''}: {self.ema.numel() / 1e6:.1f}M "
-                f"fp32 values on this rank ({4 * self.ema.numel() / 2**30:.2f} GiB)"
-            )
-        self.valid = None
-        if t.eval_interval:  # data.valid_shards is there: Config.validate checked it
-            from ..data.loader import ValidSet
-
-            self.valid = ValidSet(cfg, self.groups, self.text_tok, **data_args)
-        self.last_valid: dict = {}
-        if self.ckpt is not None:
-            self._stack.callback(self.ckpt.close)
-        dev_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-        self.peak = peak_tflops(dev_name, t.precision, cfg.logging.peak_tflops)
-        self.skipped = 0
+        if not train.ema_decay:
+            return
+        self.ema = ShardedEMA(self.state_module, self.optimizer, train.ema_decay, warmup=train.ema_warmup)
+        if self.resumed and self.common.get("ema_updates") is not None:
+            self.ema.load(self.resume_dir, self.common["ema_updates"])
+        elif self.resumed:
+            self.log.info(f"{self.resume_dir} has no EMA: it starts from the resumed weights")
+        self.log.info(
+            f"EMA decay {train.ema_decay}{' with warm-up' if train.ema_warmup else ''}: {self.ema.numel() / 1e6:.1f}M "
+            f"fp32 values on this rank ({4 * self.ema.numel() / 2**30:.2f} GiB)"
+        )
 
     # ---- one step --------------------------------------------------------------------------------
     def _forward_step(self, data_iterator, mdl):
@@ -350,8 +289,6 @@ class Trainer:
 
     def _schedule(self, batches, *, forward_only: bool) -> list:
         """The micro-batches of one step through megatron's pipeline schedule (one sequence length)."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         gh, gw = batches[0].image_input.shape[1:]
         return get_forward_backward_func()(
             forward_step_func=self._forward_step,
@@ -365,23 +302,21 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         """One optimizer step on the next global batch; every rank returns the same sums."""
-        from megatron.core import parallel_state as ps
-
         t_wait = time.perf_counter()
         micro = next(self.loader)
         wait = time.perf_counter() - t_wait
         batches = [m.corrupted.to(self.device) for m in micro]
-        gh, gw = batches[0].image_input.shape[1:]
+        grid = tuple(batches[0].image_input.shape[1:])
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         out = self._schedule(batches, forward_only=False)
-        # + prompts cut, real prompt tokens, model FLOPs: the global batch's, reduced with the loss sums
-        sums = torch.zeros(len(STEP_SUMS) + 3, dtype=torch.float64, device=self.device)
+        # the global batch's LOGGED_SUMS: the loss sums and the batch's own (training/metrics.py)
+        sums = torch.zeros(len(LOGGED_SUMS), dtype=torch.float64, device=self.device)
+        n_step = len(STEP_SUMS)
         if ps.is_pipeline_last_stage():
             for o in out:
-                sums[:-3] += o["sums"].to(sums)
-            lens = [n for m in micro for n in (~m.corrupted.text_pad_mask).sum(1).tolist()]  # CPU: no sync
-            sums[-3:] = torch.tensor([sum(m.prompts_cut for m in micro), sum(lens), body_flops(self.cfg.model, lens, gh, gw)])
+                sums[:n_step] += o["sums"].to(sums)
+            sums[n_step:] = torch.tensor(batch_sums(micro, self.cfg.model, grid))
             dist.all_reduce(sums, group=ps.get_data_parallel_group())
         finite = torch.tensor([1.0 if all(math.isfinite(v) for v in sums.tolist()) else 0.0], device=self.device)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -396,17 +331,13 @@ class Trainer:
         self.step += 1
         if ps.get_pipeline_model_parallel_world_size() > 1:  # the logging rank is on the last stage
             dist.broadcast(sums, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
-        sums = sums.cpu()
-        cut, prompt_tokens, flops = sums[-3:].tolist()
-        return StepResult(sums[:-3], bool(finite.item() > 0), grad_norm, (gh, gw), wait, int(cut), int(prompt_tokens), flops)
+        return StepResult.from_sums(sums.cpu(), bool(finite.item() > 0), grad_norm, grid, wait)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         """The held-out loss (:class:`~megamdm.data.loader.ValidSet`) of the current weights: ``gce``
         (the training objective), ``ce`` and ``edit``, overall and per mask ratio; every rank
         returns the same numbers."""
-        from megatron.core import parallel_state as ps
-
         ratios = self.valid.ratios
         sums = torch.zeros(len(ratios), len(STEP_SUMS), dtype=torch.float64, device=self.device)
         self.ddp.eval()
@@ -438,13 +369,13 @@ class Trainer:
     def train(self) -> dict:
         """Train to ``train.steps`` (or ``exit_after_steps``, or a preemption signal); returns per-step
         losses (on the logging rank) and counters, for tests and scripts."""
-        cfg, t, lg = self.cfg, self.cfg.train, self.cfg.logging
+        cfg, train, log_cfg = self.cfg, self.cfg.train, self.cfg.logging
         losses: list[float] = []
         window = MetricsWindow()
         last_saved = self.step if self.resumed else -1
-        exit_after = self.step + t.exit_after_steps if t.exit_after_steps else None
+        exit_after = self.step + train.exit_after_steps if train.exit_after_steps else None
         with StopSignal() as stop:
-            while self.step < t.steps:
+            while self.step < train.steps:
                 r = self.train_step()
                 step = self.step
                 if not r.finite:
@@ -452,8 +383,8 @@ class Trainer:
                 s = unpack_sums(r.sums)
                 losses.append(s["loss_sum"] / max(s["n_tokens"], 1) if r.finite else float("nan"))
                 samples = cfg.data.global_batch_size
-                window.add(r, samples, r.body_flops + head_flops(cfg.model, s["n_tokens"]))
-                if step % lg.log_interval == 0 or step == t.steps:
+                window.add(r, samples, r.flops(cfg.model))
+                if step % log_cfg.log_interval == 0 or step == train.steps:
                     self.log.log(
                         step,
                         {
@@ -463,17 +394,22 @@ class Trainer:
                         },
                     )
                     window = MetricsWindow()
-                if self.valid is not None and (step % t.eval_interval == 0 or step == t.steps):
+                if self.valid is not None and (step % train.eval_interval == 0 or step == train.steps):
                     self.last_valid = {"step": step, **self.evaluate()}
                     self.log.valid(step, self.last_valid)
-                if lg.sample_interval and step % lg.sample_interval == 0 and lg.sample_prompts and self.image_tok:
+                if (
+                    log_cfg.sample_interval
+                    and step % log_cfg.sample_interval == 0
+                    and log_cfg.sample_prompts
+                    and self.image_tok
+                ):
                     self._log_samples(step)
                 if self.ckpt is not None:
                     self.ckpt.maybe_finalize()
                 flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 preempted = flag.item() > 0
-                final = step == exit_after or step == t.steps
+                final = step == exit_after or step == train.steps
                 if self.ckpt is not None and (step % cfg.checkpoint.save_interval == 0 or preempted or final):
                     self.save(" (preemption)" if preempted else "", final=final)
                     last_saved = step
@@ -515,9 +451,6 @@ class Trainer:
         )
 
     def _log_samples(self, step: int) -> None:
-        from ..grid import image_grid
-        from .samples import sample_images
-
         cfg = self.cfg
         f = self.image_tok.downsample
         prompts = cfg.logging.sample_prompts

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 from .base import ImageTokenizer, check_image_size, codebook_hash, pil_to_tensor, tensor_to_pil
+from .diffusers_vq import DiffusersVQTokenizer
+from .emu3_vq import Emu3VQTokenizer
 from .kmeans import KMeansPatchTokenizer
 
 
@@ -16,12 +18,8 @@ def load_image_tokenizer(kind: str, path) -> ImageTokenizer:
     if kind == "kmeans":
         return KMeansPatchTokenizer.load(path)
     if kind == "diffusers":
-        from .diffusers_vq import DiffusersVQTokenizer
-
         return DiffusersVQTokenizer.load(path)
     if kind == "emu3":
-        from .emu3_vq import Emu3VQTokenizer
-
         return Emu3VQTokenizer.load(path)
     raise ValueError(f"unknown image tokenizer kind {kind!r}; allowed: kmeans, diffusers, emu3")
 

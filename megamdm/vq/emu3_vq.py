@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from .diffusers_vq import DiffusersVQTokenizer
 
@@ -98,8 +99,6 @@ def diffusers_key(key: str, levels: int) -> str:
 
 
 def _read_safetensors(d: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     index = d / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))

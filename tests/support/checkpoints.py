@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from megamdm.config import Config, ModelConfig, SampleConfig
+from megamdm.config import Config, ModelConfig
+from megamdm.formats.single import save_single
 from megamdm.gce import GCEGroups
 from megamdm.models.standalone import MDMTransformer
-from megamdm.pretrained import save_single
+from megamdm.sampling.settings import SampleConfig
 from megamdm.text import ByteTokenizer
 from megamdm.vq import KMeansPatchTokenizer
 

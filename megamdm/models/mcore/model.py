@@ -41,9 +41,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from ...config import ModelConfig, ParallelConfig, TrainConfig
 from ...gce import gce_loss
 from ...objective import LossSpec, loss_parts, pack_metric_sums, select_supervised
-from ...sampling import head_logits
+from ..layers import RMSNorm, check_grid, head_logits, merge_2x2, unmerge_2x2
 from ..rope import model_rope
-from ..standalone import RMSNorm, check_grid, merge_2x2, unmerge_2x2
 from .spec import layer_spec
 
 
@@ -192,17 +191,29 @@ class MDMModel(MegatronModule):
         """First/middle stages return the decoder output. The last stage returns the image
         hidden states ``[b, h, w, d]``, or with ``target``/``loss_weight``/``is_flipped`` the loss
         terms ``(loss_sum, num_tokens, metrics[5])`` of ``objective.loss_parts`` (``objective.METRIC_SUMS``)."""
+        x, mask, rope = self._preprocess(text_ids, text_pad_mask, image_ids)
+        hs = self.decoder(hidden_states=x, attention_mask=mask, rotary_pos_emb=rope)
+        if not self.post_process:
+            return hs
+        hidden = self._image_hidden(hs, image_ids.shape)
+        if target is None:
+            return hidden
+        return self._loss(hidden, target, loss_weight, is_flipped)
+
+    def _preprocess(self, text_ids, text_pad_mask, image_ids):
+        """The decoder's inputs: the embedded sequence ``[image | text]`` (first stage only; ``None``
+        elsewhere), the key-padding mask over it and each position's RoPE angles."""
         b, h, w = image_ids.shape
         check_grid(h, w)
         text_len = text_ids.shape[1]
-        s = text_len + h * w // 4
+        m = h * w // 4
+        s = text_len + m
         tp = self.config.tensor_model_parallel_size
         if self.config.sequence_parallel and s % tp:
             raise ValueError(
-                f"sequence parallelism needs the sequence length ({text_len} text + {h * w // 4} "
+                f"sequence parallelism needs the sequence length ({text_len} text + {m} "
                 f"image = {s}) to be a multiple of the tensor-parallel size {tp}"
             )
-        m = h * w // 4
         # prompt padding is a suffix of the prompt, so of the stored sequence [image | text]
         torch._assert_async(
             (text_pad_mask[:, 1:] >= text_pad_mask[:, :-1]).all(), "prompt padding must be at the end of each prompt"
@@ -214,36 +225,26 @@ class MDMModel(MegatronModule):
         rope = torch.cat([emb[:, text_len:], emb[:, :text_len]], dim=1).transpose(0, 1)[:, :, None, :]  # each keeps its angle
         mask = torch.zeros(b, 1, 1, s, dtype=torch.bool, device=image_ids.device)
         mask[:, 0, 0, m:] = text_pad_mask  # True = masked key
-        hs = self.decoder(hidden_states=x, attention_mask=mask, rotary_pos_emb=rope)
-        if not self.post_process:
-            return hs
+        return x, mask, rope
+
+    def _image_hidden(self, hs: torch.Tensor, image_shape) -> torch.Tensor:
+        """The decoder output's image positions, unmerged: the head inputs ``[b, h, w, d]``."""
+        _, h, w = image_shape
         if self.config.sequence_parallel:
             hs = gather_from_sequence_parallel_region(hs, tensor_parallel_output_grad=False)
-        img = hs[:m].transpose(0, 1)
+        img = hs[: h * w // 4].transpose(0, 1)
         if self.mdm.unmerge_norm:
             img = self.unmerge_norm(img)
         img = self.unmerge(img)  # [b, M, 4d]
-        hidden = unmerge_2x2(img, h, w)
-        if target is None:
-            return hidden
+        return unmerge_2x2(img, h, w)
+
+    def _loss(self, hidden, target, loss_weight, is_flipped):
+        """The vocab-parallel fused GCE at the supervised positions: ``(loss_sum, num_tokens, metrics)``."""
         hsel, tsel, wsel, fsel = select_supervised(hidden, target, loss_weight, is_flipped)
         hsel = copy_to_tensor_model_parallel_region(hsel)
         spec = self.loss_spec
         weight = self.head.weight
-        # under megatron's DDP the fused op adds the head's weight gradient straight into the fp32
-        # main_grad, as megatron's gradient-accumulation fusion does for its own linear layers
-        # (not with parallel.grad_reduce_dtype bf16, whose main_grad is bf16)
-        sink = None
-        main = getattr(weight, "main_grad", None)
-        if (
-            main is not None
-            and main.dtype == torch.float32
-            and spec.impl != "naive"
-            and torch.is_grad_enabled()
-            and weight.requires_grad
-        ):
-            sink = main.view(weight.shape)
-            weight.grad_added_to_main_grad = True
+        tp = self.config.tensor_model_parallel_size
         stats = gce_loss(
             hsel,
             weight,
@@ -255,15 +256,32 @@ class MDMModel(MegatronModule):
             token_weight=wsel,
             return_stats=True,
             tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None,
-            weight_grad_sink=sink,
+            weight_grad_sink=self._head_grad_sink(),
             grad_filter=spec.grad_filter,
         )
         parts = loss_parts(stats, fsel, spec)
         return parts.loss_sum, parts.num_tokens, pack_metric_sums(parts)
 
+    def _head_grad_sink(self) -> torch.Tensor | None:
+        """Under megatron's DDP the fused op adds the head's weight gradient straight into the fp32
+        ``main_grad``, as megatron's gradient-accumulation fusion does for its own linear layers (not
+        with ``parallel.grad_reduce_dtype`` bf16, whose ``main_grad`` is bf16)."""
+        weight = self.head.weight
+        main = getattr(weight, "main_grad", None)
+        if (
+            main is None
+            or main.dtype != torch.float32
+            or self.loss_spec.impl == "naive"
+            or not torch.is_grad_enabled()
+            or not weight.requires_grad
+        ):
+            return None
+        weight.grad_added_to_main_grad = True
+        return main.view(weight.shape)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary fp32 logits ``[n, V]`` of head inputs ``[n, d]`` (gathered over TP), for
-        sampling (:func:`megamdm.sampling.head_logits` on this rank's shard). The head's own forward
+        sampling (:func:`megamdm.models.layers.head_logits` on this rank's shard). The head's own forward
         would all-gather the sequence under sequence parallelism; the rows here are already complete."""
         return gather_from_tensor_model_parallel_region(head_logits(hidden, self.head.weight))
 

@@ -10,7 +10,8 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from ..standalone import rms_norm
+from ..layers import rms_norm
+from .attention import SDPAttention
 
 
 def te_available() -> bool:
@@ -64,8 +65,6 @@ def layer_spec(use_te: bool, sdpa: bool = False, compiled_norm: bool = False) ->
         spec.submodules.input_layernorm = norm
         spec.submodules.pre_mlp_layernorm = norm
         if sdpa:
-            from .attention import SDPAttention
-
             spec.submodules.self_attention.submodules.core_attention = SDPAttention
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.padding
     return spec, norm

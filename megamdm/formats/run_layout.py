@@ -2,7 +2,8 @@
 
 ``latest_checkpointed_iteration.txt`` (Megatron-LM's name) is written last and atomically (a
 temporary file, then a rename), so a crash during a save never leaves a half-written checkpoint as
-the latest one. Shared by training (which writes runs) and conversion (which reads and writes them).
+the latest one. Shared by training (which writes runs) and conversion (which reads and writes them);
+:func:`resolve_iteration_dir` is the one way a path given by a user becomes the checkpoint to read.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import MegamdmError
+from ..errors import MegamdmError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -50,3 +51,15 @@ def latest_iteration(run_dir) -> int | None:
             "point at an iter_NNNNNNN folder that is"
         )
     return it
+
+
+def resolve_iteration_dir(path) -> Path:
+    """The ``iter_NNNNNNN`` directory a path names: a run directory's latest complete checkpoint, or
+    the iteration directory itself; :class:`RunLayoutError` for anything else."""
+    p = Path(path)
+    it = latest_iteration(p)
+    if it is not None:
+        return iteration_dir(p, it)
+    if (p / ".metadata").is_file():
+        return p
+    raise RunLayoutError(f"{p}: neither a training run directory (no {TRACKER}) nor a torch_dist iteration directory")

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from .config import SampleSettings
-from .errors import MegamdmError
+from ..errors import MegamdmError
 from .grid import image_grid
+from .settings import SampleSettings
 
 # the sampler settings added after 0.2.0's first PNGs, at the values those PNGs were made with
 SETTING_DEFAULTS = {  # settings newer than some PNGs: those had the default

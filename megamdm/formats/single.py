@@ -14,7 +14,6 @@ error and nothing half-loaded.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -27,31 +26,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .config import Config, GCEConfig, ModelConfig, SampleConfig, TextConfig, legacy_positions, section_from_dict
-from .errors import MegamdmError
-from .gce import GCEGroups
-from .models.standalone import MDMTransformer
-from .text import load_text_tokenizer
-from .vq import load_image_tokenizer
+from ..config import Config, GCEConfig, ModelConfig, TextConfig, legacy_positions, section_from_dict
+from ..errors import CheckpointError
+from ..gce import GCEGroups
+from ..models.standalone import MDMTransformer
+from ..sampling.settings import SampleConfig
+from ..text import load_text_tokenizer
+from ..vq import load_image_tokenizer
+from .safetensors import INDEX_FILE, MAX_SHARD_BYTES, WEIGHTS_FILE, ShardedSafetensorsWriter, open_weights
 
 FORMAT = "megamdm-single"
 FORMAT_VERSION = 2  # 2: per-sample positions (model.fixed_image_start, text_after_image)
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 GROUPS_FILE = "gce_groups.safetensors"
 IMAGE_TOKENIZER_DIR = "image_tokenizer"
 TEXT_TOKENIZER_DIR = "text_tokenizer"
 TEXT_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-MAX_SHARD_BYTES = 5 * 2**30
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-class CheckpointError(MegamdmError):
-    """A single-GPU-format directory is missing, incomplete or inconsistent."""
 
 
 @dataclass
@@ -62,49 +54,6 @@ class Pretrained:
     image_tokenizer: Any
     text_tokenizer: Any
     path: Path
-
-
-class ShardedSafetensorsWriter:
-    """Writes tensors as they come into shards of at most ``max_shard_bytes`` (HF index layout),
-    holding at most one shard in memory: converters stream through it."""
-
-    def __init__(self, directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES, metadata=None):
-        self.dir = Path(directory)
-        self.max = max_shard_bytes
-        self.meta = metadata or {}
-        self.buf: dict[str, torch.Tensor] = {}
-        self.buf_bytes = 0
-        self.files: list[list[str]] = []
-        self.total = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.buf and self.buf_bytes + nbytes > self.max:
-            self._flush()
-        self.buf[name] = tensor.detach().contiguous().cpu()
-        self.buf_bytes += nbytes
-        self.total += nbytes
-
-    def _flush(self) -> None:
-        k = len(self.files) + 1
-        save_file(self.buf, str(self.dir / f"shard-{k:05d}.tmp"), metadata=self.meta)
-        self.files.append(list(self.buf))
-        self.buf, self.buf_bytes = {}, 0
-
-    def close(self) -> None:
-        if self.buf or not self.files:
-            self._flush()
-        n = len(self.files)
-        if n == 1:
-            os.replace(self.dir / "shard-00001.tmp", self.dir / WEIGHTS_FILE)
-            return
-        weight_map = {}
-        for k, names in enumerate(self.files, 1):
-            fname = f"model-{k:05d}-of-{n:05d}.safetensors"
-            os.replace(self.dir / f"shard-{k:05d}.tmp", self.dir / fname)
-            weight_map.update({nm: fname for nm in names})
-        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
-        (self.dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _config_json(cfg: Config, groups: GCEGroups, text_tok_rel: str, image_kind: str, weights: str | None) -> dict:
@@ -280,7 +229,7 @@ def weight_files(directory) -> dict[str, Path]:
             raise CheckpointError(f"{d}: index lists shard files that are missing: {', '.join(missing)}")
         return files
     if single.is_file():
-        with _open_weights(single) as f:
+        with open_weights(single) as f:
             return {k: single for k in f.keys()}
     pickles = sorted(p.name for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
@@ -291,20 +240,6 @@ def weight_files(directory) -> dict[str, Path]:
     raise CheckpointError(f"{d}: missing {WEIGHTS_FILE} (or {INDEX_FILE})")
 
 
-@contextlib.contextmanager
-def _open_weights(path: Path, device: str = "cpu"):
-    """``safe_open`` with a truncated or corrupt file as one :class:`CheckpointError`."""
-    from safetensors import SafetensorError
-
-    try:
-        with safe_open(str(path), framework="pt", device=device) as f:
-            yield f
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(
-            f"{path}: not a complete safetensors file ({str(e).splitlines()[0]}); re-download or re-convert it"
-        ) from None
-
-
 def _check_weights(files: dict[str, Path], model: MDMTransformer, where) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     problems = []
@@ -313,7 +248,7 @@ def _check_weights(files: dict[str, Path], model: MDMTransformer, where) -> None
         by_file.setdefault(p, []).append(name)
     found = {}
     for p, names in by_file.items():
-        with _open_weights(p) as f:
+        with open_weights(p) as f:
             for name in names:
                 found[name] = tuple(f.get_slice(name).get_shape())
     for k in sorted(set(expected) - set(found)):
@@ -368,7 +303,7 @@ def load_single(
     for name, p in files.items():
         by_file.setdefault(p, []).append(name)
     for p, names in by_file.items():
-        with _open_weights(p, device=str(device)) as f:
+        with open_weights(p, device=str(device)) as f:
             for name in names:
                 t = f.get_tensor(name)
                 state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t

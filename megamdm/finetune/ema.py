@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from .training.ema import decay_at
+from ..training.ema import decay_at
 
 
 class FinetuneEMA:
@@ -47,8 +49,6 @@ class FinetuneEMA:
         self.updates += 1
 
     def save(self, tag_dir: Path) -> None:
-        from safetensors.torch import save_file
-
         tag_dir.mkdir(parents=True, exist_ok=True)
         path = tag_dir / f"ema_rank{self.rank:05d}.safetensors"
         meta = {"updates": str(self.updates), "world": str(self.world), "zero3": str(int(self.zero3))}
@@ -59,8 +59,6 @@ class FinetuneEMA:
     @torch.no_grad()
     def load(self, tag_dir: Path) -> bool:
         """This rank's share from ``tag_dir``; False when the checkpoint has no EMA."""
-        from safetensors import safe_open
-
         files = sorted(tag_dir.glob("ema_rank*.safetensors"))
         if not files:
             return False

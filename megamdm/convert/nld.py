@@ -32,10 +32,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from .config import Config, ModelConfig
-from .convert import ConversionError, model_config_from_hf
-from .pretrained import PICKLE_SUFFIXES
+from ..config import Config, ModelConfig
+from ..errors import ConversionError
+from ..formats.single import PICKLE_SUFFIXES, write_single
+from ..gce import GCEGroups
+from ..sampling.settings import SampleConfig, preset_settings
+from ..text import HFTokenizer, template_tail
+from ..vq.emu3_vq import Emu3VQTokenizer
+from .hf import model_config_from_hf
 
 ARCHITECTURE = "NemotronLabsDiffusionImageForMaskedDiffusion"
 DROPPED = ("diffusion_head.", "encoder.image_newline", "encoder.mm_projector.", "encoder.vision_tower.", "encoder.vqvae.")
@@ -170,12 +176,6 @@ def from_nld(
 ) -> Path:
     """Convert a downloaded NL-Diffusion-Image folder. ``groups``: GCE groups for fine-tuning (default: the
     release's ``group_ce_weight``, ``{n_groups: weight}``, over consecutive ids; its grouping is not published)."""
-    from safetensors import safe_open
-
-    from .pretrained import write_single
-    from .text import HFTokenizer, template_tail
-    from .vq.emu3_vq import Emu3VQTokenizer
-
     folder = Path(folder)
     if not folder.is_dir():
         raise ConversionError(f"release folder not found: {folder}")
@@ -232,13 +232,11 @@ def from_nld(
 
 def nld_sample_config():
     """The release's sampler: ``SampleConfig`` with the ``nld`` preset, at 1024 px."""
-    from .config import SampleConfig, preset_settings
-
     return SampleConfig(**preset_settings("nld"), height=1024, width=1024)
 
 
 def _token_string(folder: Path, token_id: int) -> str:
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # the hf extra: only the release's conversion reads a tokenizer.json
 
     tj = folder / "tokenizer.json"
     if not tj.is_file():
@@ -250,8 +248,6 @@ def _token_string(folder: Path, token_id: int) -> str:
 
 
 def _release_groups(raw: dict, vocab: int):
-    from .gce import GCEGroups
-
     spec = raw.get("group_ce_weight") or "{}"
     pairs = re.findall(r"(\d+)\s*:\s*([^,}\s]+)", str(spec))
     try:
