@@ -4,7 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-configs/demo.yaml}
-PYTHON=${PYTHON:-python}
+# the repository's .venv (what `make setup` makes) where there is one, else the python on the PATH
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
 if [[ -z "${NPROC:-}" ]]; then
   NPROC=$("${PYTHON}" -c "import torch; print(torch.cuda.device_count() or 2)")
 fi

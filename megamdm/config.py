@@ -441,6 +441,51 @@ class Config:
         return self
 
 
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"  # configs/ at the repository root links here
+# the settings that hold file paths: a saved config holds them absolute (with_absolute_paths)
+PATH_SETTINGS = (
+    "text.tokenizer",
+    "image_tokenizer.path",
+    "gce.groups_file",
+    "data.shards",
+    "data.valid_shards",
+    "checkpoint.save_dir",
+    "checkpoint.resume",
+    "checkpoint.init_from",
+    "logging.wandb_dir",
+)
+NOT_PATHS = {"byte", "auto", "none"}  # values of those settings that name no file
+
+
+def find_config(path: str | os.PathLike) -> Path:
+    """A config file by its path; where the working directory holds none, the file of that name that
+    ships with megamdm (``configs/demo.yaml`` and ``configs/deepspeed/zero2.json`` work from any folder)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    parts = p.parts[1:] if p.parts[:1] == ("configs",) else p.parts
+    shipped = SHIPPED_CONFIGS.joinpath(*parts)
+    return shipped if shipped.exists() else p
+
+
+def with_absolute_paths(cfg: Config, base: str | os.PathLike | None = None) -> Config:
+    """``cfg`` with every relative file path of :data:`PATH_SETTINGS` made absolute against ``base``
+    (the working directory), so that a config saved with a checkpoint works from any folder."""
+    base = Path(base or os.getcwd())
+
+    def absolute(value):
+        if value is None or value in NOT_PATHS:
+            return value
+        return str(base / value) if not Path(value).is_absolute() else value
+
+    for key in PATH_SETTINGS:
+        section, name = key.split(".")
+        obj = getattr(cfg, section)
+        value = getattr(obj, name)
+        setattr(obj, name, [absolute(v) for v in value] if isinstance(value, list) else absolute(value))
+    return cfg
+
+
 def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
@@ -526,7 +571,7 @@ def load_config(
     if defaults:
         cfg = _merge_checked(cfg, _dotted(defaults), "the command's defaults")
     if path is not None:
-        layer = _moved_keys(_read_yaml(Path(path)), str(path), migrate)
+        layer = _moved_keys(_read_yaml(find_config(path)), str(path), migrate)
         cfg = _merge_checked(cfg, legacy_positions(layer) if migrate else layer, str(path))
     if overrides:
         try:

@@ -22,9 +22,17 @@ from typing import Any
 
 import torch
 
+from . import __version__
+
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the house's errors: one line naming the problem (``error: ...``), exit code 2."""
+    """argparse as every megamdm command uses it: ``--version``, and errors in one line naming the
+    problem (``error: ...``), exit code 2."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.add_help:
+            self.add_argument("--version", action="version", version=f"megamdm {__version__}")
 
     def error(self, message: str):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)

@@ -70,6 +70,8 @@ class TextTokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def unknown_words(self, text: str) -> list[str]: ...
+
 
 class ByteTokenizer:
     """UTF-8 bytes are ids 0..255; 256 is padding, 257 is the text MASK."""
@@ -84,6 +86,9 @@ class ByteTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def unknown_words(self, text: str) -> list[str]:
+        return []  # every byte is known
 
 
 class HFTokenizer:
@@ -121,9 +126,18 @@ class HFTokenizer:
         pad = _token_str(special.get("pad_token")) or _token_str(special.get("eos_token"))
         pid = self._tok.token_to_id(pad) if pad else None
         self.pad_id = pid if pid is not None else 0
+        unk = _token_str(special.get("unk_token")) or getattr(self._tok.model, "unk_token", None)
+        self.unk_id = self._tok.token_to_id(unk) if unk else None
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The pieces of ``text`` the tokenizer reads as its unknown token (none for byte-level BPE)."""
+        if self.unk_id is None:
+            return []
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return [text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == self.unk_id]
 
 
 def _token_str(tok) -> str | None:

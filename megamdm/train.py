@@ -11,11 +11,12 @@ import sys
 from .compat.quiet import library_notices_hidden
 from .config import add_config_args, parse_config_args
 from .errors import MegamdmError
+from .options import ArgumentParser
 from .training.parallel import teardown
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m megamdm.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_config_args(ap)

@@ -108,3 +108,28 @@ def test_a_bad_flag_is_one_line():
         "error: argument --precision: invalid choice: 'fp16' (choose from 'auto', 'bf16', 'fp32', 'fp8') "
         "(see finetune.py --help)"
     ]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--set", "model.num_layers=2"], "model.* come from the checkpoint: fine-tuning cannot change them"),
+        ([], "data.shards is empty"),
+        (["data.shards=[/nonexistent/ds.zarr]"], "data.shards: /nonexistent/ds.zarr is not a folder"),
+        (["--steps", "40", "data.shards=[/]"], "train.steps=40 does not pass optim.warmup_steps=50"),
+        (["--deepspeed-config", "nope.json", "data.shards=[/]"], "finetune.deepspeed_config: nope.json not found"),
+        (["--precision", "fp8", "data.shards=[/]"], "train.precision=fp8: fine-tuning trains in bf16 or fp32"),
+    ],
+)
+def test_finetuning_refuses_what_it_cannot_follow_in_one_line_before_starting(tmp_path, args, message):
+    """Overrides of the checkpoint's sections were ignored, a missing dataset failed after DeepSpeed's
+    start-up, and fewer steps than the warm-up exported the input unchanged."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tools/finetune.py"), "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"), *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), r.stderr
+    assert not (tmp_path / "o").exists()

@@ -109,3 +109,26 @@ def test_probe_chooses_fp32_on_an_avx2_only_cpu():
     capability, dtype, ratio = out.split()
     assert capability == "AVX2" and dtype == "fp32", out
     assert float(ratio) < 0.5, out
+
+
+def test_from_single_writes_absolute_paths_and_replaces_only_a_run(tmp_path, monkeypatch):
+    """The run it wrote named the tokenizers relative to the working directory; a second conversion
+    into the same folder ended in a traceback, and --overwrite must never delete a folder that is not a run."""
+    pytest.importorskip("megatron.core")
+    from megamdm.config import load_config
+    from megamdm.convert import from_single
+    from megamdm.errors import ConversionError
+
+    make_tiny_checkpoint(tmp_path / "single")
+    monkeypatch.chdir(tmp_path)
+    from_single("single", "dist")
+    saved = load_config(tmp_path / "dist/iter_0000000/config.yaml")
+    assert saved.image_tokenizer.path == str(tmp_path / "single/image_tokenizer")
+    with pytest.raises(ConversionError, match="already exists; pass --overwrite"):
+        from_single("single", "dist")
+    from_single("single", "dist", overwrite=True)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/notes.txt").write_text("keep")
+    with pytest.raises(ConversionError, match="is not a training run"):
+        from_single("single", "mine", overwrite=True)
+    assert (tmp_path / "mine/notes.txt").read_text() == "keep"

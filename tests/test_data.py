@@ -589,3 +589,13 @@ def test_concurrent_writers_share_one_new_dataset(tmp_path):
         ds = TokenShards(root)
         assert ds.counts == {"4x4": n}
         assert ds.captions("4x4", range(n)) == [f"caption {i}" for i in range(n)]
+
+
+def test_a_resolution_no_image_reaches_is_refused_and_leaves_no_index(shards_dir, tokenizer_dir, tmp_path):
+    """It used to write an empty dataset and exit 0 (and megamdm-inspect-shards then crashed on it)."""
+    out = tmp_path / "ds.zarr"
+    r = run_preprocess([shards_dir / "00000.tar"], out, tokenizer_dir, "--resolution", 512)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "no sample was kept" in r.stderr and "too_small" in r.stderr
+    with pytest.raises(ShardError):
+        TokenShards(out)

@@ -12,6 +12,8 @@ from PIL import Image
 pytest.importorskip("megatron.core")
 pytest.importorskip("nvidia.dali")
 
+from megamdm.demo.run import parse_args  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,11 +25,11 @@ def test_quick_demo_runs_every_stage(tmp_path):
     (out / "run/latest_checkpointed_iteration.txt").write_text("999\n")
     (out / ".megamdm-demo").touch()
     # more codes than the 1500 images have distinct patches: each patch gets its own (in whole GCE groups)
-    r = subprocess.run(
+    r = subprocess.run(  # from a folder outside the repository: the shipped config is found
         [sys.executable, ROOT / "tools/demo.py", "--quick", "--vocab", "100000", "--out", out],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=tmp_path,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "starting fresh" in r.stdout
@@ -84,3 +86,9 @@ def test_demo_refuses_to_clear_a_directory_it_did_not_write(tmp_path):
     assert r.returncode == 2
     assert "not written by the demo" in r.stderr and "[1/8]" not in r.stdout
     assert (tmp_path / "data/mine.txt").read_text() == "keep me"
+
+
+def test_the_quick_demo_writes_beside_a_finished_demo_not_over_it():
+    """--quick used to write to demo_out, and a fresh run clears its folder: the finished demo was lost."""
+    assert parse_args(["--quick"]).out == "demo_quick" and parse_args([]).out == "demo_out"
+    assert parse_args(["--quick", "--out", "x"]).out == "x" and parse_args(["--quick"]).steps == 30

@@ -283,8 +283,8 @@ def test_lora_trains_adapters_only_and_exports_merged(toy_dataset, base_ckpt, tm
 
 
 def test_the_command_fine_tunes_in_one_process_from_its_flags(toy_dataset, base_ckpt, tmp_path):
-    """megamdm-finetune as a user runs it: flags for the shared settings, the log line of pretraining,
-    checkpoint.keep_last honoured, the export written."""
+    """megamdm-finetune as a user runs it, from any folder: flags for the shared settings, the log line
+    of pretraining, checkpoint.keep_last honoured, the export written."""
     out = tmp_path / "cli"
     r = subprocess.run(
         [
@@ -317,6 +317,7 @@ def test_the_command_fine_tunes_in_one_process_from_its_flags(toy_dataset, base_
         capture_output=True,
         text=True,
         env={**os.environ, "MASTER_PORT": "29531"},
+        cwd=tmp_path,  # outside the repository: the default DeepSpeed config is the shipped one
     )
     assert r.returncode == 0, r.stderr[-2000:]
     steps = [line for line in r.stdout.splitlines() if "samples_per_s" in line and "tokens_per_s" in line]

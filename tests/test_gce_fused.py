@@ -167,8 +167,6 @@ def test_reductions_and_no_grad_path():
 
 def _tp_worker(impl, sizes, lams):
     """Each rank holds a vocabulary shard; the result must equal the unsplit operator."""
-    if impl == "triton":
-        pytest.importorskip("triton")
     rank, world = dist.get_rank(), dist.get_world_size()
     h, w, y, tw, ign = problem(48, 256, 16, torch.float32, seed=3)
     full = run("naive", h, w, y, tw, ign, sizes, lams)
@@ -188,6 +186,8 @@ def _tp_worker(impl, sizes, lams):
 
 @pytest.mark.parametrize("impl", ["torch"] + (["triton"] if TRITON_OK else []))
 def test_vocab_parallel_tp2_equals_tp1(impl):
+    if impl == "triton":  # here, not in the forked ranks: a skip raised there is a failure of the rank
+        pytest.importorskip("triton")
     for r in run_distributed(_tp_worker, 2, impl, [8, 32], [0.2, 0.1]):
         assert r["loss"] < 1e-6 and r["lse"] < 1e-6 and r["dh"] < 1e-5 and r["dw"] < 1e-5, r
         assert r["dh_partial_differs"] > 1e-3  # the partial is not already reduced

@@ -1,7 +1,9 @@
 import json
 import math
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
+from megamdm.demo import shapesworld
+from megamdm.formats.single import load_single, save_single
 from megamdm.sampling.draw import filter_logits
 from megamdm.sampling.loop import cfg_combine, sample_tokens
 from megamdm.sampling.pipeline import MDMSampler
 from megamdm.sampling.schedules import stratified_order
 from megamdm.sampling.settings import SampleSettings
+from megamdm.text import HFTokenizer
 
 from .support.checkpoints import make_tiny_checkpoint
 from .support.device_reads import DeviceReads
@@ -175,8 +180,12 @@ def test_inpainting_keeps_unmasked_tokens_when_editing_is_off(ckpt, tmp_path):
 
 
 def cli(*args):
+    """megamdm-sample, run from a folder outside the repository (every command works from any folder)."""
     return subprocess.run(
-        [sys.executable, str(ROOT / "tools/sample.py"), *map(str, args)], capture_output=True, text=True, cwd=ROOT
+        [sys.executable, str(ROOT / "tools/sample.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=tempfile.gettempdir(),
     )
 
 
@@ -202,8 +211,9 @@ def test_cli_plain_is_deterministic_and_records_settings(ckpt, tmp_path):
             "--quiet",
         )
         assert r.returncode == 0, r.stderr
-    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    files = sorted(p.name for p in (tmp_path / "a").glob("*.png"))
     assert files == ["00000_00.png", "00000_01.png", "00001_00.png", "00001_01.png"]
+    assert (tmp_path / "a/manifest.jsonl").is_file()
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
     info = Image.open(tmp_path / "a/00001_01.png").info
@@ -690,3 +700,114 @@ def test_sampling_steps_make_no_host_sync_on_gpu(ckpt):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert (out.tokens != mask_id).all()
+
+
+def test_a_rerun_redoes_images_made_from_other_inputs_and_knows_its_checkpoint_by_content(ckpt, tmp_path):
+    """A rerun into the same --out is refused (one line) when a negative prompt, an init image or a
+    mask differs, or the checkpoint's weights changed; the same checkpoint under another path resumes."""
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "i.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "m.png")
+    base = ["--checkpoint", ckpt, "--prompt", "a red circle", "--steps", 2, "--quiet"]
+    runs = [
+        (["--negative-prompt", "blue"], [], "negative_prompt"),
+        (["--init-image", tmp_path / "i.png", "--mask", tmp_path / "m.png"], [], "init_image"),
+    ]
+    for k, (first, second, word) in enumerate(runs):
+        out = ["--out", tmp_path / f"o{k}"]
+        assert cli(*base, *out, *first).returncode == 0
+        r = cli(*base, *out, *second)
+        assert r.returncode == 2 and word in r.stderr and "--overwrite" in r.stderr, r.stderr
+    Image.new("RGB", (32, 32), (30, 200, 30)).save(tmp_path / "i2.png")
+    r = cli(*base, "--out", tmp_path / "o1", "--init-image", tmp_path / "i2.png", "--mask", tmp_path / "m.png")
+    assert r.returncode == 2 and "init_image" in r.stderr  # another picture under another name
+    copy = tmp_path / "copy_of_ckpt"
+    shutil.copytree(ckpt, copy)
+    out = ["--out", tmp_path / "o0", "--negative-prompt", "blue"]
+    r = cli("--checkpoint", copy, *base[2:], *out)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr  # the same weights by another path: nothing to redo
+    pre = load_single(copy)
+    pre.model.head.weight.data.mul_(1.5)  # new weights exported to the same path
+    save_single(copy, pre.model, pre.config, pre.groups, pre.image_tokenizer, pre.text_tokenizer, overwrite=True)
+    r = cli("--checkpoint", copy, *base[2:], *out)
+    assert r.returncode == 2 and "another checkpoint" in r.stderr, r.stderr
+
+
+def test_the_sampler_refuses_settings_it_does_not_have(ckpt):
+    s = MDMSampler.from_pretrained(ckpt, device="cpu")
+    with pytest.raises(ValueError, match="unknown sampler setting `guidance_scale`"):
+        s("a red circle", guidance_scale=7, progress=False)
+    with pytest.raises(ValueError, match="`edit_treshold`: did you mean `edit_threshold`"):
+        s("a red circle", edit_treshold=0.5, progress=False)
+
+
+def test_the_api_and_the_command_make_the_same_image_and_both_record_it(ckpt, tmp_path):
+    s = MDMSampler.from_pretrained(ckpt)  # on CPU: fp32, as the command
+    out = s("a red circle", steps=3, seed=7, progress=False)
+    assert s.dtype == torch.float32
+    r = cli("--checkpoint", ckpt, "--prompt", "a red circle", "--steps", 3, "--seed", 7, "--out", tmp_path / "o", "--quiet")
+    assert r.returncode == 0, r.stderr
+    png = Image.open(tmp_path / "o/00000_00.png")
+    assert np.array_equal(np.asarray(png.convert("RGB")), np.asarray(out.images[0]))
+    api = json.loads(out.images[0].info["megamdm"])
+    assert out.images[0].info["prompt"] == "a red circle" and api["seed"] == 7 and api["steps"] == 3
+    saved = Image.open(out.save(tmp_path / "api")[0])
+    assert json.loads(saved.info["megamdm"]) == api and np.array_equal(np.asarray(saved), np.asarray(out.images[0]))
+
+
+def test_words_the_text_tokenizer_does_not_know_are_warned_about(ckpt, tmp_path):
+    s = MDMSampler.from_pretrained(ckpt)
+    shapesworld.write_text_tokenizer(tmp_path / "words")
+    s.text_tokenizer = HFTokenizer(tmp_path / "words")
+    assert s.text_tokenizer.encode("A Red Circle.") == s.text_tokenizer.encode("a red circle")  # normalised
+    with pytest.warns(UserWarning, match="does not know 'corgi'"):
+        s.encode_prompts(["a red corgi"], 32, 32)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--edit-threshold", "1.5"], "edit_threshold must be < 1"),
+        (["--outpaint", "8,0,0,0", "--height", "64"], "--height and --width come from --init-image"),
+        (["--device", "tpu"], "--device 'tpu' is not a device"),
+    ],
+)
+def test_values_that_would_do_nothing_are_refused_in_one_line(ckpt, tmp_path, args, message):
+    Image.new("RGB", (32, 32)).save(tmp_path / "i.png")
+    extra = ["--init-image", tmp_path / "i.png"] if "--outpaint" in args else []
+    r = cli("--checkpoint", ckpt, "--prompt", "x", "--steps", 1, "--out", tmp_path / "o", *extra, *args)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_cuda_asked_for_where_there_is_none_is_one_line(ckpt, tmp_path):
+    r = cli("--checkpoint", ckpt, "--prompt", "x", "--out", tmp_path / "o", "--device", "cuda")
+    assert r.returncode == 2 and "CUDA is not available on this machine" in r.stderr, r.stderr
+
+
+def test_a_training_checkpoint_given_to_the_sampler_says_how_to_convert_it(tmp_path):
+    run = tmp_path / "run"
+    (run / "iter_0000010").mkdir(parents=True)
+    (run / "iter_0000010/.metadata").write_bytes(b"")
+    (run / "latest_checkpointed_iteration.txt").write_text("10\n")
+    r = cli("--checkpoint", run, "--prompt", "x", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "megamdm-convert to-single --checkpoint" in r.stderr, r.stderr
+
+
+def test_per_step_callback_sees_the_tokens_fill_in(ckpt):
+    s = MDMSampler.from_pretrained(ckpt)
+    seen = []
+    s(["a red circle"], steps=4, on_step=lambda k, tokens: seen.append((k, tokens.clone())), progress=False)
+    assert [k for k, _ in seen] == [0, 1, 2, 3]
+    vocab = s.image_tokenizer.vocab_size
+    masked = [int((t >= vocab).sum()) for _, t in seen]  # the MASK id is past the tokenizer's codes
+    assert masked == sorted(masked, reverse=True) and masked[-1] == 0 and masked[0] > 0
+    assert len(s.decode(seen[0][1])) == 1
+
+
+def test_prompt_files_skip_comment_lines_and_the_plain_layout_has_a_manifest(ckpt, tmp_path):
+    (tmp_path / "p.txt").write_text("# a comment\na red circle\n\n  # another\na blue square\n")
+    r = cli("--checkpoint", ckpt, "--prompts", tmp_path / "p.txt", "--steps", 1, "--out", tmp_path / "o", "--quiet")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "o/manifest.jsonl").read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == ["a red circle", "a blue square"]
+    assert rows[1]["files"] == ["00001_00.png"] and rows[1]["seed"] == 1

@@ -71,7 +71,9 @@ def test_evaluator_rejects_what_is_wrong():
     ImageDraw.Draw(im2).rectangle([50, 50, 52, 52], fill=shapes.COLORS["red"])
     assert shapes.score(im2, "a red square")["correct"]
     with pytest.raises(ValueError, match="not a ShapesWorld caption"):
-        shapes.score(im, "a red thing next to a box")
+        shapes.parse_caption("a red thing next to a box")
+    res = shapes.score(im, "a red thing next to a box")  # counted apart by the evaluation, not fatal
+    assert res["unscorable"] and not res["correct"]
 
 
 def test_relation_parse_round_trip():
@@ -147,3 +149,18 @@ def test_grouping_features_keep_gce_groups_colour_pure():
 
     assert mixed(shapes.grouping_features(cb)) == 0
     assert mixed(cb) >= 10
+
+
+def test_a_prompt_outside_shapesworld_is_counted_apart_not_fatal(tmp_path):
+    """A caption the evaluator cannot read aborted the whole evaluation with a traceback."""
+    from PIL.PngImagePlugin import PngInfo
+
+    for i, cap in enumerate(["a red circle", "a corgi on a beach"]):
+        info = PngInfo()
+        info.add_text("prompt", cap)
+        shapes.render([shapes.Obj("red", "circle", 5, 5, 20)]).save(tmp_path / f"{i}.png", pnginfo=info)
+    r = subprocess.run([sys.executable, ROOT / "tools/eval_shapes.py", tmp_path, "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["single"] == 1.0 and summary["n_single"] == 1 and summary["n_unscorable"] == 1
+    assert "1 prompts are not ShapesWorld captions (e.g. 'a corgi on a beach')" in r.stderr

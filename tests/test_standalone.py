@@ -1,10 +1,12 @@
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
 
-from megamdm.config import Config, DiffusionConfig
+from megamdm.config import Config, DiffusionConfig, ModelConfig
 from megamdm.diffusion import corrupt_batch
 from megamdm.errors import CheckpointError
 from megamdm.formats.single import load_single, save_single
@@ -244,3 +246,25 @@ def test_a_checkpoint_from_before_per_sample_positions_keeps_its_layout(tiny_mod
     from megamdm.config import load_config_text
 
     assert load_config_text("model:\n  num_layers: 2\ntext:\n  max_len: 40\n").model.fixed_image_start == 40
+
+
+def test_a_checkpoint_is_readable_as_the_users_umask_allows(tmp_path):
+    """mkdtemp made the folder 0700: a release written on a shared cluster was unreadable to teammates."""
+    cfg = Config()
+    cfg.model = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, num_query_groups=1, head_dim=16)
+    cfg.model.ffn_hidden_size, cfg.model.image_vocab_size, cfg.model.text_vocab_size = 64, 16, 384
+    old = os.umask(0o022)
+    try:
+        out = save_single(
+            tmp_path / "ck",
+            MDMTransformer(cfg.model),
+            cfg,
+            GCEGroups.identity(16, [8], [0.2]),
+            KMeansPatchTokenizer(torch.rand(16, 48), 4),
+            ByteTokenizer(),
+        )
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert modes == {0o644}

@@ -1,5 +1,6 @@
 """The megatron-core training loop on CPU/gloo: layouts agree, resume is exact, NaNs are skipped."""
 
+import json
 import os
 import re
 import signal
@@ -412,16 +413,21 @@ def test_train_step_can_be_driven_and_the_window_counts_what_happened(toy_datase
         ),
         ({"data.shards": "[/nonexistent/ds.zarr]"}, "/nonexistent/ds.zarr: not a zarr token-shard dataset (no zarr.json)"),
         ({"data.resolutions": "[64x64]"}, "data.resolutions ['64x64'] are not in the datasets (have ['32x32'])"),
+        (
+            {"parallel.tensor_parallel": 3},
+            "parallel.tensor_parallel=3 x parallel.pipeline_parallel=1 does not divide the 1 processes launched; "
+            "launch a multiple of 3",
+        ),
     ],
 )
 def test_train_cli_prints_bad_input_as_one_line(toy_dataset, tmp_path, bad, message):
-    """A config that only the data can refuse ends in one line, exit 2."""
+    """A config that only the data (or the launch) can refuse ends in one line, exit 2; from any folder."""
     ov = overrides(toy_dataset, **bad)
     cmd = [sys.executable, "-m", "megamdm.train", "--config", str(ROOT / "configs/model/tiny.yaml")]
     for o in ov:
         cmd += ["--set", o]
     env = {**os.environ, "MASTER_PORT": str(free_port()), "MASTER_ADDR": "127.0.0.1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {message}"]
@@ -550,3 +556,26 @@ def test_bench_train_variants_parse_and_compare():
     line = mod.comparison([row]).splitlines()[1].split()
     assert line[:5] == ["v", "2.000", "1,000", "300.00", "30.0%"]
     assert line[5:] == ["25.0%", "12.5%", "6.2%", "3.1%", "3.1%"]
+
+
+def test_a_run_keeps_its_config_with_absolute_paths_and_its_metrics_and_a_finished_one_says_so(
+    toy_dataset, tmp_path, capfd, monkeypatch
+):
+    """Relative paths in a run's saved config made to-single and resume fail from another folder; the
+    loss curve lived only in wandb; resuming a finished run exited without a word."""
+    monkeypatch.chdir(toy_dataset)  # the config names the data relative to here
+    run = tmp_path / "run"
+    ov = overrides(".", **{"train.steps": 2, "checkpoint.save_dir": run})
+    first = train(1, ov)
+    saved = load_config(run / "config.yaml")
+    assert saved.data.shards == [str(toy_dataset / "ds.zarr")] and saved.gce.groups_file == str(
+        toy_dataset / "groups.safetensors"
+    )
+    assert load_config(run / "iter_0000002/config.yaml").image_tokenizer.path == str(toy_dataset / "tok")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["step"]) for r in rows] == [("train", 1), ("train", 2)]
+    assert rows[-1]["loss"] == pytest.approx(first["losses"][-1], rel=1e-6)
+    capfd.readouterr()
+    again = train(1, ov)
+    assert again["losses"] == [] and again["step"] == 2
+    assert "nothing to do: the run is at step 2 and train.steps=2" in capfd.readouterr().out

@@ -11,11 +11,12 @@ import sys
 import time
 
 from megamdm.gce import build_groups
+from megamdm.options import ArgumentParser
 from megamdm.vq import codebook_hash, load_image_tokenizer, tokenizer_kind
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", required=True, help="image tokenizer directory (k-means or diffusers VQModel)")
     ap.add_argument("--group-sizes", type=int, nargs="+", default=[8], help="increasing, each dividing the next")
     ap.add_argument("--group-weights", type=float, nargs="+", default=[0.2])

@@ -5,7 +5,7 @@
     # a training run (latest iteration) or one iter_NNNNNNN directory -> single-GPU format
     megamdm-convert to-single --checkpoint runs/pretrain_1024 --out release/
     # single-GPU format -> a model-only torch_dist checkpoint, loadable by training at any TP/PP
-    megamdm-convert from-single --single release/ --out runs/finetune_init
+    megamdm-convert from-single --checkpoint release/ --out runs/finetune_init
     # a Llama / Mistral-style HF LLM -> a single-GPU-format MDM (backbone + text embeddings from the LLM)
     megamdm-convert from-hf --hf Llama-dir/ --image-tokenizer tok/ --gce-groups g.safetensors \\
         --out init/ [--config configs/pretrain_256.yaml] [--mask-token "<|reserved_special_token_0|>"]
@@ -39,9 +39,10 @@ def main(argv=None) -> int:
     a.add_argument("--weights", choices=WEIGHTS, default="auto", help="EMA or last-step weights (auto: EMA when saved)")
     a.add_argument("--overwrite", action="store_true")
     b = sub.add_parser("from-single", help="single-GPU format -> model-only torch_dist")
-    b.add_argument("--single", required=True)
+    b.add_argument("--checkpoint", "--single", dest="single", required=True, help="single-GPU-format directory")
     b.add_argument("--out", required=True, help="a new run directory")
     b.add_argument("--dtype", choices=DTYPES)
+    b.add_argument("--overwrite", action="store_true", help="replace the training run in --out")
     c = sub.add_parser("from-hf", help="Hugging Face Llama/Mistral LLM -> single-GPU-format MDM")
     c.add_argument("--hf", required=True)
     c.add_argument("--image-tokenizer", required=True)
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
             cfg = load_config(args.config) if args.config else None
             out = to_single(args.checkpoint, args.out, dtype=dtype, config=cfg, overwrite=args.overwrite, weights=args.weights)
         elif args.cmd == "from-single":
-            out = from_single(args.single, args.out, dtype=dtype)
+            out = from_single(args.single, args.out, dtype=dtype, overwrite=args.overwrite)
         elif args.cmd == "from-nld":
             groups = GCEGroups.load(args.gce_groups) if args.gce_groups else None
             out = from_nld(args.nld, args.out, groups=groups, dtype=dtype, overwrite=args.overwrite)

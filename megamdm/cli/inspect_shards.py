@@ -13,12 +13,13 @@ import numpy as np
 import torch
 
 from megamdm.data.shards import ShardError, TokenShards
+from megamdm.options import ArgumentParser
 from megamdm.sampling.grid import image_grid
 from megamdm.vq import load_image_tokenizer, tensor_to_pil, tokenizer_kind
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dataset")
     ap.add_argument("--tokenizer", help="image tokenizer directory, to decode a preview")
     ap.add_argument("--preview", help="PNG path for a grid of decoded samples")
@@ -39,12 +40,15 @@ def main(argv=None) -> int:
     total = sum(ds.counts.values())
     print(f"{'resolution':<12}{'samples':>10}{'share':>8}")
     for rk in ds.resolutions:
-        print(f"{rk:<12}{ds.counts[rk]:>10}{ds.counts[rk] / total:>8.1%}")
+        print(f"{rk:<12}{ds.counts[rk]:>10}{ds.counts[rk] / max(total, 1):>8.1%}")
     print(f"skipped: {a.get('skipped') or 'none'}")
     if ds.partial:
         print(
             f"PARTIAL: consolidated with --partial; {len(ds.missing_parts)} expected parts missing ({ds.missing_parts[0]}, ...)"
         )
+    if not total:
+        print(f"error: {args.dataset} holds no samples (skipped: {a.get('skipped') or 'none'})", file=sys.stderr)
+        return 2
     rng = np.random.default_rng(args.seed)
     rk = max(ds.counts, key=ds.counts.get)
     idx = np.sort(rng.choice(ds.counts[rk], size=min(args.samples, ds.counts[rk]), replace=False))

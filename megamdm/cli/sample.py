@@ -20,17 +20,19 @@ a GenEval folder appears under its final name only when complete, so a rerun ski
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 import sys
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from megamdm.errors import MegamdmError
-from megamdm.options import ArgumentParser, add_flags, given
+from megamdm.finetune.lora import apply_lora_adapter
+from megamdm.formats.single import fingerprint, load_single
+from megamdm.options import DTYPES, ArgumentParser, add_flags, given
 from megamdm.sampling.outputs import SampleWriter, load_prompts
 from megamdm.sampling.pipeline import MDMSampler
 from megamdm.sampling.settings import SAMPLE_PRESETS, SampleConfig, SampleSettings
@@ -58,8 +60,11 @@ def parser() -> ArgumentParser:
     ap.add_argument("--negative-prompt", help="the unconditional branch of guidance (default: the masked prompt)")
     ap.add_argument("--num-images-per-prompt", type=int, help="default: 1 (4 for --dpg-prompts, a 2x2 grid)")
     ap.add_argument("--batch-size", type=int, help="images per forward pass (default: as many as fit in memory)")
-    ap.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    ap.add_argument("--dtype", default="auto", help="bf16 | fp16 | fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    ap.add_argument(
+        "--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on CUDA, fp32 on CPU (as MDMSampler's)"
+    )
+    ap.add_argument("--lora", help="a LoRA adapter (megamdm-finetune's lora_adapter.safetensors) merged into the checkpoint")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--init-image", help="inpainting / masked editing: the starting image")
     ap.add_argument("--mask", help="with --init-image: white pixels are regenerated")
@@ -84,13 +89,22 @@ def as_flags(message: str) -> str:
     return re.sub(r"`(\w+)`", lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
+def _file_id(path) -> str | None:
+    """What identifies an input file in the PNGs' record: a hash of its bytes (None: no such input)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else None
+
+
+def _sampler(args) -> MDMSampler:
+    pre = load_single(args.checkpoint)
+    if args.lora:
+        pre.model = apply_lora_adapter(pre.model.float(), args.lora)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return MDMSampler(pre, device=device, dtype=args.dtype, compile=args.compile, preset=args.preset)
+
+
 def _inputs(args, sampler: MDMSampler, n_per: int, seed: int):
     """The start image, mask and margins, checked by the sampler, and the canvas they give."""
-    init_image = mask = None
-    if args.init_image:
-        init_image = Image.open(args.init_image).convert("RGB")
-    if args.mask:
-        mask = Image.open(args.mask)
+    init_image, mask = sampler.load_images(args.init_image, args.mask)
     height, width = sampler.check_inputs(
         ["-"],
         height=getattr(args, "height", None),
@@ -114,19 +128,21 @@ def main(argv=None) -> int:
         )
         n_per = args.num_images_per_prompt if args.num_images_per_prompt is not None else (4 if layout == "dpg" else 1)
         writer = SampleWriter(args.out, layout, images_per_prompt=n_per, checkpoint=args.checkpoint)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
-        sampler = MDMSampler.from_pretrained(
-            args.checkpoint, device=device, dtype=dtype, compile=args.compile, preset=args.preset
-        )
+        sampler = _sampler(args)
         settings = sampler.default_settings(**given(args, SampleSettings))
         seed = getattr(args, "seed", sampler.cfg.sample.seed)  # a seed not given is the checkpoint's
         init_image, mask, height, width = _inputs(args, sampler, n_per, seed)
-        recorded = {**sampler.record(settings, height, width), "checkpoint": args.checkpoint}
-        if args.negative_prompt is not None:
-            recorded["negative_prompt"] = args.negative_prompt
-        if args.outpaint is not None:
-            recorded["outpaint"] = args.outpaint
+        # everything an image depends on, so that a rerun into this --out redoes what differs
+        recorded = {
+            **sampler.record(settings, height, width),
+            "checkpoint_id": fingerprint(args.checkpoint),
+            "lora": _file_id(args.lora),
+            "negative_prompt": args.negative_prompt,
+            "init_image": _file_id(args.init_image),
+            "mask": _file_id(args.mask),
+            "outpaint": args.outpaint,
+            "edit_border": args.edit_border,
+        }
         pending = {
             key
             for key, _, _ in writer.pending(jobs, lambda k: {**recorded, "seed": seed + k * n_per}, overwrite=args.overwrite)
@@ -146,13 +162,13 @@ def main(argv=None) -> int:
     n_images = 0
     edits_total, edit_steps, prompts_cut = 0, 0, 0
     per_call = max(1, batch_size // n_per)
+    canvas = {} if init_image is not None else {"height": height, "width": width}  # an init image sets its own
     bar = tqdm(total=len(todo), desc="prompts", unit="prompt", disable=args.quiet)
     for s in range(0, len(todo), per_call):
         batch = todo[s : s + per_call]
         res = sampler(
             [p for _, _, p, _ in batch],
-            height=height,
-            width=width,
+            **canvas,
             num_images_per_prompt=n_per,
             seeds=[seed + k * n_per for k, _, _, _ in batch],
             batch_size=batch_size,
@@ -171,14 +187,12 @@ def main(argv=None) -> int:
         for b, (k, key, prompt, meta) in enumerate(batch):
             imgs = res.images[b * n_per : (b + 1) * n_per]
             st = {x: v for x, v in res.settings.items() if x not in ("seeds", "negative_prompts")}
-            st["seed"] = seed + k * n_per
-            if args.negative_prompt is not None:
-                st["negative_prompt"] = args.negative_prompt
-            writer.write(key, prompt, meta, imgs, st)
+            writer.write(key, prompt, meta, imgs, {**st, **recorded, "seed": seed + k * n_per})
             n_images += len(imgs)
         bar.update(len(batch))
         bar.set_postfix(edits_per_step=f"{edits_total / max(edit_steps, 1):.1f}")
     bar.close()
+    writer.write_manifest(jobs)
     dt = time.time() - t0
     if not args.quiet:
         print(

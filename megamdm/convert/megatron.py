@@ -10,6 +10,7 @@ model-only ``torch_dist`` run that training loads at any TP/PP.
 from __future__ import annotations
 
 import contextlib
+import shutil
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from ..compat.dist_ckpt import writer_queue
 from ..compat.megatron_cpu import megatron_on_cpu
 from ..config import Config, load_config, to_yaml
 from ..errors import ConversionError
-from ..formats.run_layout import finalize_tracker, iteration_dir, resolve_iteration_dir
+from ..formats.run_layout import TRACKER, finalize_tracker, iteration_dir, latest_iteration, resolve_iteration_dir
 from ..formats.safetensors import LazyTensors
 from ..formats.single import read_config, weight_files, write_single
 from ..formats.torch_dist import EMA_PREFIX, TorchDistReader, has_ema, load_ema_region
@@ -89,9 +90,10 @@ def to_single(
     )
 
 
-def from_single(single, out, *, iteration: int = 0, dtype: torch.dtype | None = None) -> Path:
+def from_single(single, out, *, iteration: int = 0, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Single-GPU-format directory -> a model-only torch_dist checkpoint run directory
     (``iter_NNNNNNN/`` + tracker + ``config.yaml``), loadable by training at any TP/PP.
+    ``overwrite`` replaces a training run in ``out`` (only a run: anything else is refused).
 
     Runs in one process; needs an initialised (world size 1) process group only inside."""
     # megatron-core (the train extra) is needed by this direction only
@@ -101,6 +103,14 @@ def from_single(single, out, *, iteration: int = 0, dtype: torch.dtype | None = 
     cfg, _ = read_config(single)
     get = LazyTensors(weight_files(single), dtype)
     out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConversionError(f"{out} already exists; pass --overwrite to replace the training run there")
+        if latest_iteration(out) is None:
+            raise ConversionError(
+                f"{out} is not a training run (no {TRACKER}); --overwrite replaces only runs, so nothing was deleted"
+            )
+        shutil.rmtree(out)
     it_dir = iteration_dir(out, iteration)
     it_dir.mkdir(parents=True, exist_ok=False)
     sharded = {

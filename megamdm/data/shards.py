@@ -187,6 +187,12 @@ def consolidate(root, *, tokenizer: str, codebook_hash: str, expected: list[str]
             skipped[k] = skipped.get(k, 0) + v
         for k, v in attrs.get("replaced", {}).items():
             replaced[k] = replaced.get(k, 0) + v
+    if parts and not sum(totals.values()):
+        why = ", ".join(f"{n} {k}" for k, n in sorted(skipped.items())) or "none were read"
+        raise ShardError(
+            f"{root}: no sample was kept (skipped: {why}); no index written. With 'too_small', the images are "
+            "smaller than --resolution: preprocess at a resolution they reach"
+        )
     g = zarr.open_group(str(root), mode="a")
     index = {
         "schema": SCHEMA,

@@ -19,10 +19,11 @@ from pathlib import Path
 from PIL import Image
 
 from megamdm.demo import shapesworld as shapes
+from megamdm.options import ArgumentParser
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("images", nargs="?", help="a folder of PNGs with a 'prompt' text chunk")
     ap.add_argument("--ground-truth", type=int, default=0, help="score this many generated scenes instead")
     ap.add_argument("--seed", type=int, default=1)
@@ -47,6 +48,12 @@ def main(argv=None) -> int:
     else:
         ap.error("give an images folder or --ground-truth N")
     summary = shapes.summarize(results)
+    if summary.get("n_unscorable"):
+        first = next(r["prompt"] for r in results if r.get("unscorable"))
+        print(
+            f"warning: {summary['n_unscorable']} prompts are not ShapesWorld captions (e.g. {first!r}); left out of the scores",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(summary))
         return 0

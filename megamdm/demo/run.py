@@ -13,7 +13,7 @@
   7. sample the held-out prompts with token editing off and on (megamdm-sample) -> demo_out/grid.png
   8. score prompt adherence from pixels (megamdm-eval-shapes)
 
-Run it from the repository root: the defaults are configs/demo.yaml and demo_out/.
+It runs from any folder: configs/demo.yaml is the shipped config, demo_out/ is made in the working directory.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from megamdm.compat.cpu_precision import resolve_cpu_precision
 from megamdm.config import load_config
 from megamdm.demo import shapesworld as shapes
 from megamdm.gce import build_groups
+from megamdm.options import ArgumentParser
 from megamdm.sampling.grid import image_grid
 from megamdm.vq import KMeansPatchTokenizer, codebook_hash, pil_to_tensor
 
@@ -52,7 +53,16 @@ OUTPUTS = (
     "scores.json",
 )
 MARKER = ".megamdm-demo"
-QUICK = {"images": 1500, "vocab": 512, "steps": 30, "n_single": 4, "n_two": 4, "per_prompt": 1, "sample_steps": 6}
+QUICK = {
+    "out": "demo_quick",
+    "images": 1500,
+    "vocab": 512,
+    "steps": 30,
+    "n_single": 4,
+    "n_two": 4,
+    "per_prompt": 1,
+    "sample_steps": 6,
+}
 
 
 class Stages:
@@ -77,10 +87,10 @@ def run(cmd: list, **kw) -> None:
         sys.exit(r.returncode)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/demo.yaml")
-    ap.add_argument("--out", default="demo_out")
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/demo.yaml", help="(the shipped one from any folder: megamdm/configs)")
+    ap.add_argument("--out", default="demo_out", help="default: demo_out (with --quick: demo_quick, so a finished demo stays)")
     ap.add_argument("--images", type=int, default=20000, help="ShapesWorld images to generate")
     ap.add_argument(
         "--two-prob",
@@ -104,12 +114,16 @@ def main(argv=None) -> int:
         help="continue an interrupted demo in --out (default: start fresh, replacing its outputs)",
     )
     args = ap.parse_args(argv)
-    if args.quick:  # --quick's sizes are defaults: flags given with it still win
+    if args.quick:  # --quick's sizes (and its own --out) are defaults: flags given with it still win
         ap.set_defaults(**QUICK)
         args = ap.parse_args(argv)
     if not 0.0 <= args.two_prob <= 1.0:
         ap.error(f"--two-prob {args.two_prob} must be in [0, 1]")
+    return args
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     cfg = load_config(args.config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from ..data.webdataset import write_shard
 
@@ -272,8 +271,12 @@ def _rel(a: Detection, b: Detection) -> str | None:
 
 def score(image, text: str) -> dict:
     """Whether ``image`` shows exactly what ``text`` says: counts, colours, shapes and the relation.
-    The relation is judged like the generator's, with half its minimum offset (6 px) of tolerance."""
-    want, rel = parse_caption(text)
+    The relation is judged like the generator's, with half its minimum offset (6 px) of tolerance.
+    A prompt that is not a ShapesWorld caption is marked ``unscorable`` (and not correct)."""
+    try:
+        want, rel = parse_caption(text)
+    except ValueError:
+        return {"prompt": text, "detected": [], "correct": False, "unscorable": True}
     dets = detect(image)
     res = {"prompt": text, "detected": [(x.color, x.shape) for x in dets], "correct": False}
     if sorted((x.color, x.shape) for x in dets) != sorted(want):
@@ -289,16 +292,21 @@ def score(image, text: str) -> dict:
 
 
 def summarize(results: Sequence[dict]) -> dict:
-    """Accuracy over single-object prompts, two-object prompts and all."""
-    singles = [r["correct"] for r in results if parse_caption(r["prompt"])[1] is None]
-    doubles = [r["correct"] for r in results if parse_caption(r["prompt"])[1] is not None]
-    return {
+    """Accuracy over single-object prompts, two-object prompts and all (prompts that are not
+    ShapesWorld captions are counted apart, in ``n_unscorable``)."""
+    scored = [r for r in results if not r.get("unscorable")]
+    singles = [r["correct"] for r in scored if parse_caption(r["prompt"])[1] is None]
+    doubles = [r["correct"] for r in scored if parse_caption(r["prompt"])[1] is not None]
+    out = {
         "single": float(np.mean(singles)) if singles else None,
         "two": float(np.mean(doubles)) if doubles else None,
-        "overall": float(np.mean(singles + doubles)),
+        "overall": float(np.mean(singles + doubles)) if scored else None,
         "n_single": len(singles),
         "n_two": len(doubles),
     }
+    if len(scored) < len(results):
+        out["n_unscorable"] = len(results) - len(scored)
+    return out
 
 
 WORDS = ["a", "left", "right", "of", "above", "below", *COLORS, *SHAPES]
@@ -306,10 +314,13 @@ WORDS = ["a", "left", "right", "of", "above", "below", *COLORS, *SHAPES]
 
 def write_text_tokenizer(directory) -> None:
     """A word-level Hugging Face tokenizer for ShapesWorld captions, built locally (no download):
-    captions become at most 9 tokens instead of 42 bytes, which the CPU demo's budget needs."""
+    captions become at most 9 tokens instead of 42 bytes, which the CPU demo's budget needs. Case and
+    punctuation are normalised away ("A Red Circle." reads as the caption "a red circle")."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers  # the hf extra: the demo's alone
 
     vocab = {w: i for i, w in enumerate(["<pad>", "<mask>", "<unk>", *WORDS])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s]"), " ")])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)

@@ -32,12 +32,13 @@ from megamdm.diffusion import corrupt_batch
 from megamdm.formats.single import load_single
 from megamdm.models.standalone import MDMTransformer
 from megamdm.objective import LossSpec, loss_parts, select_supervised
+from megamdm.options import ArgumentParser
 from megamdm.sampling.pipeline import MDMSampler
 from megamdm.text import format_prompt, tokenize_prompts
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", required=True, help="a demo output directory (megamdm-demo --out)")
     ap.add_argument("--name", required=True)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -30,10 +30,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..compat.deepspeed_cpu import no_shm_comm
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, ModelConfig, TextConfig, find_config, load_config
 from ..data.loader import TrainLoader
 from ..formats.single import Pretrained, load_single, write_single
 from ..objective import LOGGED_SUMS, STEP_SUMS, LossSpec, loss_parts, pack_metric_sums, pack_step_sums, select_supervised
+from ..sampling.settings import SampleConfig
 from ..training import parallel
 from ..training.flops import peak_tflops
 from ..training.logging import RunLogger
@@ -89,7 +90,27 @@ class TrainStep(nn.Module):
 
 
 def check_config(cfg: Config) -> None:
-    """The shared settings fine-tuning cannot follow, refused in one line each."""
+    """What fine-tuning cannot follow, refused in one line each, before any process or DeepSpeed starts."""
+    changed = [
+        s for s, cls in (("model", ModelConfig), ("text", TextConfig), ("sample", SampleConfig)) if getattr(cfg, s) != cls()
+    ]
+    if changed:
+        raise ConfigError(
+            f"{', '.join(s + '.*' for s in changed)} come from the checkpoint: fine-tuning cannot change them "
+            "(remove those settings)"
+        )
+    if not cfg.data.shards:
+        raise ConfigError("data.shards is empty: give the token-shard datasets to fine-tune on (data.shards=[DIR])")
+    missing = [d for d in cfg.data.shards if not Path(d).is_dir()]
+    if missing:
+        raise ConfigError(f"data.shards: {missing[0]} is not a folder (a token-shard dataset from megamdm-preprocess)")
+    if not find_config(cfg.finetune.deepspeed_config).is_file():
+        raise ConfigError(f"finetune.deepspeed_config: {cfg.finetune.deepspeed_config} not found")
+    if cfg.train.steps <= cfg.optim.warmup_steps:
+        raise ConfigError(
+            f"train.steps={cfg.train.steps} does not pass optim.warmup_steps={cfg.optim.warmup_steps}: the learning "
+            "rate would never reach optim.lr (lower the warm-up or train longer)"
+        )
     if cfg.train.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"train.precision={cfg.train.precision}: fine-tuning trains in bf16 or fp32 (or auto)")
     if cfg.optim.lr_decay_style != "cosine":
@@ -109,10 +130,7 @@ def check_config(cfg: Config) -> None:
 def deepspeed_config(cfg: Config, world: int) -> dict:
     """The DeepSpeed JSON of ``finetune.deepspeed_config`` with batch sizes, optimizer, schedule and
     precision filled in from ``cfg``."""
-    path = Path(cfg.finetune.deepspeed_config)
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config not found: {path}")
-    ds = json.loads(path.read_text())
+    ds = json.loads(find_config(cfg.finetune.deepspeed_config).read_text())
     data, optim, steps = cfg.data, cfg.optim, cfg.train.steps
     if data.global_batch_size % (world * data.micro_batch_size):
         raise ValueError(

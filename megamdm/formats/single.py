@@ -15,6 +15,7 @@ error and nothing half-loaded.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from ..models.standalone import MDMTransformer
 from ..sampling.settings import SampleConfig
 from ..text import load_text_tokenizer
 from ..vq import load_image_tokenizer
+from .run_layout import TRACKER
 from .safetensors import INDEX_FILE, MAX_SHARD_BYTES, WEIGHTS_FILE, ShardedSafetensorsWriter, open_weights
 
 FORMAT = "megamdm-single"
@@ -121,6 +123,7 @@ def write_single(
             text_rel = TEXT_TOKENIZER_DIR
         cfg_json = _config_json(cfg, groups, text_rel, image_kind, weights)
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg_json, indent=2) + "\n")
+        share_as_umask_allows(tmp)
         if out.exists():
             _replace_own_files(tmp, out)
         else:
@@ -129,6 +132,34 @@ def write_single(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def share_as_umask_allows(tree: Path) -> None:
+    """Give ``tree`` the permissions the user's umask gives new files (``mkdtemp`` makes its folder
+    0700): a checkpoint written on a shared cluster is readable by whoever the user lets read files."""
+    mask = os.umask(0)
+    os.umask(mask)
+    tree.chmod(0o777 & ~mask)
+    for path in tree.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def fingerprint(directory) -> str:
+    """What identifies a checkpoint's contents, whatever its path: a hash of its ``config.json`` and, of
+    each weight file, its size, its safetensors header and 32 blocks of 4 KiB spread over it (new
+    weights change them: training rewrites every tensor), read in milliseconds at any size."""
+    d = Path(directory)
+    h = hashlib.sha256((d / CONFIG_FILE).read_bytes())
+    for path in sorted(set(weight_files(d).values())):
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            header = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(header, 1 << 24)))
+            for k in range(32):
+                f.seek(size * k // 32)
+                h.update(f.read(4096))
+    return h.hexdigest()[:16]
 
 
 def _own_files(directory: Path) -> list[Path]:
@@ -184,6 +215,11 @@ def read_config(directory) -> tuple[Config, dict]:
         raise CheckpointError(f"checkpoint directory not found: {d}")
     cpath = d / CONFIG_FILE
     if not cpath.is_file():
+        if (d / TRACKER).is_file() or (d / ".metadata").is_file():
+            raise CheckpointError(
+                f"{d} is a training checkpoint (torch_dist), not the single-GPU format: convert it first with "
+                f"megamdm-convert to-single --checkpoint {d} --out RELEASE_DIR"
+            )
         raise CheckpointError(f"{d}: missing {CONFIG_FILE}; not a megamdm single-GPU checkpoint")
     try:
         raw = json.loads(cpath.read_text())
@@ -206,11 +242,12 @@ def read_config(directory) -> tuple[Config, dict]:
         )
     except KeyError as e:
         raise CheckpointError(f"{cpath}: missing section {e.args[0]!r}") from None
+    home = d.absolute()  # the paths a loaded config holds work from any working directory
     cfg.image_tokenizer.kind = raw["image_tokenizer"]["kind"]
-    cfg.image_tokenizer.path = str(d / raw["image_tokenizer"]["path"])
-    cfg.gce.groups_file = str(d / raw["gce"]["groups_file"])
+    cfg.image_tokenizer.path = str(home / raw["image_tokenizer"]["path"])
+    cfg.gce.groups_file = str(home / raw["gce"]["groups_file"])
     if cfg.text.tokenizer != "byte":
-        cfg.text.tokenizer = str(d / cfg.text.tokenizer)
+        cfg.text.tokenizer = str(home / cfg.text.tokenizer)
     return cfg.validate(), raw
 
 

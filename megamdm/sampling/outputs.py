@@ -45,7 +45,12 @@ SETTING_DEFAULTS = {  # settings newer than some PNGs: those had the default
     )
 }
 
+# what a sampling run's inputs beyond the settings were, as PNGs record them ("inputs" below): an older
+# PNG that lacks one was made without it
+INPUT_DEFAULTS = {"negative_prompt": None, "init_image": None, "mask": None, "outpaint": None, "edit_border": 2, "lora": None}
+
 LAYOUTS = ("plain", "geneval", "dpg")
+MANIFEST = "manifest.jsonl"  # plain layout: one line per finished prompt (key, prompt, seed, files)
 Job = tuple[str, str, dict | None]  # (key, prompt, GenEval metadata)
 
 
@@ -64,7 +69,8 @@ def load_prompts(
         path = Path(prompts_file)
         if not path.is_file():
             raise ValueError(f"prompt file not found: {path}")
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        text = path.read_text(encoding="utf-8").splitlines()
+        lines = [ln.strip() for ln in text if ln.strip() and not ln.lstrip().startswith("#")]  # '#': a comment
         if not lines:
             raise ValueError(f"prompt file is empty: {path}")
         return [(f"{i:05d}", p, None) for i, p in enumerate(lines)], "plain"
@@ -142,8 +148,9 @@ class SampleWriter:
     def pending(
         self, jobs: Iterable[Job], expected: Callable[[int], dict] | None = None, *, overwrite: bool = False
     ) -> list[Job]:
-        """The jobs still to do. A finished one is compared with ``expected(k)`` (the settings its
-        PNGs must record, beside its prompt): it is kept only where they match."""
+        """The jobs still to do. A finished one is compared with ``expected(k)`` (the settings and
+        inputs its PNGs must record, beside its prompt): it is kept only where they match. The
+        checkpoint is compared by ``checkpoint_id`` (its contents), or by path in PNGs older than that."""
         todo = []
         for k, job in enumerate(jobs):
             if not self.target(job[0]).exists():
@@ -158,13 +165,16 @@ class SampleWriter:
             except (OSError, ValueError):
                 stored, prompt = {}, None
             want = json.loads(json.dumps(expected(k)))
-            known = {**SETTING_DEFAULTS, **stored}  # a setting newer than the PNG had its default then
+            known = {**SETTING_DEFAULTS, **INPUT_DEFAULTS, **stored}  # a setting newer than the PNG had its default
+            if "checkpoint_id" in want and "checkpoint_id" not in stored:
+                known["checkpoint_id"] = want["checkpoint_id"] if stored.get("checkpoint") == self.checkpoint else None
             diff = sorted(x for x in want if known.get(x) != want[x]) + (["prompt"] if prompt != job[1] else [])
             if not diff:
                 continue
             if not overwrite:
+                what = ", ".join("checkpoint" if x == "checkpoint_id" else x for x in diff)
                 raise StaleOutputError(
-                    f"{png} was made with another {', '.join(diff)} than asked; pass --overwrite to redo such "
+                    f"{png} was made with another {what} than asked; pass --overwrite to redo such "
                     "samples, or choose another --out"
                 )
             todo.append(job)
@@ -185,3 +195,20 @@ class SampleWriter:
         else:
             grid = image_grid(list(images[:4]), cols=2, pad=0)
             save_png(grid, self.out / f"{key}.png", png_info(prompt, settings, self.checkpoint, 0))
+
+    def write_manifest(self, jobs: Iterable[Job]) -> Path | None:
+        """The plain layout's ``manifest.jsonl``: each finished prompt's key, prompt, seed and files
+        (the GenEval and DPG-Bench layouts hold nothing but what their scorers read)."""
+        if self.layout != "plain":
+            return None
+        lines = []
+        for key, prompt, _ in jobs:
+            files = [self.out / f"{key}_{j:02d}.png" for j in range(self.n)]
+            if all(f.exists() for f in files):
+                seed = json.loads(Image.open(files[0]).info.get("megamdm", "{}")).get("seed")
+                lines.append(json.dumps({"key": key, "prompt": prompt, "seed": seed, "files": [f.name for f in files]}))
+        path = self.out / MANIFEST
+        tmp = path.with_name(f".{MANIFEST}.tmp")
+        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        os.replace(tmp, path)
+        return path

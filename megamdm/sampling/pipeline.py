@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
+import os
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import psutil
 import torch
+from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from ..formats.single import Pretrained, load_single
@@ -31,6 +36,7 @@ from ..text import format_prompt, masked_prompt, template_tail, tokenize_prompts
 from ..vq import check_image_size, pil_to_tensor, tensor_to_pil
 from .draw import chunk_rows
 from .loop import cfg_combine, sample_tokens
+from .outputs import save_png
 from .settings import SampleSettings, preset_settings
 
 
@@ -39,6 +45,26 @@ def trim_padding(ids: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, to
     padding is masked out of attention, and it is always a suffix)."""
     keep = int((~pad).sum(1).max()) if pad.numel() else 0
     return ids[:, : max(keep, 1)], pad[:, : max(keep, 1)]
+
+
+def check_device(device) -> torch.device:
+    """``device`` as a torch device the sampler can use here, or a ValueError naming what is allowed."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"`device` {device!r} is not a device; allowed: cpu, cuda, cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"`device` {device!r} is not one the sampler runs on; allowed: cpu, cuda, cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`device` {device!r}: CUDA is not available on this machine; use cpu")
+    return dev
+
+
+def sampling_dtype(dtype, device: torch.device):
+    """``auto``: bf16 on CUDA, fp32 elsewhere; any other name as it is."""
+    if dtype == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return dtype
 
 
 def _dilate(region: torch.Tensor, border: int) -> torch.Tensor:
@@ -52,12 +78,26 @@ def _dilate(region: torch.Tensor, border: int) -> torch.Tensor:
 
 @dataclass
 class SamplerOutput:
-    images: list  # PIL images, prompt-major
+    images: list  # PIL images, prompt-major; image.info holds its prompt and settings
     tokens: torch.Tensor  # [B, h, w] tokenizer-order ids
     edits_per_step: list[list[int]]
     settings: dict
     seconds: float = 0.0
     prompts_cut: int = 0  # prompts (and negative prompts) longer than text.max_len, truncated
+
+    def save(self, directory, prefix: str = "image") -> list[Path]:
+        """Write the images as ``PREFIX_NNNN.png`` into ``directory`` (atomically), each with its prompt
+        and settings in the PNG's text chunks, as ``megamdm-sample`` writes them."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, im in enumerate(self.images):
+            info = PngImagePlugin.PngInfo()
+            for key in ("prompt", "megamdm"):
+                info.add_itxt(key, im.info[key])
+            paths.append(out / f"{prefix}_{i:04d}.png")
+            save_png(im, paths[-1], info)
+        return paths
 
 
 class MDMSampler:
@@ -71,13 +111,13 @@ class MDMSampler:
     checkpoint's own sampler settings as the defaults of every call.
     """
 
-    def __init__(self, pretrained: Pretrained, device="cpu", dtype="fp32", compile: bool = False, preset: str | None = None):
+    def __init__(self, pretrained: Pretrained, device="cpu", dtype="auto", compile: bool = False, preset: str | None = None):
         self.pretrained = pretrained
         self.cfg = pretrained.config
         if preset is not None:  # on a copy: the caller's Pretrained keeps its own settings
             self.cfg = dataclasses.replace(self.cfg, sample=dataclasses.replace(self.cfg.sample, **preset_settings(preset)))
-        self.device = torch.device(device)
-        self.dtype = torch_dtype(dtype)
+        self.device = check_device(device)
+        self.dtype = torch_dtype(sampling_dtype(dtype, self.device))
         self.model = pretrained.model.to(self.device, self.dtype).eval()
         self.groups = pretrained.groups
         self.image_tokenizer = pretrained.image_tokenizer
@@ -88,8 +128,10 @@ class MDMSampler:
 
     @classmethod
     def from_pretrained(
-        cls, path, device: str | None = None, dtype="bf16", compile: bool = False, preset: str | None = None
+        cls, path, device: str | None = None, dtype="auto", compile: bool = False, preset: str | None = None
     ) -> MDMSampler:
+        """Load a single-GPU-format checkpoint. ``device`` None: cuda where available; ``dtype`` auto:
+        bf16 on CUDA, fp32 on CPU (bf16 is fast only on some CPUs, and the command line does the same)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return cls(load_single(path), device=device, dtype=dtype, compile=compile, preset=preset)
 
@@ -112,6 +154,14 @@ class MDMSampler:
         return {**settings.recorded(), "height": height, "width": width, "dtype": str(self.dtype).replace("torch.", "")}
 
     def encode_prompts(self, prompts: Sequence[str], height: int, width: int):
+        unknown = sorted({w for p in prompts for w in self.text_tokenizer.unknown_words(p)})
+        if unknown:
+            warnings.warn(
+                f"the text tokenizer does not know {', '.join(map(repr, unknown[:8]))}"
+                f"{f' and {len(unknown) - 8} more' if len(unknown) > 8 else ''}: read as its unknown token, "
+                "so the images will not follow them",
+                stacklevel=2,
+            )
         t = self.cfg.text
         texts = [
             format_prompt(
@@ -224,6 +274,10 @@ class MDMSampler:
             if outpaint is not None or mask is not None:
                 raise ValueError("`outpaint` and `mask` need `init_image`")
             height, width = height or self.cfg.sample.height, width or self.cfg.sample.width
+        elif height is not None or width is not None:
+            raise ValueError(
+                "`height` and `width` come from `init_image` (and `outpaint`): leave them out when editing an image"
+            )
         elif outpaint is not None:
             if mask is not None:
                 raise ValueError("give `mask` (inpainting) or `outpaint` (extend the canvas), not both")
@@ -284,6 +338,20 @@ class MDMSampler:
         new = start == self.cfg.model.image_mask_id
         return start, _dilate(new, edit_border), (height, width)
 
+    @staticmethod
+    def load_images(init_image=None, mask=None):
+        """``init_image`` (RGB) and ``mask`` as PIL images: paths are opened, images passed through."""
+        if isinstance(init_image, (str, os.PathLike)):
+            init_image = Image.open(init_image).convert("RGB")
+        if isinstance(mask, (str, os.PathLike)):
+            mask = Image.open(mask)
+        return init_image, mask
+
+    def decode(self, tokens: torch.Tensor) -> list:
+        """PIL images of tokenizer-order token grids ``[B, h, w]`` (masked positions decode as some code)."""
+        pix = self.image_tokenizer.decode(tokens.clamp(max=self.image_tokenizer.vocab_size - 1).to(self.device))
+        return tensor_to_pil(pix.float().cpu())
+
     def _encode(self, image) -> torch.Tensor:
         ids = self.image_tokenizer.encode(pil_to_tensor([image]).to(self.device))
         return self.groups.to_model(ids[0].cpu())
@@ -305,6 +373,7 @@ class MDMSampler:
         outpaint: Sequence[int] | None = None,
         edit_border: int = 2,
         progress: bool = True,
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
         **settings,
     ) -> SamplerOutput:
         """Generate ``num_images_per_prompt`` images per prompt. Image ``j`` of prompt ``i`` is drawn
@@ -315,10 +384,14 @@ class MDMSampler:
         ``negative_prompt`` (one, or one per prompt) is the unconditional branch of guidance
         instead of the masked prompt. ``init_image`` with ``mask`` regenerates the masked region;
         with ``outpaint = (left, top, right, bottom)`` pixels it extends the canvas around the
-        image. Token editing then acts only within ``edit_border`` tokens of the new region.
-        ``batch_size=None``: as many images per forward as fit in memory (:meth:`auto_batch_size`)."""
+        image. Token editing then acts only within ``edit_border`` tokens of the new region; both may
+        be paths. ``batch_size=None``: as many images per forward as fit in memory (:meth:`auto_batch_size`).
+        ``on_step(step, tokens)`` is called after every step with the batch's tokenizer-order tokens
+        ``[b, h, w]`` (the vocabulary size where still masked; :meth:`decode` makes them images). Every image carries
+        its prompt and settings in ``image.info`` (:meth:`SamplerOutput.save` writes them into PNGs)."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        init_image, mask = self.load_images(init_image, mask)
         height, width = self.check_inputs(
             prompts,
             height=height,
@@ -363,6 +436,11 @@ class MDMSampler:
             if start is not None:
                 init[:] = start
             gens = [torch.Generator(self.device).manual_seed(sd) for _, sd, _ in chunk]
+            step_fn = None
+            if on_step is not None:  # tokenizer order, the MASK id (= the vocabulary size) kept
+                step_fn = lambda k, x: on_step(
+                    k, self.groups.to_tokenizer(x.cpu().clamp(max=mask_id - 1)).where(x.cpu() != mask_id, mask_id)
+                )
             res = sample_tokens(
                 self.guided_hidden_fn(ids, pad, st, negative),
                 self.head_fn,
@@ -373,6 +451,7 @@ class MDMSampler:
                 chunk=chunk_rows(self.cfg.model.image_vocab_size, self.device),
                 editable=editable.expand(len(chunk), gh, gw).to(self.device) if editable is not None else None,
                 progress=bar,
+                on_step=step_fn,
             )
             tok = self.groups.to_tokenizer(res.tokens.cpu())
             pix = self.image_tokenizer.decode(tok.to(self.device))
@@ -385,5 +464,9 @@ class MDMSampler:
             settings_out["negative_prompts"] = [q for _, _, q in jobs]
         if outpaint is not None:
             settings_out["outpaint"] = [int(p) for p in outpaint]
+        for i, (im, (prompt, sd, neg)) in enumerate(zip(images, jobs)):
+            one = {k: v for k, v in settings_out.items() if k not in ("seeds", "negative_prompts")}
+            record = {**one, "seed": sd, "negative_prompt": neg, "image_index": i, "checkpoint": str(self.pretrained.path)}
+            im.info.update(prompt=prompt, megamdm=json.dumps(record, sort_keys=True))
         # every prompt (and negative prompt) is in exactly n jobs
         return SamplerOutput(images, torch.cat(tokens), edits, settings_out, time.time() - t0, prompts_cut=cut_jobs // n)

@@ -82,6 +82,11 @@ class SampleSettings:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.edit_threshold >= 1:
+            raise ValueError(
+                f"edit_threshold must be < 1 (a probability no token reaches would never edit), got {self.edit_threshold}; "
+                "<= 0 turns editing off"
+            )
         lo_hi = list(self.cfg_interval)
         if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] <= 1:
             raise ValueError(f"cfg_interval must be two fractions 0 <= lo <= hi <= 1 of the steps, got {lo_hi}")

@@ -25,7 +25,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyPara
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..config import load_config_text
+from ..config import load_config_text, with_absolute_paths
 from ..errors import CheckpointError
 from ..formats.run_layout import finalize_tracker, iteration_dir
 from .optim import init_torch_adam_state, uses_torch_adam
@@ -98,7 +98,7 @@ IDENTITY_KEYS = ("text.tokenizer", "text.mask_token", "gce.groups_file", "gce.gr
 def identity_changes(saved_yaml: str, cfg) -> list[str]:
     """``key: saved -> now`` for each model or tokenizer setting that differs from the checkpoint's."""
 
-    saved = load_config_text(saved_yaml)
+    saved = with_absolute_paths(load_config_text(saved_yaml))  # older runs saved them relative to the working directory
     flat = {}
     for section in IDENTITY_SECTIONS:
         for k, v in dataclasses.asdict(getattr(saved, section)).items():

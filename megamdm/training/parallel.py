@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from ..compat.cpu_precision import probe as probe_cpu
 from ..compat.megatron_cpu import seed_rng_tracker
+from ..config import ConfigError
 
 
 def resolve_device(device: str) -> str:
@@ -70,7 +71,10 @@ def init_model_parallel(tensor_parallel: int, pipeline_parallel: int) -> None:
 
     world = dist.get_world_size()
     if world % (tensor_parallel * pipeline_parallel):
-        raise ValueError(f"world size {world} is not a multiple of TP {tensor_parallel} x PP {pipeline_parallel}")
+        raise ConfigError(
+            f"parallel.tensor_parallel={tensor_parallel} x parallel.pipeline_parallel={pipeline_parallel} does not "
+            f"divide the {world} processes launched; launch a multiple of {tensor_parallel * pipeline_parallel}"
+        )
     ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)
 
 

@@ -32,7 +32,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..compat.dist_ckpt import writer_queue
 from ..compat.megatron_cpu import megatron_on_cpu
-from ..config import Config, to_yaml
+from ..config import Config, to_yaml, with_absolute_paths
 from ..data.loader import TrainLoader, ValidSet
 from ..formats.run_layout import RunLayoutError, iteration_dir, latest_iteration, resolve_iteration_dir
 from ..gce import GCEGroups
@@ -47,7 +47,7 @@ from .checkpoint import Checkpointer, load_model_weights
 from .ema import ShardedEMA
 from .flops import peak_tflops
 from .fp8 import check_fp8_recipe
-from .logging import RunLogger
+from .logging import METRICS_FILE, RunLogger
 from .metrics import MetricsWindow, StepResult, batch_sums
 from .optim import build_optimizer, params_in_sync, wrap_model
 from .samples import sample_images
@@ -130,7 +130,9 @@ class Trainer:
     """Set-up on ``__enter__``, one optimizer step per :meth:`train_step`, the whole run in :meth:`train`."""
 
     def __init__(self, cfg: Config):
-        self.cfg = copy.deepcopy(cfg).validate()  # precision: auto is resolved into it; a config built in code is checked too
+        # precision: auto is resolved into it, paths are made absolute (the saved config works from any
+        # folder); a config built in code is checked too
+        self.cfg = with_absolute_paths(copy.deepcopy(cfg)).validate()
         self._stack = contextlib.ExitStack()
 
     # ---- set-up ----------------------------------------------------------------------------------
@@ -233,6 +235,13 @@ class Trainer:
             else None
         )
         self.config_yaml = to_yaml(cfg)
+        if self.run_dir is not None and self.rank == 0:  # the resolved config, beside the checkpoints
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+        if self.run_dir is not None:
+            self.log.info(
+                f"config (resolved, paths absolute): {self.run_dir / 'config.yaml'}; metrics: {self.run_dir / METRICS_FILE}"
+            )
         self.step = 0
         self.resumed = False
         self.resume_dir = _resume_dir(cfg, self.run_dir)
@@ -371,6 +380,10 @@ class Trainer:
         losses (on the logging rank) and counters, for tests and scripts."""
         cfg, train, log_cfg = self.cfg, self.cfg.train, self.cfg.logging
         losses: list[float] = []
+        if self.step >= train.steps:
+            self.log.info(
+                f"nothing to do: the run is at step {self.step} and train.steps={train.steps}; raise train.steps to go on"
+            )
         window = MetricsWindow()
         last_saved = self.step if self.resumed else -1
         exit_after = self.step + train.exit_after_steps if train.exit_after_steps else None
@@ -468,8 +481,10 @@ class Trainer:
             )
         if self.log.active:
             if self.run_dir is not None:
-                (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-                image_grid(images, prompts).save(self.run_dir / "samples" / f"step_{step:07d}.png")
+                path = self.run_dir / "samples" / f"step_{step:07d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image_grid(images, prompts).save(path)
+                self.log.info(f"samples of {len(prompts)} prompts: {path}")
             self.log.images(step, images, prompts)
 
 
