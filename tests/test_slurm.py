@@ -1,6 +1,8 @@
-"""launch/pretrain_*.sh submitted with sbatch to a real (single-node, CPU) SLURM cluster."""
+"""The launch scripts: launch/pretrain_*.sh submitted with sbatch to a real (single-node, CPU) SLURM
+cluster, and launch/local.sh."""
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -112,3 +114,19 @@ def test_torchrun_mode_gives_the_node_task_every_cpu_of_its_ranks(cluster, toy_d
     assert state == "COMPLETED", text[-3000:] + "\nslurmctld:\n" + cluster.log_tail()
     assert "megamdm: 2 ranks" in text and "(SLURM granted 2 per task)" in text, text[-3000:]
     assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+
+
+def test_the_local_launcher_uses_the_repositorys_environment(tmp_path):
+    """launch/local.sh ran `python`, which on a fresh machine has no torch ("No module named 'torch'")."""
+    venv = ROOT / ".venv/bin/python"
+    if not venv.exists():
+        pytest.skip("no .venv here (make setup makes it)")
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "python").write_text("#!/bin/sh\necho 'No module named torch' >&2\nexit 1\n")  # a python without torch
+    (bare / "python").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    env["PATH"] = f"{bare}:/usr/bin:/bin"
+    r = subprocess.run(["bash", str(ROOT / "launch/local.sh"), "--help"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--config" in r.stdout
