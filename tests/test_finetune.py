@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("deepspeed")
 
@@ -324,3 +325,19 @@ def test_the_command_fine_tunes_in_one_process_from_its_flags(toy_dataset, base_
     assert len(steps) == 3 and "step      3/3 | loss" in steps[-1], r.stdout
     assert sorted(p.name for p in (out / "deepspeed").glob("step_*")) == ["step_0000003"]
     assert (out / "single" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_sample_grids_during_fine_tuning_as_during_pretraining(toy_dataset, base_ckpt, tmp_path, stage):
+    """logging.sample_interval: the fixed prompts sampled with the current weights (ZeRO-3 gathers them),
+    and training goes on exactly as without: the same losses."""
+    ds = zero3_partitioning_everything(tmp_path) if stage == 3 else str(ROOT / "configs/deepspeed/zero2.json")
+    plain = run_distributed(_finetune, 2, base_ckpt, options(toy_dataset, tmp_path / "a", deepspeed_config=ds))
+    cfg = options(toy_dataset, tmp_path / "b", deepspeed_config=ds)
+    cfg.logging.sample_interval, cfg.logging.sample_prompts = 2, ["pattern 1", "pattern 2"]
+    sampled = run_distributed(_finetune, 2, base_ckpt, cfg)
+    assert sampled[0]["losses"] == plain[0]["losses"]
+    grids = sorted(p.name for p in (tmp_path / "b/samples").glob("*.png"))
+    assert grids == ["step_0000002.png", "step_0000004.png"]
+    first, last = (Image.open(tmp_path / "b/samples" / g) for g in grids)
+    assert first.width > 2 * 32 and first.tobytes() != last.tobytes()  # two tiles, and the weights moved

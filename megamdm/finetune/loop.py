@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -34,6 +35,8 @@ from ..config import Config, ConfigError, ModelConfig, TextConfig, find_config, 
 from ..data.loader import TrainLoader
 from ..formats.single import Pretrained, load_single, write_single
 from ..objective import LOGGED_SUMS, STEP_SUMS, LossSpec, loss_parts, pack_metric_sums, pack_step_sums, select_supervised
+from ..sampling.grid import image_grid
+from ..sampling.pipeline import MDMSampler
 from ..sampling.settings import SampleConfig
 from ..training import parallel
 from ..training.flops import peak_tflops
@@ -291,10 +294,44 @@ class Finetuner:
                 summary = window.summary(world=self.world, peak=self.peak)
                 self.log.log(step, {**summary, "lr": self.engine.get_lr()[0]})
                 window = MetricsWindow()
+            log_cfg = cfg.logging
+            if log_cfg.sample_interval and step % log_cfg.sample_interval == 0 and log_cfg.sample_prompts:
+                self._log_samples(step)
             if step % cfg.checkpoint.save_interval == 0 or step == cfg.train.steps:
                 self.save()
         export = self.export() if cfg.finetune.export else None
         return {"losses": self.losses, "export": export, "rank": self.rank}
+
+    def _log_samples(self, step: int) -> None:
+        """``logging.sample_prompts`` sampled with the current weights and the checkpoint's sampler
+        settings (the standalone sampler), written to ``SAVE_DIR/samples/step_N.png`` and W&B, as
+        pretraining does. Under ZeRO-3 every rank gathers the weights and samples the same images
+        (its forward hooks communicate, so all ranks must run them); otherwise rank 0 alone samples."""
+        import deepspeed  # the train extra
+
+        model = self.engine.module.model  # the standalone model (LoRA-wrapped with finetune.lora_rank)
+        zero3 = self.engine.zero_optimization_stage() == 3
+        gathered = deepspeed.zero.GatheredParameters(list(model.parameters())) if zero3 else contextlib.nullcontext()
+        prompts = self.cfg.logging.sample_prompts
+        with gathered:
+            if zero3 or self.rank == 0:
+                images = self._sample(model, prompts)
+        if self.rank == 0:
+            path = self.out / "samples" / f"step_{step:07d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image_grid(images, prompts).save(path)
+            self.log.images(step, images, prompts)
+            self.log.info(f"samples of {len(prompts)} prompts: {path}")
+        dist.barrier()
+
+    def _sample(self, model: nn.Module, prompts: list[str]) -> list:
+        was_training = model.training
+        dtype = next(model.parameters()).dtype  # the sampler moves nothing: the weights stay as they train
+        sampler = MDMSampler(dataclasses.replace(self.pre, model=model), device=self.engine.device, dtype=dtype)
+        try:
+            return sampler(prompts, seed=self.pre.config.sample.seed, progress=False).images
+        finally:
+            model.train(was_training)
 
     def save(self) -> None:
         tag = f"step_{self.step:07d}"
