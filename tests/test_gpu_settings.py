@@ -43,18 +43,28 @@ def test_fp8_options_reach_megatron(monkeypatch):
     assert kw["fp8"] is None and kw["fp8_param"] is False
 
 
-def test_fp8_recipe_is_checked_against_the_compute_capability():
-    assert allowed_recipes((9, 0)) == ["delayed", "tensorwise", "blockwise"]
-    check_fp8_recipe("tensorwise", (9, 0))
-    check_fp8_recipe("mxfp8", (10, 0))
+def test_fp8_recipe_is_checked_against_the_compute_capability_and_cuda():
+    """Transformer Engine's gates: mxfp8 only on 10.x/11.x (it refuses 12.x), blockwise only with CUDA
+    12.9+, per-tensor scaling on Ada only with CUDA 12.1+."""
+    assert allowed_recipes((9, 0), "13.0") == ["delayed", "tensorwise", "blockwise"]
+    assert allowed_recipes((9, 0), "12.8") == ["delayed", "tensorwise"]
+    assert allowed_recipes((10, 0), "13.0") == ["delayed", "tensorwise", "blockwise", "mxfp8"]
+    assert allowed_recipes((12, 0), "13.0") == ["delayed", "tensorwise", "blockwise"]
+    assert allowed_recipes((8, 9), "12.0") == [] and allowed_recipes((8, 9), "12.4") == ["delayed", "tensorwise"]
+    check_fp8_recipe("tensorwise", (9, 0), "13.0")
+    check_fp8_recipe("mxfp8", (10, 0), "13.0")
     with pytest.raises(
         ConfigError,
-        match=r"^train.fp8_recipe=mxfp8 needs compute capability 10.0; NVIDIA H100 has "
-        r"9.0, where train.fp8_recipe may be delayed, tensorwise, blockwise$",
+        match=r"^train.fp8_recipe=mxfp8 needs compute capability 10.x or 11.x \(data-centre Blackwell\); NVIDIA H100 "
+        r"has 9.0 with CUDA 13.0, where train.fp8_recipe may be delayed, tensorwise, blockwise$",
     ):
-        check_fp8_recipe("mxfp8", (9, 0), "NVIDIA H100")
-    with pytest.raises(ConfigError, match=r"A100 has 8.0, where FP8 does not run"):
-        check_fp8_recipe("tensorwise", (8, 0), "A100")
+        check_fp8_recipe("mxfp8", (9, 0), "13.0", "NVIDIA H100")
+    with pytest.raises(ConfigError, match=r"mxfp8 needs compute capability 10.x or 11.x.*RTX 5090 has 12.0"):
+        check_fp8_recipe("mxfp8", (12, 0), "13.0", "RTX 5090")
+    with pytest.raises(ConfigError, match=r"blockwise needs compute capability 9.0 and CUDA 12.9; H100 has 9.0 with CUDA 12.8"):
+        check_fp8_recipe("blockwise", (9, 0), "12.8", "H100")
+    with pytest.raises(ConfigError, match=r"A100 has 8.0 with CUDA 13.0, where FP8 does not run"):
+        check_fp8_recipe("tensorwise", (8, 0), "13.0", "A100")
     with pytest.raises(ConfigError, match=r"train.fp8_first_last_bf16 needs a current-scaling recipe"):
         load_config(None, ["train.fp8_recipe=delayed", "train.fp8_first_last_bf16=true"])
 

@@ -178,7 +178,9 @@ class Trainer:
         if train.precision == "fp8" and not self.use_te:
             raise ValueError("train.precision=fp8 needs the Transformer Engine spec (a GPU with TE installed)")
         if train.precision == "fp8":
-            check_fp8_recipe(train.fp8_recipe, torch.cuda.get_device_capability(), torch.cuda.get_device_name())
+            check_fp8_recipe(
+                train.fp8_recipe, torch.cuda.get_device_capability(), torch.version.cuda, torch.cuda.get_device_name()
+            )
         self.run_dir = Path(cfg.checkpoint.save_dir) if cfg.checkpoint.save_dir else None
         self.log = RunLogger(cfg, active=self.rank == self.world - 1, run_dir=self.run_dir, total_steps=train.steps)
         self._stack.callback(self.log.finish)
