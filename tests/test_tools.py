@@ -55,6 +55,8 @@ def test_gpu_check_runs_end_to_end_at_toy_sizes_on_cpu(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["train"]["samples_per_s"] > 0 and report["train"]["peak_mem_gb"] > 0
     assert report["sample"]["images"] == 4 and report["sample"]["steps"] == 3
+    sample = report["sample"]  # the sampler's own memory is its peak over what training leaves resident
+    assert 0 <= sample["sampler_extra_gb"] < sample["peak_mem_gb"] and sample["resident_gb"] > 0
     assert (tmp_path / "sample0.png").is_file() and "sampler 4 x 32 px" in r.stdout
 
 

@@ -579,3 +579,38 @@ def test_a_run_keeps_its_config_with_absolute_paths_and_its_metrics_and_a_finish
     again = train(1, ov)
     assert again["losses"] == [] and again["step"] == 2
     assert "nothing to do: the run is at step 2 and train.steps=2" in capfd.readouterr().out
+
+
+def test_a_kernels_time_is_charged_once_on_the_gpu():
+    """On CUDA the Triton GCE kernels (named ``_gce_...``) were charged twice: as their own device
+    events and inside the op that launched them. Events as torch.profiler gives them, in microseconds."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from megamdm.training.step_profile import spent_by_category
+
+    def event(name, device, own_us, parent=None):
+        return SimpleNamespace(
+            name=name, device_type=device, self_device_time_total=own_us, self_cpu_time_total=0.0, cpu_parent=parent
+        )
+
+    launch = event("TritonGCEBackward", DeviceType.CPU, 300.0)
+    events = [
+        launch,
+        event("_gce_dz_kernel", DeviceType.CUDA, 300.0),  # the same 300 us, seen from the device
+        event("aten::mm", DeviceType.CPU, 200.0, parent=event("megamdm::core_attention", DeviceType.CPU, 0.0)),
+        event("aten::mm", DeviceType.CUDA, 200.0),
+        event("aten::add_", DeviceType.CPU, 50.0),  # the body's: no category
+    ]
+    spent = spent_by_category(events, on_device=True)
+    assert spent == {"attention": 200e-6, "gce_head": 300e-6, "optimizer": 0.0}
+
+
+def test_bench_trains_synthetic_windows_as_long_as_the_grouping():
+    """The grouped variant had 2 global batches of data, so it grouped windows of 2, not 16."""
+    mod = _bench_train_module()
+    cfg = load_config(None, ["data.global_batch_size=8", "data.group_by_length=16"])
+    assert mod.synthetic_samples(cfg, 2, 3) == 128
+    cfg = load_config(None, ["data.global_batch_size=64"])
+    assert mod.synthetic_samples(cfg, 2, 3) == 5 * 64

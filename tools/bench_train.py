@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         if args.synthetic:
             from megamdm.data.synthetic import synthetic_overrides
 
-            n = max(64, 2 * cfg.data.global_batch_size)
+            n = synthetic_samples(cfg, args.warmup, args.steps)
             v, f = cfg.model.image_vocab_size, args.patch_size
             data = synthetic_overrides(Path(work), vocab=v, patch=f, size=args.synthetic, n=n)
             cfg = load_config(args.config, [f"{k}={val}" for k, val in data.items()] + overrides)
@@ -60,6 +60,13 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
     return 0
+
+
+def synthetic_samples(cfg, warmup: int, steps: int) -> int:
+    """Samples of the synthetic dataset: the run's global batches, and at least one whole window of
+    ``data.group_by_length`` of them (with 2 batches, grouping by 16 regrouped windows of 2)."""
+    batches = max(2, warmup + steps, cfg.data.group_by_length)
+    return max(64, batches * cfg.data.global_batch_size)
 
 
 def _variant(text: str) -> tuple[str, list[str]]:

@@ -5,8 +5,9 @@ Each profiler event is charged to the first category that it or one of its ances
 head is the fused operator's autograd function and its backward (``ChunkedGCE`` / the Triton op);
 core attention is megatron's or PyTorch's attention module in forward (tagged here with
 ``record_function``) and, in backward, the autograd nodes of its products and softmax; the optimizer
-is ``optimizer.step`` (tagged the same way). Times are self times (device time on CUDA, CPU time
-otherwise) summed per category; the body is the step's wall time less the other four, so the five
+is ``optimizer.step`` (tagged the same way). Times are self times (device time on CUDA, over the
+host-side events, which hold their kernels' time; CPU time otherwise) summed per category; the body
+is the step's wall time less the other four, so the five
 add up to the step. Tokens and FLOPs are counted as the training log counts them
 (``training/flops.py``): real prompt tokens plus image tokens, model FLOPs of the real positions.
 """
@@ -18,6 +19,7 @@ import time
 from collections.abc import Iterator
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 ATTENTION_TAG = "megamdm::core_attention"
@@ -47,6 +49,20 @@ def _category(ev) -> str | None:
             return "optimizer"
         ev = ev.cpu_parent
     return None
+
+
+def spent_by_category(events, *, on_device: bool) -> dict[str, float]:
+    """Seconds per category (attention, GCE head, optimizer) of profiler ``events``. On a GPU, the
+    device time of the host-side events only: a kernel's own event repeats the time its launching op
+    already holds (the Triton GCE kernels, named ``_gce_...``, were counted twice that way)."""
+    spent = dict.fromkeys(CATEGORIES[1:4], 0.0)
+    for ev in events:
+        if on_device and ev.device_type != DeviceType.CPU:
+            continue
+        cat = _category(ev)
+        if cat is not None:
+            spent[cat] += (ev.self_device_time_total if on_device else ev.self_cpu_time_total) / 1e6
+    return spent
 
 
 @contextlib.contextmanager
@@ -106,11 +122,7 @@ def profile_steps(trainer, steps: int = 2) -> dict:
             samples += cfg.data.global_batch_size
             image_tokens += cfg.data.global_batch_size * r.grid[0] * r.grid[1]
             prompt_tokens += r.prompt_tokens
-    spent = dict.fromkeys(CATEGORIES[1:4], 0.0)
-    for ev in prof.events():
-        cat = _category(ev)
-        if cat is not None:
-            spent[cat] += (ev.self_device_time_total if cuda else ev.self_cpu_time_total) / 1e6
+    spent = spent_by_category(prof.events(), on_device=cuda)
     out = {"step_s": wall / steps, "data_wait": wait / steps}
     out.update({k: v / steps for k, v in spent.items()})
     out["body"] = out["step_s"] - sum(out[k] for k in CATEGORIES[1:])
