@@ -7,9 +7,9 @@ core attention is megatron's or PyTorch's attention module in forward (tagged he
 ``record_function``) and, in backward, the autograd nodes of its products and softmax; the optimizer
 is ``optimizer.step`` (tagged the same way). Times are self times (device time on CUDA, over the
 host-side events, which hold their kernels' time; CPU time otherwise) summed per category; the body
-is the step's wall time less the other four, so the five
-add up to the step. Tokens and FLOPs are counted as the training log counts them
-(``training/flops.py``): real prompt tokens plus image tokens, model FLOPs of the real positions.
+is the step's wall time less the other four, so the five add up to the step. Tokens and FLOPs are
+counted as the training log counts them (``training/flops.py``): real prompt tokens plus image
+tokens, model FLOPs of the real positions.
 """
 
 from __future__ import annotations
