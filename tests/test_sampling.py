@@ -752,6 +752,8 @@ def test_the_api_and_the_command_make_the_same_image_and_both_record_it(ckpt, tm
     assert out.images[0].info["prompt"] == "a red circle" and api["seed"] == 7 and api["steps"] == 3
     saved = Image.open(out.save(tmp_path / "api")[0])
     assert json.loads(saved.info["megamdm"]) == api and np.array_equal(np.asarray(saved), np.asarray(out.images[0]))
+    two = s(["a red circle", "a blue square"], steps=1, num_images_per_prompt=2, progress=False).images
+    assert [json.loads(im.info["megamdm"])["image_index"] for im in two] == [0, 1, 0, 1]  # within its prompt, as PNGs
 
 
 def test_words_the_text_tokenizer_does_not_know_are_warned_about(ckpt, tmp_path):

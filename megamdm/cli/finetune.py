@@ -60,8 +60,8 @@ def parser() -> argparse.ArgumentParser:
 
 def parse(argv=None):
     """The command line and the config it gives: fine-tuning's defaults, the file, --set, then the flags."""
-    sections = [(FinetuneConfig, "finetune"), (CheckpointConfig, "checkpoint")] + [(c, s) for c, s, _ in SHARED]
-    return parse_config_args(parser(), argv, defaults=DEFAULTS, flag_sections=list(dict.fromkeys(sections)))
+    sections = [(FinetuneConfig, "finetune")] + [(c, s) for c, s, _ in SHARED]  # --out: the checkpoint section's
+    return parse_config_args(parser(), argv, defaults=DEFAULTS, flag_sections=sections)
 
 
 def main(argv=None) -> int:

@@ -184,9 +184,9 @@ def main(argv=None) -> int:
         for e in res.edits_per_step:
             edits_total += sum(e)
             edit_steps += len(e)
+        st = {x: v for x, v in res.settings.items() if x not in ("seeds", "negative_prompts")}
         for b, (k, key, prompt, meta) in enumerate(batch):
             imgs = res.images[b * n_per : (b + 1) * n_per]
-            st = {x: v for x, v in res.settings.items() if x not in ("seeds", "negative_prompts")}
             writer.write(key, prompt, meta, imgs, {**st, **recorded, "seed": seed + k * n_per})
             n_images += len(imgs)
         bar.update(len(batch))

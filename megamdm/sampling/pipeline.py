@@ -421,6 +421,11 @@ class MDMSampler:
         jobs = [(p, sd + j, neg) for p, sd, neg in zip(prompts, seeds, negs) for j in range(n)]
         bs = batch_size or self.auto_batch_size(height, width, st, len(jobs))
         mask_id = self.cfg.model.image_mask_id
+
+        def step_fn(k: int, x: torch.Tensor) -> None:  # tokenizer order, the MASK id (= the vocabulary size) kept
+            x = x.cpu()
+            on_step(k, self.groups.to_tokenizer(x.clamp(max=mask_id - 1)).where(x != mask_id, mask_id))
+
         images, tokens, edits, cut_jobs = [], [], [], 0
         t0 = time.time()
         bar = tqdm(total=math.ceil(len(jobs) / bs) * st.steps, desc="sampling", unit="step", disable=not progress, leave=False)
@@ -436,11 +441,6 @@ class MDMSampler:
             if start is not None:
                 init[:] = start
             gens = [torch.Generator(self.device).manual_seed(sd) for _, sd, _ in chunk]
-            step_fn = None
-            if on_step is not None:  # tokenizer order, the MASK id (= the vocabulary size) kept
-                step_fn = lambda k, x: on_step(
-                    k, self.groups.to_tokenizer(x.cpu().clamp(max=mask_id - 1)).where(x.cpu() != mask_id, mask_id)
-                )
             res = sample_tokens(
                 self.guided_hidden_fn(ids, pad, st, negative),
                 self.head_fn,
@@ -451,11 +451,10 @@ class MDMSampler:
                 chunk=chunk_rows(self.cfg.model.image_vocab_size, self.device),
                 editable=editable.expand(len(chunk), gh, gw).to(self.device) if editable is not None else None,
                 progress=bar,
-                on_step=step_fn,
+                on_step=step_fn if on_step is not None else None,
             )
             tok = self.groups.to_tokenizer(res.tokens.cpu())
-            pix = self.image_tokenizer.decode(tok.to(self.device))
-            images += tensor_to_pil(pix.float().cpu())
+            images += self.decode(tok)
             tokens.append(tok)
             edits += res.edits_per_step
         bar.close()
@@ -464,9 +463,10 @@ class MDMSampler:
             settings_out["negative_prompts"] = [q for _, _, q in jobs]
         if outpaint is not None:
             settings_out["outpaint"] = [int(p) for p in outpaint]
-        for i, (im, (prompt, sd, neg)) in enumerate(zip(images, jobs)):
-            one = {k: v for k, v in settings_out.items() if k not in ("seeds", "negative_prompts")}
-            record = {**one, "seed": sd, "negative_prompt": neg, "image_index": i, "checkpoint": str(self.pretrained.path)}
+        one = {k: v for k, v in settings_out.items() if k not in ("seeds", "negative_prompts")}
+        one["checkpoint"] = str(self.pretrained.path)
+        for i, (im, (prompt, sd, neg)) in enumerate(zip(images, jobs)):  # image_index: within its prompt, as PNGs
+            record = {**one, "seed": sd, "negative_prompt": neg, "image_index": i % n}
             im.info.update(prompt=prompt, megamdm=json.dumps(record, sort_keys=True))
         # every prompt (and negative prompt) is in exactly n jobs
         return SamplerOutput(images, torch.cat(tokens), edits, settings_out, time.time() - t0, prompts_cut=cut_jobs // n)
