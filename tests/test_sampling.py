@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -762,7 +763,10 @@ def test_words_the_text_tokenizer_does_not_know_are_warned_about(ckpt, tmp_path)
     s.text_tokenizer = HFTokenizer(tmp_path / "words")
     assert s.text_tokenizer.encode("A Red Circle.") == s.text_tokenizer.encode("a red circle")  # normalised
     with pytest.warns(UserWarning, match="does not know 'corgi'"):
-        s.encode_prompts(["a red corgi"], 32, 32)
+        s.check_inputs(["a red corgi"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s.auto_batch_size(32, 32, s.default_settings(), 2)  # its probe prompt is not the user's: no warning
 
 
 @pytest.mark.parametrize(

@@ -154,14 +154,6 @@ class MDMSampler:
         return {**settings.recorded(), "height": height, "width": width, "dtype": str(self.dtype).replace("torch.", "")}
 
     def encode_prompts(self, prompts: Sequence[str], height: int, width: int):
-        unknown = sorted({w for p in prompts for w in self.text_tokenizer.unknown_words(p)})
-        if unknown:
-            warnings.warn(
-                f"the text tokenizer does not know {', '.join(map(repr, unknown[:8]))}"
-                f"{f' and {len(unknown) - 8} more' if len(unknown) > 8 else ''}: read as its unknown token, "
-                "so the images will not follow them",
-                stacklevel=2,
-            )
         t = self.cfg.text
         texts = [
             format_prompt(
@@ -258,6 +250,14 @@ class MDMSampler:
         argument (in backticks) and what is allowed. Returns the canvas ``(height, width)``."""
         if not prompts:
             raise ValueError("no prompts given: `prompts` is empty")
+        unknown = sorted({w for p in prompts for w in self.text_tokenizer.unknown_words(p)})
+        if unknown:  # here, on the caller's prompts (encode_prompts also serves the memory probe's)
+            warnings.warn(
+                f"the text tokenizer does not know {', '.join(map(repr, unknown[:8]))}"
+                f"{f' and {len(unknown) - 8} more' if len(unknown) > 8 else ''}: read as its unknown token, "
+                "so the images will not follow them",
+                stacklevel=3,
+            )
         if not isinstance(negative_prompt, (str, type(None))) and len(negative_prompt) != len(prompts):
             raise ValueError(
                 f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts; "
